@@ -1,0 +1,60 @@
+"""The ``fedmeta`` command: run experiments, list presets, draw figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedmeta.config import ConfigError, load_config, preset_description, preset_names
+from fedmeta.data.files import DataError
+from fedmeta.runs import RunDir, RunError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Argument(help="A preset name (see `fedmeta presets`) or a TOML file.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder; an unfinished one with the same config resumes.")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set meta.iterations=500.")
+    ] = None,
+) -> None:
+    """Run an experiment and write config.toml, metrics.jsonl and summary.json to OUT."""
+    from fedmeta import experiments
+
+    try:
+        cfg = load_config(config, overrides or [])
+        folder = RunDir.open(out, cfg)
+        summary = experiments.get(cfg.experiment)(cfg, folder)
+    except (ConfigError, DataError, RunError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    folder.finish(summary)
+    typer.echo(summary_table(summary))
+    typer.echo(f"results in {out}")
+
+
+@app.command()
+def presets() -> None:
+    """List the presets with a one-line description each."""
+    names = preset_names()
+    width = max(map(len, names))
+    for name in names:
+        typer.echo(f"{name:<{width}}  {preset_description(name)}")
+
+
+def summary_table(summary: dict) -> str:
+    """The summary as aligned ``key  value`` rows (accuracies as percentages)."""
+    rows = []
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        elif isinstance(value, float) and "accuracy" in key:
+            value = f"{100 * value:.2f}%"
+        rows.append((key, str(value)))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

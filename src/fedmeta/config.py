@@ -1,0 +1,217 @@
+"""Typed, validated experiment configs, read from presets or TOML files.
+
+An experiment is a config, not a script: ``fedmeta run CONFIG`` takes a preset name (a TOML file
+in ``fedmeta/experiments/presets``) or a path to a TOML file, applies ``--set key=value``
+overrides and validates the result. Unknown keys and bad values are refused with the dotted key
+and what it accepts. A preset may start from another with ``extends = "name"``; the resolved
+config is written to the run folder in full, so a run can always be repeated from its folder.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+PRESETS = resources.files("fedmeta") / "experiments" / "presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what it accepts."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class DataConfig(Section):
+    dataset: Literal["omniglot", "miniimagenet", "mnist", "fashionmnist"] = "omniglot"
+    root: str | None = None
+    """Folder with the datasets; default: $FEDMETA_DATA, else ../shared/data."""
+    omniglot_split: Literal["seeded-1200", "torchmeta"] = "seeded-1200"
+    """Omniglot characters: a seeded 1200/423 shuffle, or Vinyals' 1028/172/423 (torchmeta)."""
+    rotations: bool = True
+    """Omniglot: 90/180/270-degree rotations of meta-training characters as extra classes."""
+
+
+class ModelConfig(Section):
+    filters: PositiveInt = 64
+    downsample: Literal["maxpool", "stride"] = "maxpool"
+    """'maxpool': Conv4 of MAML/Reptile/the paper; 'stride': supervised-reptile's Omniglot net."""
+
+
+class MetaConfig(Section):
+    algorithm: Literal["reptile", "maml", "fomaml"] = "reptile"
+    ways: PositiveInt = 5
+    shots: PositiveInt = 10
+    """Training shots per class (Reptile's episodes; MAML's support sets)."""
+    queries: PositiveInt = 15
+    """MAML only: query examples per class in a training task."""
+    inner_steps: PositiveInt = 10
+    inner_batch: PositiveInt = 10
+    """Reptile only: mini-batch size of the inner Adam steps (MAML adapts on the full support)."""
+    inner_lr: PositiveFloat = 1e-3
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_carry: Literal["sequential", "parallel"] = "sequential"
+    """Reptile: how the inner Adam moments pass between the episodes of a meta-batch."""
+    meta_batch: PositiveInt = 5
+    meta_lr: PositiveFloat = 0.1
+    """Reptile's outer step size epsilon; MAML's outer Adam learning rate."""
+    meta_lr_final: float | None = Field(None, ge=0.0)
+    """If set, the outer step size anneals linearly to this value over the iterations."""
+    iterations: PositiveInt = 1000
+
+
+class EvalConfig(Section):
+    ways: PositiveInt = 5
+    shots: list[PositiveInt] = [5]
+    """Meta-test shots; the first is the headline number, the others are reported beside it."""
+    queries: PositiveInt = 1
+    """Held-out examples per class in a meta-test episode."""
+    steps: PositiveInt = 50
+    batch: PositiveInt = 10
+    """Mini-batch of the fine-tuning steps (Reptile; MAML fine-tunes on the full support)."""
+    lr: PositiveFloat | None = None
+    """Fine-tuning learning rate; default: meta.inner_lr."""
+    transductive: bool = False
+    """True: all queries in one batch; False: each query alone with the support set."""
+    episodes: PositiveInt = 1000
+    """Episodes of the final evaluation."""
+    every: PositiveInt = 500
+    """Iterations between evaluation points (each writes a metrics line and a checkpoint)."""
+    episodes_during: PositiveInt = 100
+    """Episodes of each intermediate evaluation."""
+
+    @property
+    def mode(self) -> str:
+        return "transductive" if self.transductive else "non-transductive"
+
+
+class RuntimeConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: PositiveInt | None = None
+    """CPU threads for PyTorch; default: PyTorch's choice (the physical cores)."""
+    batched: bool = False
+    """Reptile: run the episodes of a meta-batch at once with torch.func.vmap (pays off on GPUs)."""
+
+
+class Config(Section):
+    experiment: Literal["pretrain"]
+    description: str = ""
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    meta: MetaConfig = MetaConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        if self.runtime.batched and self.meta.adam_carry != "parallel":
+            raise ValueError(
+                "runtime.batched = true needs meta.adam_carry = 'parallel' (episodes that run at once "
+                "cannot pass Adam moments to each other)"
+            )
+        if self.runtime.batched and self.meta.algorithm != "reptile":
+            raise ValueError("runtime.batched applies to meta.algorithm = 'reptile' only")
+        return self
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in PRESETS.iterdir() if p.name.endswith(".toml"))
+
+
+def preset_description(name: str) -> str:
+    return str(_read(name, seen=()).get("description", ""))
+
+
+def load_config(source: str, overrides: list[str] = ()) -> Config:
+    """A preset name or TOML path, with ``key=value`` overrides, validated."""
+    raw = _read(source, seen=())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set takes key=value, got '{item}'")
+        _assign(raw, key.strip().split("."), _parse_value(value.strip()))
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError("invalid config:\n" + "\n".join(_explain(e) for e in err.errors())) from None
+
+
+def _read(source: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    path = Path(source)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+    else:
+        preset = PRESETS / f"{source}.toml"
+        if not preset.is_file():
+            raise ConfigError(f"unknown preset '{source}'; presets: {', '.join(preset_names())}")
+        text = preset.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if parent in seen:
+        raise ConfigError(f"presets extend each other in a loop: {' -> '.join((*seen, parent))}")
+    return _merge(_read(parent, (*seen, source)), raw)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _assign(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    for part in path[:-1]:
+        node = raw.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is a value, not a section")
+        raw = node
+    raw[path[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    """A TOML value (``3``, ``1e-3``, ``true``, ``[5, 1]``, ``"x"``), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _explain(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(error["loc"][:-1])
+        return f"  {key}: unknown key; allowed here: {', '.join(allowed)}"
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+    return f"  {key}: {error['msg']}{shown}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)

@@ -1,0 +1,20 @@
+"""Experiment families; each is ``run(config, run_dir) -> summary`` selected by ``experiment = ...``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fedmeta.config import Config
+from fedmeta.runs import RunDir
+
+Experiment = Callable[[Config, RunDir], dict[str, Any]]
+
+
+def get(name: str) -> Experiment:
+    """The experiment's entry point (imported lazily, so the CLI starts fast)."""
+    if name == "pretrain":
+        from fedmeta.experiments.pretrain import run
+
+        return run
+    raise KeyError(name)

@@ -1,0 +1,121 @@
+"""Meta-test evaluation: fine-tune on each episode's support set, classify its queries.
+
+Because BatchNorm uses batch statistics, *what shares a batch with a query* changes its
+prediction. Following supervised-reptile:
+
+- transductive: all queries of the episode go through the network as one batch;
+- non-transductive: each query goes through alone with the whole support set, so no query sees
+  another (the stricter protocol, and the default here).
+
+Every reported accuracy says which one it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+from tqdm import tqdm
+
+from fedmeta.config import EvalConfig
+from fedmeta.data.episodes import Episodes, gather, sample_episodes
+from fedmeta.data.pool import ClassPool
+from fedmeta.meta.learner import MetaLearner
+from fedmeta.models.conv4 import Conv4, Params
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    mean: float
+    ci95: float  # half-width of the normal 95% interval over episodes
+    episodes: int
+
+    @classmethod
+    def of(cls, per_episode: Tensor) -> Accuracy:
+        n = per_episode.numel()
+        std = float(per_episode.std()) if n > 1 else 0.0
+        return cls(float(per_episode.mean()), 1.96 * std / math.sqrt(n), n)
+
+
+def predict(model: Conv4, params: Params, support: Tensor, inputs: Tensor, transductive: bool) -> Tensor:
+    """Predicted labels of ``inputs`` after adaptation (see module docstring for the two modes)."""
+    with torch.no_grad():
+        if transductive:
+            return model(params, inputs).argmax(-1)
+        alone = lambda x: model(params, torch.cat([support, x[None]]))[-1]  # noqa: E731
+        return vmap(alone)(inputs).argmax(-1)
+
+
+EpisodeScore = Callable[[Params, Tensor, int], dict[str, Tensor]]
+"""(adapted params, support images, episode index) -> named per-episode accuracies."""
+
+
+def evaluate_episodes(
+    learner: MetaLearner,
+    params: Params,
+    images: Tensor,
+    episodes: Episodes,
+    *,
+    steps: int,
+    batch: int,
+    lr: float,
+    gen: torch.Generator,
+    score: EpisodeScore,
+    desc: str | None = None,
+) -> dict[str, Accuracy]:
+    """Fine-tune on every episode's support set and aggregate the ``score`` of each."""
+    labels = episodes.support_labels().to(images.device)
+    results: dict[str, list[Tensor]] = {}
+    for i in tqdm(range(episodes.rows.shape[0]), desc=desc, leave=False, disable=desc is None):
+        support = gather(images, episodes.support[i])
+        adapted = learner.adapt(params, support, labels, steps, batch, lr, gen)
+        for name, value in score(adapted, support, i).items():
+            results.setdefault(name, []).append(value)
+    return {name: Accuracy.of(torch.stack(values).float().cpu()) for name, values in results.items()}
+
+
+def query_accuracy(
+    learner: MetaLearner, images: Tensor, episodes: Episodes, transductive: bool
+) -> EpisodeScore:
+    """Scores each episode by the accuracy on its own queries."""
+    labels = episodes.query_labels().to(images.device)
+
+    def score(adapted: Params, support: Tensor, i: int) -> dict[str, Tensor]:
+        queries = gather(images, episodes.query[i])
+        predicted = predict(learner.model, adapted, support, queries, transductive)
+        return {"accuracy": (predicted == labels).float().mean()}
+
+    return score
+
+
+def meta_test(
+    learner: MetaLearner,
+    params: Params,
+    pool: ClassPool,
+    cfg: EvalConfig,
+    *,
+    shots: int,
+    episodes: int,
+    lr: float,
+    gen: torch.Generator,
+    desc: str | None = None,
+) -> Accuracy:
+    """Accuracy on ``episodes`` fresh ``cfg.ways``-way ``shots``-shot episodes of ``pool``."""
+    sampled = sample_episodes(pool, episodes, cfg.ways, shots, cfg.queries, gen)
+    scores = evaluate_episodes(
+        learner,
+        params,
+        pool.images,
+        sampled,
+        steps=cfg.steps,
+        batch=cfg.batch,
+        lr=lr,
+        gen=gen,
+        score=query_accuracy(learner, pool.images, sampled, cfg.transductive),
+        desc=desc,
+    )
+    return scores["accuracy"]

@@ -1,0 +1,129 @@
+"""The one small interface every meta-learner offers to clients, servers and experiments.
+
+A learner turns a class pool and a generator into training episodes (index tensors, gathered in
+one go) and hands the tensors to its pure update function (``reptile_step``, ``maml_step``). It
+also knows how to fine-tune on a support set at meta-test time. Its optimiser state is a plain
+object (``AdamState``) that callers carry, reset or checkpoint; the learner itself holds only
+settings, so one learner serves every user of a federation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from fedmeta.config import MetaConfig
+from fedmeta.data.episodes import Episodes, gather, minibatch_order, sample_episodes
+from fedmeta.data.pool import ClassPool
+from fedmeta.meta.adam import AdamState
+from fedmeta.meta.maml import maml_step, sgd_adapt
+from fedmeta.meta.reptile import adam_finetune, reptile_step, reptile_step_batched
+from fedmeta.models.conv4 import Conv4, Params
+
+
+class MetaLearner(Protocol):
+    model: Conv4
+
+    def init_state(self, params: Params) -> AdamState: ...
+
+    def train_step(
+        self, params: Params, state: AdamState, episodes: Episodes, images: Tensor, gen: torch.Generator, progress: float
+    ) -> tuple[Params, AdamState, Tensor]:
+        """One outer step on ``episodes`` (rows into ``images``); ``progress`` in [0, 1) anneals rates."""
+        ...
+
+    def sample(self, pool: ClassPool, gen: torch.Generator) -> Episodes:
+        """The episodes of one outer step."""
+        ...
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> Params:
+        """Fine-tune on a support set (meta-test time)."""
+        ...
+
+
+def outer_rate(cfg: MetaConfig, progress: float) -> float:
+    """The outer step size, linearly annealed to ``meta_lr_final`` when that is set."""
+    if cfg.meta_lr_final is None:
+        return cfg.meta_lr
+    return (1.0 - progress) * cfg.meta_lr + progress * cfg.meta_lr_final
+
+
+@dataclass(frozen=True)
+class Reptile:
+    model: Conv4
+    cfg: MetaConfig
+    batched: bool = False
+
+    def init_state(self, params: Params) -> AdamState:
+        return AdamState.zeros(list(params.values()))
+
+    def sample(self, pool: ClassPool, gen: torch.Generator) -> Episodes:
+        return sample_episodes(pool, self.cfg.meta_batch, self.cfg.ways, self.cfg.shots, 0, gen)
+
+    def train_step(
+        self, params: Params, state: AdamState, episodes: Episodes, images: Tensor, gen: torch.Generator, progress: float
+    ) -> tuple[Params, AdamState, Tensor]:
+        cfg = self.cfg
+        count = episodes.rows.shape[0]
+        order = minibatch_order(episodes.support.shape[1], cfg.inner_steps, cfg.inner_batch, count, gen)
+        rows = episodes.support.gather(1, order.flatten(1)).view_as(order)
+        x = gather(images, rows)
+        y = episodes.support_labels()[order].to(x.device)
+        kwargs = dict(lr=cfg.inner_lr, beta2=cfg.adam_beta2, epsilon=outer_rate(cfg, progress))
+        if self.batched:
+            return reptile_step_batched(self.model, params, state, x, y, **kwargs)
+        return reptile_step(self.model, params, state, x, y, carry=cfg.adam_carry, **kwargs)
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> Params:
+        order = minibatch_order(len(x), steps, min(batch, len(x)), 1, gen)[0]
+        return adam_finetune(self.model, params, x, y, order, lr=lr, beta2=self.cfg.adam_beta2)
+
+
+@dataclass(frozen=True)
+class Maml:
+    model: Conv4
+    cfg: MetaConfig
+
+    @property
+    def first_order(self) -> bool:
+        return self.cfg.algorithm == "fomaml"
+
+    def init_state(self, params: Params) -> AdamState:
+        return AdamState.zeros(list(params.values()))
+
+    def sample(self, pool: ClassPool, gen: torch.Generator) -> Episodes:
+        return sample_episodes(pool, self.cfg.meta_batch, self.cfg.ways, self.cfg.shots, self.cfg.queries, gen)
+
+    def train_step(
+        self, params: Params, state: AdamState, episodes: Episodes, images: Tensor, gen: torch.Generator, progress: float
+    ) -> tuple[Params, AdamState, Tensor]:
+        support = gather(images, episodes.support)
+        query = gather(images, episodes.query)
+        sy = episodes.support_labels().to(support.device).expand(len(support), -1)
+        qy = episodes.query_labels().to(query.device).expand(len(query), -1)
+        return maml_step(
+            self.model,
+            params,
+            state,
+            (support, sy),
+            (query, qy),
+            inner_steps=self.cfg.inner_steps,
+            inner_lr=self.cfg.inner_lr,
+            meta_lr=outer_rate(self.cfg, progress),
+            first_order=self.first_order,
+        )
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> Params:
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            adapted = sgd_adapt(self.model, leaves, x, y, steps=steps, lr=lr, create_graph=False)
+        return {k: v.detach() for k, v in adapted.items()}
+
+
+def make_learner(model: Conv4, cfg: MetaConfig, batched: bool = False) -> MetaLearner:
+    if cfg.algorithm == "reptile":
+        return Reptile(model, cfg, batched)
+    return Maml(model, cfg)

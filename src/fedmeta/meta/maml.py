@@ -1,0 +1,105 @@
+"""MAML (Finn et al., 2017): second order, or first order (FOMAML).
+
+A task's contribution is the gradient, with respect to the meta-parameters omega, of the query loss
+of the weights adapted on the support set by a few SGD steps. Second order keeps the inner steps in
+the graph (``create_graph=True``); first order treats the inner gradients as constants, so the
+meta-gradient is the query gradient at the adapted weights.
+
+``task_meta_gradient`` is what a federated MAML task learner would share with a server; the
+membership-inference attack differentiates through it again (``create_graph=True``), which is
+why it is a pure function of tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fedmeta.meta.adam import AdamState, adam_step_
+from fedmeta.models.conv4 import Conv4, Params
+
+
+def sgd_adapt(
+    model: Conv4, params: Params, x: Tensor, y: Tensor, *, steps: int, lr: float, create_graph: bool
+) -> Params:
+    """``steps`` full-batch SGD steps from ``params`` on (x, y).
+
+    With ``create_graph`` the result stays differentiable with respect to ``params`` through the
+    inner gradients (second-order MAML); without it the inner gradients are constants.
+    """
+    for _ in range(steps):
+        loss = F.cross_entropy(model(params, x), y)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        params = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
+    return params
+
+
+def task_meta_loss(
+    model: Conv4,
+    params: Params,
+    support: tuple[Tensor, Tensor],
+    query: tuple[Tensor, Tensor],
+    *,
+    steps: int,
+    lr: float,
+    first_order: bool,
+) -> Tensor:
+    """Query loss of the weights adapted on the support set (differentiable in ``params``)."""
+    adapted = sgd_adapt(model, params, *support, steps=steps, lr=lr, create_graph=not first_order)
+    return F.cross_entropy(model(adapted, query[0]), query[1])
+
+
+def task_meta_gradient(
+    model: Conv4,
+    params: Params,
+    support: tuple[Tensor, Tensor],
+    query: tuple[Tensor, Tensor],
+    *,
+    steps: int,
+    lr: float,
+    first_order: bool = False,
+    create_graph: bool = False,
+) -> Params:
+    """d(query loss after adaptation) / d(params) for one task."""
+    leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+    loss = task_meta_loss(model, leaves, support, query, steps=steps, lr=lr, first_order=first_order)
+    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+    return dict(zip(leaves, grads))
+
+
+def maml_step(
+    model: Conv4,
+    params: Params,
+    adam: AdamState,
+    support: tuple[Tensor, Tensor],
+    query: tuple[Tensor, Tensor],
+    *,
+    inner_steps: int,
+    inner_lr: float,
+    meta_lr: float,
+    first_order: bool,
+) -> tuple[Params, AdamState, Tensor]:
+    """One meta-update: Adam on the mean meta-gradient of the tasks ``support[0][t]``, ...
+
+    ``support`` is (x ``[T, S, C, H, W]``, y ``[T, S]``), ``query`` likewise.
+    """
+    names = list(params)
+    leaves = [params[k].detach().clone().requires_grad_() for k in names]
+    tasks = support[0].shape[0]
+    total = torch.zeros(())
+    for t in range(tasks):
+        loss = task_meta_loss(
+            model,
+            dict(zip(names, leaves)),
+            (support[0][t], support[1][t]),
+            (query[0][t], query[1][t]),
+            steps=inner_steps,
+            lr=inner_lr,
+            first_order=first_order,
+        )
+        (loss / tasks).backward()  # frees each task's graph before the next
+        total += loss.detach()
+    with torch.no_grad():
+        adam_step_(leaves, [p.grad for p in leaves], adam, lr=meta_lr, beta1=0.9, beta2=0.999)
+    return {k: p.detach() for k, p in zip(names, leaves)}, adam, total / tasks

@@ -1,0 +1,75 @@
+"""Configs: presets load, bad keys and values are refused by name, overrides apply."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fedmeta.cli import app
+from fedmeta.config import ConfigError, load_config, preset_description, preset_names, validate
+
+
+def test_every_preset_validates_and_describes_itself():
+    for name in preset_names():
+        cfg = load_config(name)
+        assert preset_description(name), name
+        assert validate(__import__("tomllib").loads(cfg.to_toml())) == cfg  # config.toml round-trips
+
+
+def test_preset_names_follow_dataset_experiment_scale():
+    for name in preset_names():
+        dataset, *_, scale = name.split("-")
+        assert dataset in {"omniglot", "miniimagenet", "mnist", "fashionmnist"} and scale in {"quick", "paper"}, name
+
+
+def test_quick_preset_extends_paper_preset():
+    quick, paper = load_config("omniglot-pretrain-quick"), load_config("omniglot-pretrain-paper")
+    assert quick.meta.inner_batch == paper.meta.inner_batch == 10
+    assert quick.meta.iterations < paper.meta.iterations
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"meta\.inner_stepz: unknown key; allowed here: algorithm, .*inner_steps"):
+        load_config("omniglot-pretrain-quick", ["meta.inner_stepz=3"])
+
+
+def test_bad_choice_names_the_allowed_values():
+    with pytest.raises(ConfigError, match=r"meta\.algorithm: Input should be 'reptile', 'maml' or 'fomaml' \(got 'sgd'\)"):
+        load_config("omniglot-pretrain-quick", ["meta.algorithm=sgd"])
+
+
+def test_bad_number_is_refused():
+    with pytest.raises(ConfigError, match=r"meta\.inner_lr: Input should be greater than 0"):
+        load_config("omniglot-pretrain-quick", ["meta.inner_lr=-1"])
+
+
+def test_batched_needs_parallel_carry():
+    with pytest.raises(ConfigError, match="meta.adam_carry = 'parallel'"):
+        load_config("omniglot-pretrain-quick", ["runtime.batched=true"])
+    assert load_config("omniglot-pretrain-quick", ["runtime.batched=true", "meta.adam_carry=parallel"]).runtime.batched
+
+
+def test_overrides_parse_toml_values():
+    cfg = load_config("omniglot-pretrain-quick", ["seed=7", "eval.shots=[1, 5]", "data.root=/x/y", "eval.transductive=true"])
+    assert (cfg.seed, cfg.eval.shots, cfg.data.root, cfg.eval.transductive) == (7, [1, 5], "/x/y", True)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; presets: .*omniglot-pretrain-quick"):
+        load_config("nope")
+
+
+def test_toml_file_with_extends(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text('extends = "omniglot-pretrain-quick"\nseed = 3\n[meta]\niterations = 10\n')
+    cfg = load_config(str(path))
+    assert (cfg.seed, cfg.meta.iterations, cfg.meta.inner_steps) == (3, 10, 5)
+
+
+def test_cli_lists_presets_and_reports_config_errors(tmp_path):
+    runner = CliRunner()
+    listing = runner.invoke(app, ["presets"])
+    assert listing.exit_code == 0 and "omniglot-pretrain-quick" in listing.output
+    bad = runner.invoke(app, ["run", "omniglot-pretrain-quick", "--out", str(tmp_path / "r"), "--set", "meta.nope=1"])
+    assert bad.exit_code == 2 and "meta.nope: unknown key" in bad.output
+    assert not (tmp_path / "r").exists()  # nothing written for a config that cannot run
