@@ -36,10 +36,12 @@ def keep_freed_memory() -> None:
 def setup(cfg: RuntimeConfig) -> torch.device:
     """Apply the runtime settings and return the device to train on."""
     keep_freed_memory()
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("runtime.device = 'cuda' but PyTorch sees no CUDA device; use 'cpu' or 'auto'")
+    else:
+        device = torch.device(cfg.device)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device = 'cuda' but PyTorch sees no CUDA device; use 'cpu' or 'auto'")
-    return torch.device(cfg.device)
+    return device

@@ -67,13 +67,21 @@ def evaluate_episodes(
     score: EpisodeScore,
     desc: str | None = None,
 ) -> dict[str, Accuracy]:
-    """Fine-tune on every episode's support set and aggregate the ``score`` of each."""
+    """Fine-tune on every episode's support set and aggregate the ``score`` of each.
+
+    All randomness (the fine-tuning mini-batches) is drawn up front, as index tensors.
+    """
+    count = episodes.rows.shape[0]
     labels = episodes.support_labels().to(images.device)
-    results: dict[str, list[Tensor]] = {}
-    for i in tqdm(range(episodes.rows.shape[0]), desc=desc, leave=False, disable=desc is None):
+    orders = learner.adapt_order(labels.numel(), steps, batch, count, gen)
+
+    def one(i: int) -> dict[str, Tensor]:
         support = gather(images, episodes.support[i])
-        adapted = learner.adapt(params, support, labels, steps, batch, lr, gen)
-        for name, value in score(adapted, support, i).items():
+        return score(learner.adapt(params, support, labels, orders[i], lr), support, i)
+
+    results: dict[str, list[Tensor]] = {}
+    for scores in tqdm(map(one, range(count)), total=count, desc=desc, leave=False, disable=desc is None):
+        for name, value in scores.items():
             results.setdefault(name, []).append(value)
     return {name: Accuracy.of(torch.stack(values).float().cpu()) for name, values in results.items()}
 

@@ -39,8 +39,12 @@ class MetaLearner(Protocol):
         """The episodes of one outer step."""
         ...
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> Params:
-        """Fine-tune on a support set (meta-test time)."""
+    def adapt_order(self, examples: int, steps: int, batch: int, episodes: int, gen: torch.Generator) -> Tensor:
+        """``[episodes, steps, batch]``: which support examples each fine-tuning step uses."""
+        ...
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Params:
+        """Fine-tune on a support set (meta-test time), one step per row of ``order``."""
         ...
 
 
@@ -77,8 +81,10 @@ class Reptile:
             return reptile_step_batched(self.model, params, state, x, y, **kwargs)
         return reptile_step(self.model, params, state, x, y, carry=cfg.adam_carry, **kwargs)
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> Params:
-        order = minibatch_order(len(x), steps, min(batch, len(x)), 1, gen)[0]
+    def adapt_order(self, examples: int, steps: int, batch: int, episodes: int, gen: torch.Generator) -> Tensor:
+        return minibatch_order(examples, steps, min(batch, examples), episodes, gen)
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Params:
         return adam_finetune(self.model, params, x, y, order, lr=lr, beta2=self.cfg.adam_beta2)
 
 
@@ -116,10 +122,14 @@ class Maml:
             first_order=self.first_order,
         )
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, steps: int, batch: int, lr: float, gen: torch.Generator) -> Params:
+    def adapt_order(self, examples: int, steps: int, batch: int, episodes: int, gen: torch.Generator) -> Tensor:
+        """MAML fine-tunes on the full support set at every step."""
+        return torch.arange(examples).expand(episodes, steps, examples)
+
+    def adapt(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Params:
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            adapted = sgd_adapt(self.model, leaves, x, y, steps=steps, lr=lr, create_graph=False)
+            adapted = sgd_adapt(self.model, leaves, x, y, steps=len(order), lr=lr, create_graph=False)
         return {k: v.detach() for k, v in adapted.items()}
 
 
