@@ -99,8 +99,31 @@ class RuntimeConfig(Section):
     """Reptile: run the episodes of a meta-batch at once with torch.func.vmap (pays off on GPUs)."""
 
 
+RobustLearner = Literal["maml", "adml", "rmaml-at", "rmaml-trades"]
+
+
+class RobustConfig(Section):
+    """Robust meta-learning (R-MAML): lengths are in 8-bit pixel levels, 8 meaning 8/255 of [0, 1]."""
+
+    learners: list[RobustLearner] = ["maml", "adml", "rmaml-at", "rmaml-trades"]
+    """Meta-learners trained one after another from the same initialisation and episodes, then compared."""
+    epsilon: float = Field(8.0, gt=0.0)
+    """L-infinity radius of the training attack (FGSM with random start)."""
+    fgsm_step: PositiveFloat = 1.25
+    """Step of the training attack, as a multiple of epsilon (1.25: fast adversarial training)."""
+    trades_beta: float = Field(5.0, ge=0.0)
+    """R-MAML-TRADES: weight of KL(p(x) || p(x + delta)) on support and query in the meta-loss."""
+    at_weight: float = Field(1.0, ge=0.0)
+    """R-MAML-AT: weight of the adversarial query cross-entropy added to the clean one."""
+    eval_epsilon: float | None = Field(None, gt=0.0)
+    """L-infinity radius of the evaluation attacks (PGD, FGSM); default: epsilon."""
+    pgd_steps: int = Field(10, ge=0)
+    pgd_step: PositiveFloat = 2.0
+    """Step of the evaluation PGD (random start in the ball)."""
+
+
 class Config(Section):
-    experiment: Literal["pretrain"]
+    experiment: Literal["pretrain", "robustness"]
     description: str = ""
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -108,6 +131,7 @@ class Config(Section):
     meta: MetaConfig = MetaConfig()
     eval: EvalConfig = EvalConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    robust: RobustConfig = RobustConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
@@ -118,6 +142,8 @@ class Config(Section):
             )
         if self.runtime.batched and self.meta.algorithm != "reptile":
             raise ValueError("runtime.batched applies to meta.algorithm = 'reptile' only")
+        if self.experiment == "robustness" and self.meta.algorithm == "reptile":
+            raise ValueError("experiment 'robustness' compares MAML variants: meta.algorithm must be 'maml' or 'fomaml'")
         return self
 
     def to_toml(self) -> str:

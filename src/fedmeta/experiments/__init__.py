@@ -17,4 +17,8 @@ def get(name: str) -> Experiment:
         from fedmeta.experiments.pretrain import run
 
         return run
+    if name == "robustness":
+        from fedmeta.experiments.robustness import run
+
+        return run
     raise KeyError(name)

@@ -10,11 +10,15 @@ from fedmeta.meta.learner import MetaLearner, make_learner
 from fedmeta.models.conv4 import Conv4
 
 
-def build_learner(cfg: Config, image_shape: tuple[int, int, int]) -> MetaLearner:
-    """The configured Conv4 for images ``(H, W, C)`` and the meta-learner that trains it."""
+def build_model(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
+    """The configured Conv4 for images ``(H, W, C)``."""
     height, _, channels = image_shape
-    model = Conv4(channels, height, cfg.meta.ways, cfg.model.filters, cfg.model.downsample)
-    return make_learner(model, cfg.meta, cfg.runtime.batched)
+    return Conv4(channels, height, cfg.meta.ways, cfg.model.filters, cfg.model.downsample)
+
+
+def build_learner(cfg: Config, image_shape: tuple[int, int, int]) -> MetaLearner:
+    """The configured Conv4 and the meta-learner that trains it."""
+    return make_learner(build_model(cfg, image_shape), cfg.meta, cfg.runtime.batched)
 
 
 def accuracy_fields(name: str, acc: Accuracy) -> dict[str, Any]:
@@ -30,7 +34,7 @@ def format_duration(seconds: float) -> str:
 
 def format_record(record: dict[str, Any], keys: list[str]) -> str:
     """One log line: the position, then each accuracy as a percentage with its interval."""
-    where = " ".join(f"{k} {record[k]}" for k in ("case", "user", "round", "step") if k in record)
+    where = " ".join(f"{k} {record[k]}" for k in ("learner", "case", "user", "round", "step") if k in record)
     parts = []
     for key in keys:
         if key in record:

@@ -41,13 +41,21 @@ class Accuracy:
         return cls(float(per_episode.mean()), 1.96 * std / math.sqrt(n), n)
 
 
+def logits_fn(model: Conv4, params: Params, support: Tensor, transductive: bool) -> Callable[[Tensor], Tensor]:
+    """The classifier of queries after adaptation, as evaluated (see module docstring for the two modes).
+
+    A function of the query batch, so that attacks differentiate exactly what is evaluated.
+    """
+    if transductive:
+        return lambda inputs: model(params, inputs)
+    alone = lambda x: model(params, torch.cat([support, x[None]]))[-1]  # noqa: E731
+    return vmap(alone)
+
+
 def predict(model: Conv4, params: Params, support: Tensor, inputs: Tensor, transductive: bool) -> Tensor:
-    """Predicted labels of ``inputs`` after adaptation (see module docstring for the two modes)."""
+    """Predicted labels of ``inputs`` after adaptation."""
     with torch.no_grad():
-        if transductive:
-            return model(params, inputs).argmax(-1)
-        alone = lambda x: model(params, torch.cat([support, x[None]]))[-1]  # noqa: E731
-        return vmap(alone)(inputs).argmax(-1)
+        return logits_fn(model, params, support, transductive)(inputs).argmax(-1)
 
 
 EpisodeScore = Callable[[Params, Tensor, int], dict[str, Tensor]]

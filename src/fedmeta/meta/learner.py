@@ -19,7 +19,7 @@ from fedmeta.config import MetaConfig
 from fedmeta.data.episodes import Episodes, gather, minibatch_order, sample_episodes
 from fedmeta.data.pool import ClassPool
 from fedmeta.meta.adam import AdamState
-from fedmeta.meta.maml import maml_step, sgd_adapt
+from fedmeta.meta.maml import Task, maml_step, sgd_adapt
 from fedmeta.meta.reptile import adam_finetune, reptile_step, reptile_step_batched
 from fedmeta.models.conv4 import Conv4, Params
 
@@ -103,19 +103,24 @@ class Maml:
     def sample(self, pool: ClassPool, gen: torch.Generator) -> Episodes:
         return sample_episodes(pool, self.cfg.meta_batch, self.cfg.ways, self.cfg.shots, self.cfg.queries, gen)
 
-    def train_step(
-        self, params: Params, state: AdamState, episodes: Episodes, images: Tensor, gen: torch.Generator, progress: float
-    ) -> tuple[Params, AdamState, Tensor]:
+    def tasks(self, episodes: Episodes, images: Tensor) -> tuple[Task, Task]:
+        """Support and query sets of all episodes: (x ``[T, S, C, H, W]``, y ``[T, S]``) each."""
         support = gather(images, episodes.support)
         query = gather(images, episodes.query)
         sy = episodes.support_labels().to(support.device).expand(len(support), -1)
         qy = episodes.query_labels().to(query.device).expand(len(query), -1)
+        return (support, sy), (query, qy)
+
+    def train_step(
+        self, params: Params, state: AdamState, episodes: Episodes, images: Tensor, gen: torch.Generator, progress: float
+    ) -> tuple[Params, AdamState, Tensor]:
+        support, query = self.tasks(episodes, images)
         return maml_step(
             self.model,
             params,
             state,
-            (support, sy),
-            (query, qy),
+            support,
+            query,
             inner_steps=self.cfg.inner_steps,
             inner_lr=self.cfg.inner_lr,
             meta_lr=outer_rate(self.cfg, progress),

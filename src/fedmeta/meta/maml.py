@@ -12,12 +12,21 @@ why it is a pure function of tensors.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fedmeta.meta.adam import AdamState, adam_step_
 from fedmeta.models.conv4 import Conv4, Params
+
+Task = tuple[Tensor, Tensor]
+"""(images ``[S, C, H, W]``, labels ``[S]``) of one support or query set."""
+
+TaskLoss = Callable[[Params, Task, Task], Tensor]
+"""(meta-parameters, support, query) -> the task's meta-loss, differentiable in the meta-parameters."""
 
 
 def sgd_adapt(
@@ -68,38 +77,39 @@ def task_meta_gradient(
     return dict(zip(leaves, grads))
 
 
+def meta_update(
+    params: Params, adam: AdamState, task_loss: TaskLoss, support: Task, query: Task, *, meta_lr: float
+) -> tuple[Params, AdamState, Tensor]:
+    """One outer Adam step on the mean ``task_loss`` of the tasks ``support[0][t]``, ``query[0][t]``, ...
+
+    ``support`` is (x ``[T, S, C, H, W]``, y ``[T, S]``), ``query`` likewise. The meta-loss is a
+    parameter so that variants of MAML (e.g. robust meta-losses) share this outer loop.
+    """
+    names = list(params)
+    leaves = [params[k].detach().clone().requires_grad_() for k in names]
+    tasks = support[0].shape[0]
+    total = torch.zeros((), device=support[0].device)
+    for t in range(tasks):
+        loss = task_loss(dict(zip(names, leaves)), (support[0][t], support[1][t]), (query[0][t], query[1][t]))
+        (loss / tasks).backward()  # frees each task's graph before the next
+        total += loss.detach()
+    with torch.no_grad():
+        adam_step_(leaves, [p.grad for p in leaves], adam, lr=meta_lr, beta1=0.9, beta2=0.999)
+    return {k: p.detach() for k, p in zip(names, leaves)}, adam, total / tasks
+
+
 def maml_step(
     model: Conv4,
     params: Params,
     adam: AdamState,
-    support: tuple[Tensor, Tensor],
-    query: tuple[Tensor, Tensor],
+    support: Task,
+    query: Task,
     *,
     inner_steps: int,
     inner_lr: float,
     meta_lr: float,
     first_order: bool,
 ) -> tuple[Params, AdamState, Tensor]:
-    """One meta-update: Adam on the mean meta-gradient of the tasks ``support[0][t]``, ...
-
-    ``support`` is (x ``[T, S, C, H, W]``, y ``[T, S]``), ``query`` likewise.
-    """
-    names = list(params)
-    leaves = [params[k].detach().clone().requires_grad_() for k in names]
-    tasks = support[0].shape[0]
-    total = torch.zeros(())
-    for t in range(tasks):
-        loss = task_meta_loss(
-            model,
-            dict(zip(names, leaves)),
-            (support[0][t], support[1][t]),
-            (query[0][t], query[1][t]),
-            steps=inner_steps,
-            lr=inner_lr,
-            first_order=first_order,
-        )
-        (loss / tasks).backward()  # frees each task's graph before the next
-        total += loss.detach()
-    with torch.no_grad():
-        adam_step_(leaves, [p.grad for p in leaves], adam, lr=meta_lr, beta1=0.9, beta2=0.999)
-    return {k: p.detach() for k, p in zip(names, leaves)}, adam, total / tasks
+    """One MAML meta-update (see ``meta_update`` for the shapes)."""
+    task_loss = partial(task_meta_loss, model, steps=inner_steps, lr=inner_lr, first_order=first_order)
+    return meta_update(params, adam, task_loss, support, query, meta_lr=meta_lr)
