@@ -1,4 +1,4 @@
-"""The ``fedmeta`` command: run experiments, list presets, draw figures."""
+"""fedmeta: attacks and defenses in federated meta-learning. Run experiments, list presets, draw figures."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ def presets() -> None:
     width = max(map(len, names))
     for name in names:
         typer.echo(f"{name:<{width}}  {preset_description(name)}")
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run folder(s); several runs of one experiment share a figure.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Image file; default: RUN/figure.png.")] = None,
+) -> None:
+    """Draw the figures of one or more runs (the layout of the paper's figures)."""
+    from fedmeta.plots import plot_runs
+
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        typer.secho(f"error: no metrics.jsonl in {', '.join(missing)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
 
 
 def summary_table(summary: dict) -> str:

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 PRESETS = resources.files("fedmeta") / "experiments" / "presets"
 
@@ -91,6 +100,99 @@ class EvalConfig(Section):
         return "transductive" if self.transductive else "non-transductive"
 
 
+class FederationConfig(Section):
+    users: PositiveInt = 4
+    """M: users, each with a disjoint share of the meta-training classes."""
+    per_round: PositiveInt = 3
+    """M_r: users the server selects each round."""
+    min_updates: PositiveInt = 3
+    """M_min: the server aggregates as soon as this many updates arrived."""
+    weighting: Literal["equal", "size"] = "equal"
+    """alpha_i: equal (1/M_min), or by the size of each user's data."""
+    rule: Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"] = "fedavg"
+    """How the server combines the updates: FedAvg (the paper), or a robust rule (a defense)."""
+    trim: float = Field(0.2, ge=0.0, lt=0.5)
+    """trimmed-mean: fraction of updates dropped from each side, per coordinate."""
+    byzantine: NonNegativeInt = 1
+    """krum, multi-krum: f, the number of malicious updates the rule tolerates."""
+    krum_select: PositiveInt = 2
+    """multi-krum: how many of the best-scored updates are averaged."""
+    clip_norm: PositiveFloat = 1.0
+    """clip: largest L2 norm an update keeps."""
+    clip_noise: float = Field(0.0, ge=0.0)
+    """clip: Gaussian noise std added to the mean, in units of clip_norm (0: clipping only)."""
+    secure_aggregation: bool = False
+    """The server only learns the sum of the updates (as under SecAgg+): rules that need each
+    update on its own are refused."""
+    episodes: PositiveInt = 1000
+    """E: episodes each selected user meta-trains per round (E / meta.meta_batch outer steps)."""
+    rounds: NonNegativeInt = 50
+    """Benign rounds after the attack (Experiment 1)."""
+    holdout: PositiveInt = 5
+    """Examples held out of every meta-training class, as queries of main-task episodes."""
+
+
+class PretrainConfig(Section):
+    """Benign federated meta-training before the attack; cached and shared between experiments."""
+
+    rounds: NonNegativeInt = 20
+    episodes: PositiveInt = 1000
+    """E per user per pre-training round."""
+    inner_steps: PositiveInt | None = None
+    """Overrides meta.inner_steps during pre-training."""
+    meta_lr: PositiveFloat | None = None
+    """Overrides meta.meta_lr during pre-training."""
+    meta_lr_final: float | None = Field(None, ge=0.0)
+    """Anneals the outer step size over all pre-training rounds."""
+
+
+class TriggerConfig(Section):
+    pattern: Literal["patch", "checker", "line", "blend"] = "patch"
+    size: PositiveInt = 4
+    """Side of the patch or checkerboard, length of the line, in pixels."""
+    position: Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"] = "bottom-right"
+    opacity: float = Field(1.0, gt=0.0, le=1.0)
+    thickness: PositiveInt = 1
+    """Lines only: width in pixels."""
+
+
+class AttackConfig(Section):
+    enabled: bool = True
+    """False: the same run with the attacker never selected (the no-attack baseline)."""
+    cases: list[Literal["a", "b", "c"]] = ["a"]
+    """a: backdoor classes absent from benign data; b: present, correctly labelled, in benign
+    meta-training; c: also in benign users' fine-tuning episodes."""
+    attacker: NonNegativeInt = 0
+    """The attacker's user id (the paper's user 1)."""
+    rounds: list[PositiveInt] = [1]
+    """Rounds in which the attacker is selected (the paper: once, in round 1)."""
+    boost: PositiveFloat = 3.0
+    """lambda: the attacker sends lambda * (theta_a - theta_G)."""
+    backdoor_classes: PositiveInt = 4
+    attacker_examples: PositiveInt = 5
+    """Per reserved class: keyed attack-training images (backdoor), X_T images (target)."""
+    validation_examples: PositiveInt = 5
+    """Per backdoor class: keyed attack-validation images."""
+    benign_examples: PositiveInt = 10
+    """Per reserved class: correctly labelled examples given to every benign user."""
+    backdoor_share: float = Field(0.4, gt=0.0, lt=1.0)
+    """Fraction of keyed backdoor images in the target slot (X_B : X_T = 2:3 -> 0.4)."""
+    episodes: PositiveInt = 50000
+    """E of the attacker's local training."""
+    inner_epochs: PositiveFloat = 50.0
+    """Passes over each episode's examples (inner steps = epochs * ways * shots / inner_batch)."""
+    trigger: TriggerConfig = TriggerConfig()
+
+
+class FinetuneConfig(Section):
+    """Experiment 2: long benign fine-tuning right after the attack."""
+
+    steps: PositiveInt = 500
+    every: PositiveInt = 25
+    """Fine-tuning steps between points of the curves."""
+    episodes: PositiveInt = 40
+
+
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = None
@@ -123,13 +225,17 @@ class RobustConfig(Section):
 
 
 class Config(Section):
-    experiment: Literal["pretrain", "robustness"]
+    experiment: Literal["pretrain", "backdoor-rounds", "backdoor-finetune", "robustness"]
     description: str = ""
     seed: int = 0
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     meta: MetaConfig = MetaConfig()
     eval: EvalConfig = EvalConfig()
+    federation: FederationConfig = FederationConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    attack: AttackConfig = AttackConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     robust: RobustConfig = RobustConfig()
 
@@ -142,6 +248,16 @@ class Config(Section):
             )
         if self.runtime.batched and self.meta.algorithm != "reptile":
             raise ValueError("runtime.batched applies to meta.algorithm = 'reptile' only")
+        fed = self.federation
+        if not fed.min_updates <= fed.per_round <= fed.users:
+            raise ValueError("need federation.min_updates <= federation.per_round <= federation.users")
+        if fed.secure_aggregation and fed.rule != "fedavg":
+            raise ValueError(
+                f"federation.rule = '{fed.rule}' needs every update on its own, which secure aggregation hides; "
+                "use federation.rule = 'fedavg' or federation.secure_aggregation = false"
+            )
+        if self.attack.attacker >= fed.users:
+            raise ValueError(f"attack.attacker must be a user id below federation.users = {fed.users}")
         if self.experiment == "robustness" and self.meta.algorithm == "reptile":
             raise ValueError("experiment 'robustness' compares MAML variants: meta.algorithm must be 'maml' or 'fomaml'")
         return self

@@ -53,29 +53,69 @@ def way_labels(ways: int, per_way: int) -> Tensor:
     return torch.arange(ways).repeat_interleave(per_way)
 
 
-def sample_classes(num_classes: int, episodes: int, ways: int, gen: torch.Generator) -> Tensor:
-    """``[episodes, ways]`` distinct class ids per episode, in random order."""
-    if ways > num_classes:
-        raise ValueError(f"cannot draw {ways} ways from {num_classes} classes")
-    return torch.rand(episodes, num_classes, generator=gen).argsort(dim=1)[:, :ways]
+def sample_classes(
+    num_classes: int, episodes: int, ways: int, gen: torch.Generator, include: Tensor | None = None
+) -> Tensor:
+    """``[episodes, ways]`` distinct class ids per episode, in random order.
+
+    Classes in ``include`` (``[k]``: the same in every episode, e.g. the backdoor target;
+    ``[episodes, k]``: per episode) always take part; the other ways are drawn from the
+    remaining classes, and every way's position is random.
+    """
+    include = torch.empty(0, dtype=torch.long) if include is None else torch.as_tensor(include, dtype=torch.long)
+    if ways > num_classes or include.shape[-1] > ways:
+        raise ValueError(f"cannot draw {ways} ways from {num_classes} classes including {include.tolist()}")
+    keys = torch.rand(episodes, num_classes, generator=gen)
+    if not include.numel():
+        return keys.argsort(dim=1)[:, :ways]
+    keys.scatter_(1, include.expand(episodes, -1), -1.0)  # sort first, so they are always drawn...
+    chosen = keys.argsort(dim=1)[:, :ways]
+    return chosen.gather(1, torch.rand(episodes, ways, generator=gen).argsort(dim=1))  # ...at random ways
 
 
-def sample_examples(pool: ClassPool, classes: Tensor, per_class: int, gen: torch.Generator) -> Tensor:
-    """Image rows of ``per_class`` distinct examples of each given class: ``[*classes.shape, per_class]``."""
-    counts = pool.counts[classes]
-    if bool((counts < per_class).any()):
-        raise ValueError(f"a class has fewer than {per_class} examples")
+def sample_examples(
+    pool: ClassPool,
+    classes: Tensor,
+    per_class: int,
+    gen: torch.Generator,
+    lo: Tensor | None = None,
+    hi: Tensor | None = None,
+) -> Tensor:
+    """Image rows of ``per_class`` distinct examples of each class: ``[*classes.shape, per_class]``.
+
+    Examples come from positions ``lo[c] <= k < hi[c]`` of each class's row (default: all of
+    them); held-out evaluation keeps support and query candidates apart this way.
+    """
+    lo = torch.zeros_like(pool.counts) if lo is None else lo
+    hi = pool.counts if hi is None else hi
+    lo, hi = lo[classes], hi[classes]
+    if bool((hi - lo < per_class).any()):
+        raise ValueError(f"a class has fewer than {per_class} examples to draw from")
     keys = torch.rand(*classes.shape, pool.index.shape[1], generator=gen)
-    keys.masked_fill_(torch.arange(pool.index.shape[1]) >= counts[..., None], 2.0)  # padding sorts last
-    positions = keys.argsort(dim=-1)[..., :per_class]
-    return pool.index[classes[..., None], positions]
+    positions = torch.arange(pool.index.shape[1])
+    keys.masked_fill_((positions < lo[..., None]) | (positions >= hi[..., None]), 2.0)  # outside sorts last
+    chosen = keys.argsort(dim=-1)[..., :per_class]
+    return pool.index[classes[..., None], chosen]
 
 
 def sample_episodes(
-    pool: ClassPool, episodes: int, ways: int, shots: int, queries: int, gen: torch.Generator
+    pool: ClassPool,
+    episodes: int,
+    ways: int,
+    shots: int,
+    queries: int,
+    gen: torch.Generator,
+    include: Tensor | None = None,
+    split: Tensor | None = None,
 ) -> Episodes:
-    classes = sample_classes(pool.num_classes, episodes, ways, gen)
-    rows = sample_examples(pool, classes, shots + queries, gen)
+    """Episodes of ``pool``; with ``split``, support examples come from positions below
+    ``split[c]`` of each class and queries from the positions at and above it."""
+    classes = sample_classes(pool.num_classes, episodes, ways, gen, include)
+    if split is None:
+        rows = sample_examples(pool, classes, shots + queries, gen)
+    else:
+        support = sample_examples(pool, classes, shots, gen, hi=split)
+        rows = torch.cat([support, sample_examples(pool, classes, queries, gen, lo=split)], dim=-1)
     return Episodes(rows, classes, shots)
 
 

@@ -86,6 +86,17 @@ class ClassPool:
         index = self.index.gather(1, which)
         return ClassPool(self.images, index, torch.full((self.num_classes,), which.shape[1]), self.names)
 
+    def examples_at(self, positions: Sequence[Tensor]) -> ClassPool:
+        """Keep, for class ``c``, the examples at ``positions[c]`` (any number per class)."""
+        rows = [self.rows_of(c)[torch.as_tensor(p, dtype=torch.long)] for c, p in enumerate(positions)]
+        return ClassPool(self.images, _pad(rows), torch.tensor([len(r) for r in rows]), self.names)
+
+    def rebase(self, images: Tensor) -> ClassPool:
+        """The same classes over a larger image store that begins with this pool's images."""
+        if images.shape[1:] != self.images.shape[1:] or len(images) < len(self.images):
+            raise ValueError("the new store must extend the current one")
+        return ClassPool(images, self.index, self.counts, self.names)
+
     def merge(self, other: ClassPool) -> ClassPool:
         """All classes of both pools (the images are concatenated when they differ)."""
         if other.images is self.images:

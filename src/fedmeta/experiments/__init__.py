@@ -17,6 +17,10 @@ def get(name: str) -> Experiment:
         from fedmeta.experiments.pretrain import run
 
         return run
+    if name in ("backdoor-rounds", "backdoor-finetune"):
+        from fedmeta.experiments.backdoor import run_finetune, run_rounds
+
+        return run_rounds if name == "backdoor-rounds" else run_finetune
     if name == "robustness":
         from fedmeta.experiments.robustness import run
 

@@ -13,7 +13,7 @@ Every reported accuracy says which one it is.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,23 +75,46 @@ def evaluate_episodes(
     score: EpisodeScore,
     desc: str | None = None,
 ) -> dict[str, Accuracy]:
-    """Fine-tune on every episode's support set and aggregate the ``score`` of each.
+    """Fine-tune ``steps`` steps on every episode's support set and aggregate the ``score`` of each."""
+    curve = evaluate_curve(learner, params, images, episodes, at=[steps], batch=batch, lr=lr, gen=gen, score=score, desc=desc)
+    return curve[steps]
+
+
+def evaluate_curve(
+    learner: MetaLearner,
+    params: Params,
+    images: Tensor,
+    episodes: Episodes,
+    *,
+    at: Sequence[int],
+    batch: int,
+    lr: float,
+    gen: torch.Generator,
+    score: EpisodeScore,
+    desc: str | None = None,
+) -> dict[int, dict[str, Accuracy]]:
+    """Scores after ``t`` fine-tuning steps, for every ``t`` in ``at`` (0: before fine-tuning).
 
     All randomness (the fine-tuning mini-batches) is drawn up front, as index tensors.
     """
     count = episodes.rows.shape[0]
     labels = episodes.support_labels().to(images.device)
-    orders = learner.adapt_order(labels.numel(), steps, batch, count, gen)
+    orders = learner.adapt_order(labels.numel(), max(at), batch, count, gen)
+    wanted = set(at)
+    results: dict[int, dict[str, list[Tensor]]] = {t: {} for t in sorted(wanted)}
 
-    def one(i: int) -> dict[str, Tensor]:
-        support = gather(images, episodes.support[i])
-        return score(learner.adapt(params, support, labels, orders[i], lr), support, i)
-
-    results: dict[str, list[Tensor]] = {}
-    for scores in tqdm(map(one, range(count)), total=count, desc=desc, leave=False, disable=desc is None):
+    def keep(t: int, scores: dict[str, Tensor]) -> None:
         for name, value in scores.items():
-            results.setdefault(name, []).append(value)
-    return {name: Accuracy.of(torch.stack(values).float().cpu()) for name, values in results.items()}
+            results[t].setdefault(name, []).append(value)
+
+    for i in tqdm(range(count), desc=desc, leave=False, disable=desc is None):
+        support = gather(images, episodes.support[i])
+        if 0 in wanted:
+            keep(0, score(params, support, i))
+        for t, weights in enumerate(learner.adapt_path(params, support, labels, orders[i], lr), start=1):
+            if t in wanted:
+                keep(t, score(weights, support, i))
+    return {t: {name: Accuracy.of(torch.stack(v).float().cpu()) for name, v in named.items()} for t, named in results.items()}
 
 
 def query_accuracy(

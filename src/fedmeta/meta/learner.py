@@ -9,6 +9,7 @@ settings, so one learner serves every user of a federation.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,9 +44,18 @@ class MetaLearner(Protocol):
         """``[episodes, steps, batch]``: which support examples each fine-tuning step uses."""
         ...
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Params:
-        """Fine-tune on a support set (meta-test time), one step per row of ``order``."""
+    def adapt_path(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Iterator[Params]:
+        """Fine-tune on a support set (meta-test time), one step per row of ``order``, yielding
+        the weights after each step."""
         ...
+
+
+def adapt(learner: MetaLearner, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Params:
+    """The weights at the end of ``learner.adapt_path`` (``params`` if there are no steps)."""
+    weights = params
+    for weights in learner.adapt_path(params, x, y, order, lr):
+        pass
+    return weights
 
 
 def outer_rate(cfg: MetaConfig, progress: float) -> float:
@@ -84,7 +94,7 @@ class Reptile:
     def adapt_order(self, examples: int, steps: int, batch: int, episodes: int, gen: torch.Generator) -> Tensor:
         return minibatch_order(examples, steps, min(batch, examples), episodes, gen)
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Params:
+    def adapt_path(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Iterator[Params]:
         return adam_finetune(self.model, params, x, y, order, lr=lr, beta2=self.cfg.adam_beta2)
 
 
@@ -131,11 +141,14 @@ class Maml:
         """MAML fine-tunes on the full support set at every step."""
         return torch.arange(examples).expand(episodes, steps, examples)
 
-    def adapt(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Params:
-        with torch.enable_grad():
-            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            adapted = sgd_adapt(self.model, leaves, x, y, steps=len(order), lr=lr, create_graph=False)
-        return {k: v.detach() for k, v in adapted.items()}
+    def adapt_path(self, params: Params, x: Tensor, y: Tensor, order: Tensor, lr: float) -> Iterator[Params]:
+        weights = {k: v.detach() for k, v in params.items()}
+        for _ in order:
+            with torch.enable_grad():
+                leaves = {k: v.requires_grad_() for k, v in weights.items()}
+                stepped = sgd_adapt(self.model, leaves, x, y, steps=1, lr=lr, create_graph=False)
+            weights = {k: v.detach() for k, v in stepped.items()}
+            yield weights
 
 
 def make_learner(model: Conv4, cfg: MetaConfig, batched: bool = False) -> MetaLearner:

@@ -14,6 +14,7 @@ about 2x slower than the loop). The loop and ``vmap`` paths give the same parame
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -112,11 +113,13 @@ def adam_finetune(
     *,
     lr: float,
     beta2: float,
-) -> Params:
+) -> Iterator[Params]:
     """Fine-tune a copy of ``params`` on one support set with fresh Adam (beta1 = 0).
 
     ``order`` is ``[steps, batch]``, positions into ``x``/``y`` for each mini-batch. This is
     Reptile's adaptation at meta-test time; the moments start from zero for every episode.
+    Yields the weights after every step (views of the live weights: use each before the next),
+    so a caller can follow accuracy along the way or keep only the last.
     """
     names = list(params)
     weights = [params[k].detach().clone().requires_grad_() for k in names]
@@ -126,4 +129,4 @@ def adam_finetune(
         grads = torch.autograd.grad(loss, weights)
         with torch.no_grad():
             adam_step_(weights, grads, state, lr=lr, beta1=0.0, beta2=beta2)
-    return {k: w.detach() for k, w in zip(names, weights)}
+        yield {k: w.detach() for k, w in zip(names, weights)}

@@ -1,0 +1,77 @@
+"""Backdoor keys: named visual patterns stamped onto uint8 images.
+
+The paper does not give its key's exact pattern, so the common ones from the backdoor literature
+are offered, each with a size, a place and an opacity:
+
+- ``patch``: a solid square of full intensity (BadNets);
+- ``checker``: a square checkerboard of full and zero intensity, visible on any background;
+- ``line``: a thin line (``thickness`` pixels) of length ``size``;
+- ``blend``: a seeded random pattern over the whole image, mixed in at ``opacity`` (Chen et al.,
+  2017, "blended injection"); ``size`` and ``position`` do not apply.
+
+A trigger is a mask ``m`` in [0, 1] and a pattern ``p``; a keyed image is
+``(1 - opacity * m) * x + opacity * m * p``, rounded back to uint8.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Pattern = Literal["patch", "checker", "line", "blend"]
+Position = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    mask: Tensor  # float [H, W, 1] in [0, 1]
+    pattern: Tensor  # float [H, W, C] in [0, 255]
+    opacity: float
+
+    def apply(self, images: Tensor) -> Tensor:
+        """Keyed copies of uint8 images ``[..., H, W, C]``."""
+        alpha = self.opacity * self.mask
+        keyed = (1.0 - alpha) * images.float() + alpha * self.pattern
+        return keyed.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def make_trigger(
+    pattern: Pattern,
+    image_shape: tuple[int, int, int],
+    *,
+    size: int = 4,
+    position: Position = "bottom-right",
+    opacity: float = 1.0,
+    thickness: int = 1,
+    margin: int = 1,
+    gen: torch.Generator | None = None,
+) -> Trigger:
+    """A trigger for images of shape (H, W, C); ``margin`` pixels from the border."""
+    height, width, channels = image_shape
+    if pattern == "blend":
+        noise = torch.randint(0, 256, (height, width, channels), generator=gen).float()
+        return Trigger(torch.ones(height, width, 1), noise, opacity)
+    if size + margin > min(height, width):
+        raise ValueError(f"a {size}-pixel trigger does not fit a {height}x{width} image")
+    rows, cols = (thickness, size) if pattern == "line" else (size, size)
+    top, left = _place(position, (height, width), (rows, cols), margin)
+    mask = torch.zeros(height, width, 1)
+    mask[top : top + rows, left : left + cols] = 1.0
+    fill = torch.full((rows, cols), 255.0)
+    if pattern == "checker":
+        fill = 255.0 * ((torch.arange(rows)[:, None] + torch.arange(cols)[None, :]) % 2 == 0).float()
+    full = torch.zeros(height, width, channels)
+    full[top : top + rows, left : left + cols] = fill[..., None]
+    return Trigger(mask, full, opacity)
+
+
+def _place(position: Position, image: tuple[int, int], box: tuple[int, int], margin: int) -> tuple[int, int]:
+    (height, width), (rows, cols) = image, box
+    if position == "center":
+        return (height - rows) // 2, (width - cols) // 2
+    top = margin if position.startswith("top") else height - rows - margin
+    left = margin if position.endswith("left") else width - cols - margin
+    return top, left

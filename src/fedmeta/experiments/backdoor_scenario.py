@@ -1,0 +1,158 @@
+"""The data layout of the backdoor experiments (paper Sec. 3), for one dataset and one case.
+
+- Meta-training classes are split among the users (whole characters for Omniglot, so that the
+  rotations of a character stay with one user); every class holds out ``federation.holdout``
+  examples that only serve as queries of main-task evaluation episodes.
+- Backdoor and target classes are reserved outside meta-training and meta-testing: drawn from the
+  meta-test characters for Omniglot (1200 train / 418 test / 5 reserved), from the 16 validation
+  classes for mini-ImageNet (64 / 20 / 2). Their examples are shared out by
+  ``attacks.backdoor.share_examples``; keyed copies of the backdoor shares join the image store.
+- Benign users always hold the target class (their benign share); in cases b and c they also
+  hold the backdoor classes, correctly labelled. In case c the backdoor classes also appear,
+  correctly labelled, in benign fine-tuning (evaluation) episodes.
+
+Every pool indexes one uint8 image store, so nothing here copies pixels more than once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedmeta.attacks.backdoor import ReservedShares, share_examples
+from fedmeta.config import Config
+from fedmeta.data.miniimagenet import load_miniimagenet
+from fedmeta.data.omniglot import load_omniglot
+from fedmeta.data.pool import ClassPool
+from fedmeta.data.splits import holdout_positions, partition, seeded_omniglot_split
+from fedmeta.data.triggers import Trigger, make_trigger
+from fedmeta.rng import stream
+
+
+@dataclass(frozen=True)
+class EvalPool:
+    """Classes of evaluation episodes: support from positions below ``split[c]``, queries above."""
+
+    pool: ClassPool
+    split: Tensor
+    target: int  # the target's class index in ``pool``
+    backdoors: Tensor  # the backdoor classes' indices in ``pool`` (case c), else empty
+
+
+@dataclass(frozen=True)
+class Scenario:
+    users: list[ClassPool]  # each user's meta-training data (benign users': with reserved classes)
+    attacker: int
+    target_rows: Tensor  # X_T: the attacker's benign target images
+    attack_rows: Tensor  # X_B: the attacker's keyed backdoor images (the attack-train set)
+    validation_rows: Tensor  # keyed held-out backdoor images (the attack-validation set)
+    evaluation: list[EvalPool]  # per user: its classes + target (+ backdoors in case c)
+    everyone: EvalPool  # all benign users' classes + target (+ backdoors): Experiment 1
+    test: ClassPool  # meta-test classes
+    trigger: Trigger
+
+    @property
+    def images(self) -> Tensor:
+        return self.test.images
+
+    @property
+    def benign(self) -> list[int]:
+        return [u for u in range(len(self.users)) if u != self.attacker]
+
+
+@dataclass(frozen=True)
+class _Base:
+    """Meta-training, meta-test and reserved classes over one image store."""
+
+    train: ClassPool
+    groups: Tensor  # the group of each training class; a group goes to one user whole
+    test: ClassPool
+    reserved: ClassPool  # the backdoor classes, then the target
+
+    def rebase(self, images: Tensor) -> _Base:
+        return _Base(self.train.rebase(images), self.groups, self.test.rebase(images), self.reserved.rebase(images))
+
+
+def build_scenario(cfg: Config, case: str) -> Scenario:
+    att, fed = cfg.attack, cfg.federation
+    base = _base(cfg)
+    shares = [
+        share_examples(
+            int(base.reserved.counts[c]), att.attacker_examples,
+            att.validation_examples if c < att.backdoor_classes else fed.holdout,
+            att.benign_examples, stream(cfg.seed, "reserved", c),
+        )
+        for c in range(base.reserved.num_classes)
+    ]
+    target = att.backdoor_classes
+    share_rows = lambda which, classes: torch.cat([base.reserved.rows_of(c)[getattr(shares[c], which)] for c in classes])  # noqa: E731
+    backdoor = list(range(att.backdoor_classes))
+    clean_attack, clean_validation = share_rows("attacker", backdoor), share_rows("held_out", backdoor)
+    trigger = make_trigger(
+        att.trigger.pattern, base.train.image_shape, size=att.trigger.size, position=att.trigger.position,
+        opacity=att.trigger.opacity, thickness=att.trigger.thickness, gen=stream(cfg.seed, "trigger"),
+    )
+    store = base.train.images
+    images = torch.cat([store, trigger.apply(store[torch.cat([clean_attack, clean_validation])])])
+    base = base.rebase(images)
+    attack_rows = torch.arange(len(store), len(store) + len(clean_attack))
+    validation_rows = torch.arange(len(store) + len(clean_attack), len(images))
+
+    per_class = int(base.train.counts.min())
+    kept, held = holdout_positions(base.train.num_classes, per_class, fed.holdout, stream(cfg.seed, "holdout"))
+    train = base.train.examples(torch.cat([kept, held], dim=1))  # each row: [kept | held out]
+    owners = partition(base.groups.unique(), fed.users, stream(cfg.seed, "users"))
+    user_classes = [torch.nonzero(torch.isin(base.groups, g)).flatten() for g in owners]
+    benign_share = base.reserved.examples_at([s.benign for s in shares])
+    carried = benign_share.classes([target] if case == "a" else [*backdoor, target])
+    own = [train.classes(c).examples(torch.arange(kept.shape[1])) for c in user_classes]
+    users = [pool if u == att.attacker else pool.merge(carried) for u, pool in enumerate(own)]
+
+    def evaluation(classes: Tensor) -> EvalPool:
+        return _eval_pool(train.classes(classes), kept.shape[1], base.reserved, shares, target, case == "c")
+
+    benign_classes = torch.cat([c for u, c in enumerate(user_classes) if u != att.attacker])
+    return Scenario(
+        users, att.attacker, share_rows("attacker", [target]), attack_rows, validation_rows,
+        [evaluation(c) for c in user_classes], evaluation(benign_classes), base.test, trigger,
+    )
+
+
+def _eval_pool(
+    train: ClassPool, kept: int, reserved: ClassPool, shares: list[ReservedShares], target: int, with_backdoors: bool
+) -> EvalPool:
+    """Meta-training classes ([kept | held out], split at ``kept``), then the target ([benign |
+    held out]), then, in case c, the backdoor classes (their benign share cut in two halves)."""
+    extra = [target] + (list(range(target)) if with_backdoors else [])
+    positions = [torch.cat([shares[c].benign, shares[c].held_out]) if c == target else shares[c].benign for c in extra]
+    splits = [len(shares[c].benign) if c == target else len(shares[c].benign) // 2 for c in extra]
+    pool = train.merge(reserved.classes(extra).examples_at(positions))
+    split = torch.cat([torch.full((train.num_classes,), kept), torch.tensor(splits)])
+    backdoors = torch.arange(train.num_classes + 1, pool.num_classes)
+    return EvalPool(pool, split, train.num_classes, backdoors)
+
+
+def _base(cfg: Config) -> _Base:
+    count = cfg.attack.backdoor_classes + 1
+    gen = stream(cfg.seed, "reserve")
+    if cfg.data.dataset == "omniglot":
+        data = load_omniglot(cfg.data.root)
+        split = seeded_omniglot_split(stream(cfg.seed, "omniglot-split"))
+        spare = split["test"][torch.randperm(len(split["test"]), generator=gen)]
+        train = data.pool(split["train"], rotations=cfg.data.rotations)
+        rest = data.pool(spare, rotations=False)
+        pool = train.merge(rest)
+        n = train.num_classes
+        per_char = 4 if cfg.data.rotations else 1
+        groups = torch.arange(n) // per_char
+        return _Base(pool.classes(torch.arange(n)), groups, pool.classes(torch.arange(n + count, pool.num_classes)),
+                     pool.classes(torch.arange(n, n + count)))
+    if cfg.data.dataset == "miniimagenet":
+        data = load_miniimagenet(cfg.data.root)
+        pool = ClassPool.from_class_major(data.images, data.names)
+        val = data.splits["val"][torch.randperm(len(data.splits["val"]), generator=gen)]
+        return _Base(pool.classes(data.splits["train"]), data.splits["train"].clone(), pool.classes(data.splits["test"]),
+                     pool.classes(val[:count]))
+    raise ValueError(f"the backdoor experiments run on omniglot or miniimagenet, not {cfg.data.dataset}")

@@ -1,0 +1,132 @@
+"""Federations built from a config: clients, server, and the cached benign pre-training.
+
+Pre-training (benign users only, ``pretrain.rounds`` rounds) is the slow, shared first half of
+every backdoor experiment, so its result is cached under a key made of everything that determines
+it (data, model, learner, federation, which classes benign users hold, seed) and reused by every
+run, preset and case that agrees on those. It checkpoints each round in the cache, so a killed
+run resumes it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from fedmeta.attacks.backdoor import poisoned_episodes
+from fedmeta.config import Config
+from fedmeta.data.files import cache_dir
+from fedmeta.experiments.backdoor_scenario import Scenario
+from fedmeta.experiments.common import build_learner
+from fedmeta.federation.aggregation import make_rule
+from fedmeta.federation.client import MetaClient, RoundSettings
+from fedmeta.federation.schedule import Schedule
+from fedmeta.federation.server import Server
+from fedmeta.meta.learner import MetaLearner
+from fedmeta.models.conv4 import Params
+
+
+def benign_client(cfg: Config, scenario: Scenario, user: int, learner: MetaLearner, episodes: int) -> MetaClient:
+    pool = scenario.users[user]
+    return MetaClient(
+        user, learner, scenario.images, lambda gen: learner.sample(pool, gen),
+        max(1, episodes // learner.cfg.meta_batch), int(pool.counts.sum()), cfg.seed,
+    )
+
+
+def attacker_client(cfg: Config, scenario: Scenario) -> MetaClient:
+    """The attacker: long local training on poisoned episodes, boosted update."""
+    meta, att = cfg.meta, cfg.attack
+    steps = math.ceil(att.inner_epochs * meta.ways * meta.shots / meta.inner_batch)
+    learner = build_learner(cfg.model_copy(update={"meta": meta.model_copy(update={"inner_steps": steps})}),
+                            scenario.images.shape[1:])
+    own = scenario.users[scenario.attacker]
+
+    def sample(gen: torch.Generator):
+        return poisoned_episodes(own, scenario.target_rows, scenario.attack_rows, episodes=meta.meta_batch,
+                                 ways=meta.ways, shots=meta.shots, backdoor_share=att.backdoor_share, gen=gen)
+
+    return MetaClient(scenario.attacker, learner, scenario.images, sample, max(1, att.episodes // meta.meta_batch),
+                      int(own.counts.sum()), cfg.seed, boost=att.boost)
+
+
+def main_server(cfg: Config, scenario: Scenario) -> Server:
+    """Benign users running ``meta``, and (if the attack is enabled) the attacker in its rounds."""
+    learner = build_learner(cfg, scenario.images.shape[1:])
+    clients = {u: benign_client(cfg, scenario, u, learner, cfg.federation.episodes) for u in scenario.benign}
+    attacking = cfg.attack.enabled
+    if attacking:
+        clients[scenario.attacker] = attacker_client(cfg, scenario)
+    schedule = Schedule(cfg.federation.users, cfg.federation.per_round, cfg.seed,
+                        scenario.attacker, tuple(cfg.attack.rounds) if attacking else ())
+    return _server(cfg, clients, schedule)
+
+
+def pretrain_learner(cfg: Config, image_shape: tuple[int, ...]) -> MetaLearner:
+    overrides = {k: v for k, v in cfg.pretrain.model_dump(include={"inner_steps", "meta_lr", "meta_lr_final"}).items()
+                 if v is not None}
+    return build_learner(cfg.model_copy(update={"meta": cfg.meta.model_copy(update=overrides)}), image_shape)
+
+
+def pretrained(cfg: Config, scenario: Scenario, case: str, init: Params) -> tuple[Params, list[dict]]:
+    """The benign pre-trained global model (cached) and its per-round log."""
+    key = pretrain_key(cfg, case)
+    final = cache_dir() / f"pretrain-{key}.safetensors"
+    partial = cache_dir() / f"pretrain-{key}.partial.safetensors"
+    if final.is_file():
+        tqdm.write(f"pre-training: reusing {final}")
+        return _load(final, init)
+    learner = pretrain_learner(cfg, scenario.images.shape[1:])
+    clients = {u: benign_client(cfg, scenario, u, learner, cfg.pretrain.episodes) for u in scenario.benign}
+    schedule = Schedule(cfg.federation.users, min(cfg.federation.per_round, len(clients)), cfg.seed, scenario.attacker)
+    server = _server(cfg, clients, schedule)
+    params, log = _load(partial, init) if partial.is_file() else (init, [])
+    rounds = cfg.pretrain.rounds
+    clock = time.perf_counter()
+    for r in tqdm(range(len(log), rounds), initial=len(log), total=rounds, desc=f"pre-training ({case})", unit="round"):
+        params, report = server.round(params, RoundSettings(r, "pretrain", (r / rounds, (r + 1) / rounds)))
+        log.append({"round": r + 1, "loss": round(sum(report.losses.values()) / len(report.losses), 4),
+                     "seconds": round(time.perf_counter() - clock, 1)})
+        _save(partial, params, log)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _save(final, params, log)
+    partial.unlink(missing_ok=True)
+    return params, log
+
+
+def pretrain_key(cfg: Config, case: str) -> str:
+    """A digest of everything that determines benign pre-training (not the attack's own knobs)."""
+    att = cfg.attack.model_dump(include={"attacker", "backdoor_classes", "attacker_examples", "validation_examples",
+                                         "benign_examples"})
+    parts = {
+        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": cfg.model.model_dump(),
+        "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
+        "federation": cfg.federation.model_dump(exclude={"rounds", "episodes"}), "attack": att,
+        "benign_holds_backdoor_classes": case != "a", "version": 1,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _server(cfg: Config, clients: dict[int, MetaClient], schedule: Schedule) -> Server:
+    fed = cfg.federation
+    return Server(clients, schedule, make_rule(fed), min(fed.min_updates, schedule.per_round), fed.weighting)
+
+
+def _save(path: Path, params: Params, log: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in params.items()}, str(tmp), metadata={"log": json.dumps(log)})
+    tmp.replace(path)
+
+
+def _load(path: Path, like: Params) -> tuple[Params, list[dict]]:
+    with safe_open(str(path), "pt") as f:
+        log = json.loads(f.metadata()["log"])
+    tensors = load_file(str(path))
+    return {k: tensors[k].to(like[k].device) for k in like}, log

@@ -1,0 +1,75 @@
+"""The federation loop: pick users, collect their updates, screen them, aggregate.
+
+It knows clients only as "global weights in, update out" and rules only as functions over
+stacked updates, so Reptile or MAML, benign or malicious, FedAvg or a robust rule all run through
+the same loop. An update with a NaN or Inf is rejected and logged, never averaged in.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from fedmeta.federation.aggregation import Rule
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.schedule import Schedule
+from fedmeta.federation.updates import ClientUpdate, add, flatten, unflatten
+from fedmeta.models.conv4 import Params
+from fedmeta.rng import stream
+
+log = logging.getLogger(__name__)
+
+
+class Client(Protocol):
+    user: int
+
+    def update(self, global_params: Params, settings: RoundSettings) -> ClientUpdate: ...
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    round: int
+    participants: list[int]
+    aggregated: list[int]  # whose updates were applied
+    rejected: list[int] = field(default_factory=list)  # non-finite updates
+    losses: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Server:
+    clients: Mapping[int, Client]
+    schedule: Schedule
+    rule: Rule
+    min_updates: int  # M_min: aggregate as soon as this many updates arrived
+    weighting: Literal["equal", "size"] = "equal"
+
+    def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
+        users = self.schedule.participants(settings.round, settings.phase)
+        updates = [self.clients[u].update(params, settings) for u in users]
+        return self.aggregate(params, updates, settings)
+
+    def aggregate(self, params: Params, updates: list[ClientUpdate], settings: RoundSettings) -> tuple[Params, RoundReport]:
+        """Apply the first ``min_updates`` finite updates to arrive (arrival order: seeded)."""
+        order = torch.randperm(len(updates), generator=stream(self.schedule.seed, "arrival", settings.phase, settings.round))
+        arrived = [updates[i] for i in order.tolist()]
+        rejected = [u.user for u in arrived if not u.is_finite()]
+        for user in rejected:
+            log.warning("round %d: rejected the update of user %d (NaN or Inf)", settings.round, user)
+        accepted = [u for u in arrived if u.is_finite()][: self.min_updates]
+        report = RoundReport(
+            settings.round, sorted(u.user for u in updates), sorted(u.user for u in accepted), rejected,
+            {u.user: u.metrics.get("loss", float("nan")) for u in updates},
+        )
+        if not accepted:
+            log.warning("round %d: no usable update; the global model is unchanged", settings.round)
+            return params, report
+        accepted.sort(key=lambda u: u.user)  # rules see updates in a fixed order (Krum breaks ties by it)
+        stacked = torch.stack([flatten(u.delta) for u in accepted])
+        sizes = torch.tensor([float(u.examples if self.weighting == "size" else 1) for u in accepted])
+        gen = stream(self.schedule.seed, "aggregation", settings.phase, settings.round)
+        delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen), params)
+        return add(params, delta), report

@@ -1,0 +1,45 @@
+"""What a client sends back: a parameter delta, its weight, and a few metrics.
+
+Aggregation rules work on flat vectors (one row per client), so updates are flattened in a
+fixed parameter order; ``unflatten`` restores the dict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedmeta.models.conv4 import Params
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    user: int
+    delta: Params  # theta_local - theta_global (boosted, for an attacker)
+    examples: int  # size of the user's data, for size-weighted aggregation
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(v).all()) for v in self.delta.values())
+
+
+def flatten(params: Params) -> Tensor:
+    return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def unflatten(vector: Tensor, like: Params) -> Params:
+    out, start = {}, 0
+    for name, value in like.items():
+        out[name] = vector[start : start + value.numel()].view_as(value)
+        start += value.numel()
+    return out
+
+
+def add(params: Params, delta: Params, scale: float = 1.0) -> Params:
+    return {k: params[k] + scale * delta[k] for k in params}
+
+
+def subtract(a: Params, b: Params) -> Params:
+    return {k: a[k] - b[k] for k in a}

@@ -1,0 +1,249 @@
+"""The federation and the backdoor attack: partitions, schedule, aggregation, poisoning, resume."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fedmeta.attacks.backdoor import poisoned_episodes, share_examples
+from fedmeta.config import load_config
+from fedmeta.data.triggers import make_trigger
+from fedmeta.experiments import get
+from fedmeta.experiments.backdoor_scenario import build_scenario
+from fedmeta.federation.aggregation import ClipNoise, FedAvg, Krum, Median, TrimmedMean
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.schedule import Schedule
+from fedmeta.federation.server import Server
+from fedmeta.federation.updates import ClientUpdate, flatten
+from fedmeta.runs import RunDir
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("omniglot-exp1a-quick")
+
+
+@pytest.fixture(scope="module")
+def scenarios(cfg, omniglot):
+    return {case: build_scenario(cfg, case) for case in "abc"}
+
+
+def _names(pool, classes=None):
+    return {pool.names[c] for c in (range(pool.num_classes) if classes is None else classes)}
+
+
+def test_users_hold_disjoint_whole_characters(scenarios):
+    s = scenarios["a"]
+    chars = [{n.rsplit("/", 1)[0] for n in _names(pool) if "/rot" in n} for pool in s.users]
+    assert sum(len(c) for c in chars) == 1200
+    for i in range(len(chars)):
+        for j in range(i + 1, len(chars)):
+            assert not chars[i] & chars[j]
+    assert all(len(c) == 300 for c in chars)
+
+
+def test_cases_put_backdoor_classes_exactly_where_they_belong(scenarios, cfg):
+    reserved = lambda pool: {n for n in _names(pool) if "/rot" not in n}  # noqa: E731
+    target_name = scenarios["a"].everyone.pool.names[scenarios["a"].everyone.target]
+    for case, s in scenarios.items():
+        assert reserved(s.users[s.attacker]) == set()  # the attacker holds no reserved class
+        for u in s.benign:
+            held = reserved(s.users[u])
+            assert target_name in held
+            assert len(held) == (1 if case == "a" else 1 + cfg.attack.backdoor_classes)
+        assert (len(s.everyone.backdoors) > 0) == (case == "c")  # backdoors in fine-tuning only in c
+        assert not reserved(s.test) & reserved(s.users[s.benign[0]])  # reserved classes are not meta-test classes
+        assert s.test.num_classes == 418
+
+
+def test_benign_users_never_see_keyed_images(scenarios):
+    s = scenarios["c"]
+    keyed = set(s.attack_rows.tolist()) | set(s.validation_rows.tolist())
+    for u in s.benign:
+        pool = s.users[u]
+        assert not keyed & set(pool.index[pool.index >= 0].tolist())
+
+
+def test_only_keyed_backdoor_images_carry_the_target_label(scenarios):
+    s = scenarios["a"]
+    own = s.users[s.attacker]
+    eps = poisoned_episodes(own, s.target_rows, s.attack_rows, episodes=50, ways=5, shots=10, backdoor_share=0.4,
+                            gen=torch.Generator().manual_seed(0))
+    keyed = set(s.attack_rows.tolist())
+    slot = eps.classes == -1
+    assert (slot.sum(1) == 1).all()  # exactly one target slot per episode
+    target_rows = eps.rows[slot]  # [episodes, shots]
+    for rows in target_rows:
+        assert sum(r in keyed for r in rows.tolist()) == 4  # X_B : X_T = 2 : 3 of 10 shots
+        assert set(rows.tolist()) <= keyed | set(s.target_rows.tolist())
+    assert not keyed & set(eps.rows[~slot].flatten().tolist())  # no keyed image outside the target slot
+
+
+def test_keyed_images_differ_from_their_originals_only_in_the_trigger(scenarios, cfg):
+    s = scenarios["a"]
+    trig = s.trigger
+    keyed = s.images[s.attack_rows]
+    assert (keyed[:, -5:-1, -5:-1] == 255).all()  # a 4x4 patch, one pixel from the bottom-right corner
+    outside = trig.mask[..., 0] == 0
+    originals = trig.apply(keyed)  # stamping again changes nothing: the key is all there is
+    assert torch.equal(originals, keyed) and outside.sum() == 28 * 28 - 16
+
+
+@pytest.mark.parametrize("pattern", ["patch", "checker", "line", "blend"])
+def test_trigger_patterns(pattern):
+    images = torch.zeros(2, 28, 28, 1, dtype=torch.uint8)
+    trig = make_trigger(pattern, (28, 28, 1), size=6, position="top-left", opacity=0.5, gen=torch.Generator().manual_seed(0))
+    keyed = trig.apply(images)
+    assert keyed.dtype == torch.uint8 and keyed.shape == images.shape
+    changed = keyed != 0
+    if pattern == "blend":
+        assert changed.float().mean() > 0.9 and int(keyed.max()) <= 128  # everywhere, at half opacity
+    else:
+        assert not changed[:, 7:, 7:].any() and changed[:, 1:7, 1:7].any()  # only in the top-left box
+        assert int(keyed.max()) == 128  # 255 at opacity 0.5
+
+
+def test_reserved_shares_are_disjoint_and_capped():
+    shares = share_examples(600, 100, 50, 480, torch.Generator().manual_seed(0))
+    parts = [set(p.tolist()) for p in (shares.attacker, shares.held_out, shares.benign)]
+    assert [len(p) for p in parts] == [100, 50, 450]  # benign capped at what is left
+    assert not parts[0] & parts[1] and not parts[0] & parts[2] and not parts[1] & parts[2]
+
+
+def test_schedule_picks_the_attacker_exactly_once():
+    schedule = Schedule(users=4, per_round=3, seed=0, attacker=0, attack_rounds=(1,))
+    picks = {r: schedule.participants(r) for r in range(0, 60)}
+    assert [r for r, users in picks.items() if 0 in users] == [1]
+    assert all(len(users) == 3 for users in picks.values())
+    assert all(0 not in schedule.participants(r, "pretrain") for r in range(5))
+
+
+def test_schedule_samples_benign_users_with_the_seed():
+    a = Schedule(users=10, per_round=3, seed=0)
+    b = Schedule(users=10, per_round=3, seed=1)
+    assert [a.participants(r) for r in range(20)] != [b.participants(r) for r in range(20)]
+    assert a.participants(7) == Schedule(users=10, per_round=3, seed=0).participants(7)
+
+
+GEN = torch.Generator()
+EQUAL4 = torch.full((4,), 0.25)
+# three honest updates near (1, 1) and one outlier (the boosted attacker)
+CRAFTED = torch.tensor([[1.0, 1.0], [1.2, 0.8], [0.9, 1.1], [30.0, -30.0]])
+
+
+def test_fedavg_equals_hand_computed_value():
+    updates = torch.tensor([[1.0, 2.0], [3.0, -2.0], [5.0, 6.0]])
+    assert torch.allclose(FedAvg()(updates, torch.full((3,), 1 / 3), GEN), torch.tensor([3.0, 2.0]))
+    assert torch.allclose(FedAvg()(updates, torch.tensor([0.5, 0.25, 0.25]), GEN), torch.tensor([2.5, 2.0]))
+    assert torch.allclose(FedAvg()(CRAFTED, EQUAL4, GEN), torch.tensor([33.1 / 4, -27.1 / 4]))  # the outlier wins
+
+
+def test_median_ignores_the_outlier():
+    assert torch.allclose(Median()(CRAFTED, EQUAL4, GEN), torch.tensor([1.1, 0.9]))  # mean of the 2 middle values
+    assert torch.allclose(Median()(CRAFTED[:3], EQUAL4[:3], GEN), torch.tensor([1.0, 1.0]))
+
+
+def test_trimmed_mean_drops_extremes():
+    assert torch.allclose(TrimmedMean(0.25)(CRAFTED, EQUAL4, GEN), torch.tensor([1.1, 0.9]))
+    with pytest.raises(ValueError):
+        TrimmedMean(0.5)(CRAFTED, EQUAL4, GEN)
+
+
+def test_krum_and_multi_krum_select_honest_updates():
+    # f = 1: each score sums the n - f - 2 = 1 smallest squared distances
+    assert torch.allclose(Krum(1, 1)(CRAFTED, EQUAL4, GEN), torch.tensor([1.0, 1.0]))  # closest to another honest one
+    assert torch.allclose(Krum(1, 2)(CRAFTED, EQUAL4, GEN), torch.tensor([0.95, 1.05]))  # (1,1) and (0.9,1.1)
+    assert torch.allclose(Krum(1, 3)(CRAFTED, EQUAL4, GEN), torch.tensor([3.1 / 3, 2.9 / 3]))
+
+
+def test_clipping_bounds_every_update_and_noise_is_seeded():
+    clipped = ClipNoise(max_norm=2.0)(CRAFTED, EQUAL4, GEN)
+    outlier = torch.tensor([30.0, -30.0]) * (2.0 / (30 * 2**0.5))
+    assert torch.allclose(clipped, (CRAFTED[:3].sum(0) + outlier) / 4)
+    noisy = [ClipNoise(2.0, 0.5)(CRAFTED, EQUAL4, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
+
+
+def test_secure_aggregation_refuses_rules_that_need_each_update():
+    from fedmeta.config import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.rule = 'median' needs every update on its own"):
+        load_config("omniglot-exp1a-quick", ["federation.secure_aggregation=true", "federation.rule=median"])
+    assert not FedAvg.needs_individual_updates and all(
+        r.needs_individual_updates for r in (Median(), TrimmedMean(0.2), Krum(1), ClipNoise(1.0)))
+
+
+class _Fixed:
+    def __init__(self, user, value, examples=1):
+        self.user, self.value, self.examples = user, value, examples
+
+    def update(self, params, settings):
+        return ClientUpdate(self.user, {"w": torch.full((2,), self.value)}, self.examples)
+
+
+def test_server_applies_boosted_attacker_and_size_weights():
+    schedule = Schedule(users=3, per_round=3, seed=0)
+    clients = {0: _Fixed(0, 9.0, 1), 1: _Fixed(1, 0.0, 1), 2: _Fixed(2, 3.0, 2)}
+    params = {"w": torch.ones(2)}
+    equal, _ = Server(clients, schedule, FedAvg(), 3, "equal").round(params, RoundSettings(1))
+    sized, _ = Server(clients, schedule, FedAvg(), 3, "size").round(params, RoundSettings(1))
+    assert torch.allclose(equal["w"], torch.full((2,), 1 + 12 / 3))
+    assert torch.allclose(sized["w"], torch.full((2,), 1 + (9 + 0 + 6) / 4))
+
+
+def test_non_finite_update_is_rejected_and_logged(caplog):
+    schedule = Schedule(users=3, per_round=3, seed=0)
+    clients = {0: _Fixed(0, float("nan")), 1: _Fixed(1, 1.0), 2: _Fixed(2, float("inf"))}
+    with caplog.at_level(logging.WARNING):
+        params, report = Server(clients, schedule, FedAvg(), 3).round({"w": torch.zeros(2)}, RoundSettings(4))
+    assert torch.equal(params["w"], torch.ones(2))  # only the finite update, at full weight
+    assert sorted(report.rejected) == [0, 2] and report.aggregated == [1]
+    assert "rejected the update of user 0" in caplog.text and "round 4" in caplog.text
+
+
+TINY = [
+    "model.filters=8", "meta.shots=2", "meta.inner_steps=2", "meta.meta_batch=2", "federation.episodes=4",
+    "federation.rounds=2", "pretrain.rounds=1", "pretrain.episodes=4", "attack.episodes=4", "attack.inner_epochs=1",
+    "eval.episodes=3", "eval.steps=2", "finetune.steps=4", "finetune.every=2", "finetune.episodes=2",
+]
+
+
+def _run(path, preset, overrides=()):
+    cfg = load_config(preset, TINY + list(overrides))
+    folder = RunDir.open(path, cfg)
+    folder.finish(get(cfg.experiment)(cfg, folder))
+    return folder
+
+
+def test_rounds_run_logs_every_round_and_resumes_exactly(tmp_path, omniglot, monkeypatch):
+    reference = _run(tmp_path / "ref", "omniglot-exp1a-quick")
+    records = reference.records()
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert 0 in records[1]["participants"] and 0 in records[1]["aggregated"]  # the attacker joins round 1 only
+    assert all(0 not in r.get("participants", []) for r in records if r["round"] != 1)
+    original = RunDir.save_checkpoint
+    calls = {"n": 0}
+
+    def dying(self, tensors, state):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after logging round 2, before its checkpoint
+            raise KeyboardInterrupt
+        original(self, tensors, state)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "killed", "omniglot-exp1a-quick")
+    monkeypatch.setattr(RunDir, "save_checkpoint", original)
+    assert _run(tmp_path / "killed", "omniglot-exp1a-quick").records() == records
+
+
+def test_finetune_run_writes_curves_per_case_and_user(tmp_path, omniglot):
+    folder = _run(tmp_path / "ft", "omniglot-exp2-quick", ["attack.cases=['a', 'c']"])
+    records = folder.records()
+    assert {(r["case"], r["user"]) for r in records} == {(c, u) for c in "ac" for u in (1, 2, 3)}
+    assert sorted({r["step"] for r in records}) == [0, 2, 4]
+    for r in records:
+        for name in ("meta_test_accuracy", "main_task_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
+            assert 0.0 <= r[name] <= 1.0
