@@ -134,3 +134,26 @@ def test_robustness_run_resumes_after_a_kill_with_identical_metrics(tmp_path, om
         _run(tmp_path / "killed", overrides)
     monkeypatch.setattr(RunDir, "save_checkpoint", original)
     assert _run(tmp_path / "killed", overrides).records() == reference.records()
+
+
+FEDERATED = TINY + ["federation.rounds=2", "federation.episodes=2", "eval.every=1", "robust.maml_clients=[0, 4]"]
+
+
+def test_federated_run_evaluates_each_case_of_plain_maml_clients(tmp_path, omniglot):
+    cfg = load_config("omniglot-rmaml-federated-quick", FEDERATED)
+    folder = RunDir.open(tmp_path / "fed", cfg)
+    summary = get(cfg.experiment)(cfg, folder)
+    folder.finish(summary)
+    records = folder.records()
+    assert [(r["case"], r["round"], r.get("final", False)) for r in records] == [
+        (case, rnd, final) for case in ("0 MAML of 4", "4 MAML of 4") for rnd, final in ((1, False), (2, True))
+    ]
+    for r in records:
+        assert 0.0 <= r["robust_accuracy"] <= r["standard_accuracy"] <= 1.0
+    assert set(summary["cases"]) == {"0 MAML of 4", "4 MAML of 4"} and summary["client_learner"] == "rmaml-trades"
+    assert summary["cases"]["0 MAML of 4"]["seconds_per_round"] > 0
+
+
+def test_federated_cases_cannot_have_more_plain_clients_than_users():
+    with pytest.raises(ConfigError, match="maml_clients"):
+        load_config("omniglot-rmaml-federated-quick", ["robust.maml_clients=[5]"])

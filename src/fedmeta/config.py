@@ -222,10 +222,15 @@ class RobustConfig(Section):
     pgd_steps: int = Field(10, ge=0)
     pgd_step: PositiveFloat = 2.0
     """Step of the evaluation PGD (random start in the ball)."""
+    client_learner: RobustLearner = "rmaml-trades"
+    """robustness-federated: what every client runs, except the plain-MAML ones."""
+    maml_clients: list[NonNegativeInt] = [0, 1]
+    """robustness-federated: one federation per entry, in which that many clients (users 0, 1, ...)
+    train plain MAML instead: does robustness survive non-robust participants?"""
 
 
 class Config(Section):
-    experiment: Literal["pretrain", "backdoor-rounds", "backdoor-finetune", "robustness"]
+    experiment: Literal["pretrain", "backdoor-rounds", "backdoor-finetune", "robustness", "robustness-federated"]
     description: str = ""
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -258,8 +263,12 @@ class Config(Section):
             )
         if self.attack.attacker >= fed.users:
             raise ValueError(f"attack.attacker must be a user id below federation.users = {fed.users}")
-        if self.experiment == "robustness" and self.meta.algorithm == "reptile":
-            raise ValueError("experiment 'robustness' compares MAML variants: meta.algorithm must be 'maml' or 'fomaml'")
+        if self.experiment.startswith("robustness") and self.meta.algorithm == "reptile":
+            raise ValueError(
+                f"experiment '{self.experiment}' compares MAML variants: meta.algorithm must be 'maml' or 'fomaml'"
+            )
+        if any(k > fed.users for k in self.robust.maml_clients):
+            raise ValueError(f"robust.maml_clients: at most federation.users = {fed.users} clients")
         return self
 
     def to_toml(self) -> str:

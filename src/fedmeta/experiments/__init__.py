@@ -21,8 +21,8 @@ def get(name: str) -> Experiment:
         from fedmeta.experiments.backdoor import run_finetune, run_rounds
 
         return run_rounds if name == "backdoor-rounds" else run_finetune
-    if name == "robustness":
-        from fedmeta.experiments.robustness import run
+    if name in ("robustness", "robustness-federated"):
+        from fedmeta.experiments.robustness import run, run_federated
 
-        return run
+        return run if name == "robustness" else run_federated
     raise KeyError(name)
