@@ -139,11 +139,16 @@ def test_robustness_run_resumes_after_a_kill_with_identical_metrics(tmp_path, om
 FEDERATED = TINY + ["federation.rounds=2", "federation.episodes=2", "eval.every=1", "robust.maml_clients=[0, 4]"]
 
 
-def test_federated_run_evaluates_each_case_of_plain_maml_clients(tmp_path, omniglot):
-    cfg = load_config("omniglot-rmaml-federated-quick", FEDERATED)
-    folder = RunDir.open(tmp_path / "fed", cfg)
+def _run_federated(path, overrides=()):
+    cfg = load_config("omniglot-rmaml-federated-quick", FEDERATED + list(overrides))
+    folder = RunDir.open(path, cfg)
     summary = get(cfg.experiment)(cfg, folder)
     folder.finish(summary)
+    return folder, summary
+
+
+def test_federated_run_evaluates_each_case_of_plain_maml_clients(tmp_path, omniglot):
+    folder, summary = _run_federated(tmp_path / "fed")
     records = folder.records()
     assert [(r["case"], r["round"], r.get("final", False)) for r in records] == [
         (case, rnd, final) for case in ("0 MAML of 4", "4 MAML of 4") for rnd, final in ((1, False), (2, True))
@@ -157,3 +162,21 @@ def test_federated_run_evaluates_each_case_of_plain_maml_clients(tmp_path, omnig
 def test_federated_cases_cannot_have_more_plain_clients_than_users():
     with pytest.raises(ConfigError, match="maml_clients"):
         load_config("omniglot-rmaml-federated-quick", ["robust.maml_clients=[5]"])
+
+
+def test_federated_run_resumes_after_a_kill_with_identical_metrics(tmp_path, omniglot, monkeypatch):
+    reference, _ = _run_federated(tmp_path / "ref")
+    calls = {"n": 0}
+    original = RunDir.save_checkpoint
+
+    def dying_checkpoint(self, tensors, state):  # killed after the first round of the second case
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        original(self, tensors, state)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", dying_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        _run_federated(tmp_path / "killed")
+    monkeypatch.setattr(RunDir, "save_checkpoint", original)
+    assert _run_federated(tmp_path / "killed")[0].records() == reference.records()
