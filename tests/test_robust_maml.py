@@ -180,3 +180,10 @@ def test_federated_run_resumes_after_a_kill_with_identical_metrics(tmp_path, omn
         _run_federated(tmp_path / "killed")
     monkeypatch.setattr(RunDir, "save_checkpoint", original)
     assert _run_federated(tmp_path / "killed")[0].records() == reference.records()
+
+
+def test_a_learner_scores_the_same_alone_or_beside_others(tmp_path, omniglot):
+    """Runs of single learners (e.g. in parallel) make the same table as one run of all of them."""
+    both = _run(tmp_path / "both", ["robust.learners=['maml', 'rmaml-at']"]).records()
+    alone = _run(tmp_path / "alone", ["robust.learners=['rmaml-at']"]).records()
+    assert [r for r in both if r["learner"] == "rmaml-at"] == alone
