@@ -193,6 +193,39 @@ class FinetuneConfig(Section):
     episodes: PositiveInt = 40
 
 
+class DefenseConfig(Section):
+    """The matching-network defense at each benign user (Experiment 3; paper Sec. 4)."""
+
+    mix: float = Field(0.3, ge=0.0, le=1.0)
+    """delta in theta' = delta * theta_G + (1 - delta) * theta_glorot (1: keep the global trunk as is)."""
+    head_steps: NonNegativeInt = 20
+    """First phase: steps that train only the gates and scales, the trunk fixed (0: no first phase)."""
+    gates: bool = True
+    """Learn gates alpha and scales beta; false: plain cosine attention (alpha = 1, beta = 1), an ablation."""
+    scale: PositiveFloat = 10.0
+    """Initial beta (cosines lie in [-1, 1]; a larger scale sharpens the attention)."""
+    lr: PositiveFloat = 1e-3
+    """eta of both phases (Adam), as in the backdoor experiments."""
+    shots: PositiveInt = 4
+    """Support examples per class in a training episode."""
+    queries: PositiveInt = 1
+    """Queries per class in a training episode (support and queries come from the user's own examples)."""
+    episodes: PositiveInt = 4
+    """Training episodes averaged in each step."""
+
+
+class CompareConfig(Section):
+    """One attack, several defenses (experiment = "defense-comparison")."""
+
+    rules: list[Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]] = [
+        "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]
+    """Server rules applied to the same client updates (their parameters: the federation section)."""
+    local_defense: bool = True
+    """Also the matching-network defense at benign users, with FedAvg and under secure aggregation."""
+    users: PositiveInt = 1
+    """Benign users that run the local defense (each costs finetune.steps training steps)."""
+
+
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = None
@@ -202,7 +235,7 @@ class RuntimeConfig(Section):
 
 
 class Config(Section):
-    experiment: Literal["pretrain", "backdoor-rounds", "backdoor-finetune"]
+    experiment: Literal["pretrain", "backdoor-rounds", "backdoor-finetune", "defense-finetune", "defense-comparison"]
     description: str = ""
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -213,6 +246,8 @@ class Config(Section):
     pretrain: PretrainConfig = PretrainConfig()
     attack: AttackConfig = AttackConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    defense: DefenseConfig = DefenseConfig()
+    compare: CompareConfig = CompareConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
