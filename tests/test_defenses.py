@@ -55,7 +55,7 @@ def test_training_keeps_gates_in_the_unit_interval_and_lowers_the_loss(tiny, omn
     flat = images.flatten(0, 1)
     losses, gates = [], []
     for w in matching.finetune(tiny, weights, flat, support, query, labels, ways=ways, head_steps=5, train_head=True, lr=0.05):
-        logp = matching._episode_log_probs(tiny, w, flat, support[0, 0], query[0, 0], labels[0], ways)
+        logp = matching.episode_log_probs(tiny, w, flat, support[0, 0], query[0, 0], labels[0], ways)
         losses.append(torch.nn.functional.nll_loss(logp, labels[1]).item())
         gates.append(w[matching.GATES].clone())
     assert all(0.0 <= float(g.min()) and float(g.max()) <= 1.0 for g in gates)
@@ -85,7 +85,7 @@ def test_defense_run_writes_curves_per_case_and_user(tmp_path, omniglot):
 
 def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     rows = ["fedavg", "median", "krum"]
-    folder = _run(tmp_path / "c", "omniglot-compare-quick", [f"compare.rules={rows}", "compare.users=1"])
+    folder = _run(tmp_path / "c", "omniglot-compare-quick", [f"compare.rules={rows}", "finetune.users=1"])
     records = folder.records()
     assert [r["defense"] for r in records] == [*rows, "local defense (FedAvg)", "local defense, secure aggregation"]
     for r in records:

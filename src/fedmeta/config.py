@@ -191,6 +191,8 @@ class FinetuneConfig(Section):
     every: PositiveInt = 25
     """Fine-tuning steps between points of the curves."""
     episodes: PositiveInt = 40
+    users: PositiveInt | None = None
+    """How many benign users fine-tune (the first ones by id); default: all of them."""
 
 
 class DefenseConfig(Section):
@@ -221,9 +223,8 @@ class CompareConfig(Section):
         "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]
     """Server rules applied to the same client updates (their parameters: the federation section)."""
     local_defense: bool = True
-    """Also the matching-network defense at benign users, with FedAvg and under secure aggregation."""
-    users: PositiveInt = 1
-    """Benign users that run the local defense (each costs finetune.steps training steps)."""
+    """Also the matching-network defense at benign users (``finetune.users`` of them), with FedAvg
+    and under secure aggregation."""
 
 
 class RuntimeConfig(Section):

@@ -102,19 +102,18 @@ def finetune(
     """
     support_labels, query_labels = labels
     weights = {k: v.clone() for k, v in weights.items()}
-    head_names = [GATES, SCALE] if train_head else []
-    trunk_names = [k for k in weights if k not in (GATES, SCALE)]
-    phases = [(head_names, AdamState.zeros([weights[k] for k in head_names]))]
-    all_names = head_names + trunk_names
-    phases.append((all_names, AdamState.zeros([weights[k] for k in all_names])))
+    head = [GATES, SCALE] if train_head else []
+    everything = head + [k for k in weights if k not in (GATES, SCALE)]
+    first = (head, AdamState.zeros([weights[k] for k in head]))
+    second = (everything, AdamState.zeros([weights[k] for k in everything]))
     for step in range(support_rows.shape[0]):
-        names, state = phases[0] if step < head_steps else phases[1]
+        names, state = first if step < head_steps else second
         if not names:  # nothing to train in this phase
             yield weights
             continue
         leaves = [weights[k].requires_grad_() for k in names]
         loss = sum(
-            F.nll_loss(_episode_log_probs(model, weights, images, s, q, support_labels, ways), query_labels)
+            F.nll_loss(episode_log_probs(model, weights, images, s, q, support_labels, ways), query_labels)
             for s, q in zip(support_rows[step], query_rows[step])
         ) / support_rows.shape[1]
         grads = torch.autograd.grad(loss, leaves)
@@ -125,7 +124,7 @@ def finetune(
         yield weights
 
 
-def _episode_log_probs(model: Conv4, weights: Params, images: Tensor, support: Tensor, query: Tensor, labels: Tensor,
+def episode_log_probs(model: Conv4, weights: Params, images: Tensor, support: Tensor, query: Tensor, labels: Tensor,
                        ways: int) -> Tensor:
     """Training forward pass: support and queries in one batch, as matching networks train."""
     features = model.trunk(weights, gather(images, torch.cat([support, query])))

@@ -202,7 +202,7 @@ def run_per_user(cfg: Config, out: RunDir, user_curves: UserCurves) -> dict[str,
                 attacked, _ = play_round(cfg, server, name, attacked, r)
             users_done = 0
             _checkpoint(out, attacked, {"case": index, "users": 0})
-        for k, user in enumerate(case.scenario.benign):
+        for k, user in enumerate(case.scenario.benign[: ft.users]):
             if k < users_done:
                 continue
             points = user_curves(case, attacked, user, at)

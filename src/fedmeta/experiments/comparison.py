@@ -11,7 +11,7 @@ differ by the defense alone. For each row:
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
   plus its evaluation).
 
-The local defense (the matching network of Experiment 3, ``compare.users`` benign users, scored
+The local defense (the matching network of Experiment 3, ``finetune.users`` benign users, scored
 after ``finetune.steps`` steps) runs on FedAvg's model. It never looks at what the server
 received, so it runs unchanged when the server only learns the sum of the updates (secure
 aggregation): its second row says so by running with ``federation.secure_aggregation = true``,
@@ -81,7 +81,7 @@ def _row(cfg: Config, case: Case, row: str, attacked: list[ClientUpdate], clean:
     after_attack, _ = server.aggregate(case.pretrained, attacked, settings)
     after_clean, _ = server.aggregate(case.pretrained, clean, settings)
     if row in LOCAL:
-        users = case.scenario.benign[: cfg.compare.users]
+        users = case.scenario.benign[: cfg.finetune.users]
         steps = [cfg.finetune.steps]
         attack = _mean([defense_curves(row_cfg, case, after_attack, u, steps)[steps[0]] for u in users])
         clean_test = _mean([defense_curves(row_cfg, case, after_clean, u, steps)[steps[0]] for u in users])
