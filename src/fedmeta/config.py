@@ -191,6 +191,40 @@ class FinetuneConfig(Section):
     every: PositiveInt = 25
     """Fine-tuning steps between points of the curves."""
     episodes: PositiveInt = 40
+    users: PositiveInt | None = None
+    """How many benign users fine-tune (the first ones by id); default: all of them."""
+
+
+class DefenseConfig(Section):
+    """The matching-network defense at each benign user (Experiment 3; paper Sec. 4)."""
+
+    mix: float = Field(0.3, ge=0.0, le=1.0)
+    """delta in theta' = delta * theta_G + (1 - delta) * theta_glorot (1: keep the global trunk as is)."""
+    head_steps: NonNegativeInt = 20
+    """First phase: steps that train only the gates and scales, the trunk fixed (0: no first phase)."""
+    gates: bool = True
+    """Learn gates alpha and scales beta; false: plain cosine attention (alpha = 1, beta = 1), an ablation."""
+    scale: PositiveFloat = 10.0
+    """Initial beta (cosines lie in [-1, 1]; a larger scale sharpens the attention)."""
+    lr: PositiveFloat = 1e-3
+    """eta of both phases (Adam), as in the backdoor experiments."""
+    shots: PositiveInt = 4
+    """Support examples per class in a training episode."""
+    queries: PositiveInt = 1
+    """Queries per class in a training episode (support and queries come from the user's own examples)."""
+    episodes: PositiveInt = 4
+    """Training episodes averaged in each step."""
+
+
+class CompareConfig(Section):
+    """One attack, several defenses (experiment = "defense-comparison")."""
+
+    rules: list[Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]] = [
+        "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]
+    """Server rules applied to the same client updates (their parameters: the federation section)."""
+    local_defense: bool = True
+    """Also the matching-network defense at benign users (``finetune.users`` of them), with FedAvg
+    and under secure aggregation."""
 
 
 class RuntimeConfig(Section):
@@ -230,7 +264,10 @@ class RobustConfig(Section):
 
 
 class Config(Section):
-    experiment: Literal["pretrain", "backdoor-rounds", "backdoor-finetune", "robustness", "robustness-federated"]
+    experiment: Literal[
+        "pretrain", "backdoor-rounds", "backdoor-finetune", "defense-finetune", "defense-comparison", "robustness",
+        "robustness-federated",
+    ]
     description: str = ""
     seed: int = 0
     data: DataConfig = DataConfig()
@@ -241,6 +278,8 @@ class Config(Section):
     pretrain: PretrainConfig = PretrainConfig()
     attack: AttackConfig = AttackConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    defense: DefenseConfig = DefenseConfig()
+    compare: CompareConfig = CompareConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     robust: RobustConfig = RobustConfig()
 

@@ -2,8 +2,9 @@
 
 - ``pretrain``: meta-test accuracy against meta-training iterations.
 - ``backdoor-rounds`` (Figs 3-4): one panel per case, accuracy against federated rounds.
-- ``backdoor-finetune`` (Figs 5-8): one row per case, one column per benign user, accuracy
-  against fine-tuning steps.
+- ``backdoor-finetune`` (Figs 5-6) and ``defense-finetune`` (Figs 7-8): one row per case, one
+  column per benign user, accuracy against fine-tuning steps.
+- ``defense-comparison``: grouped bars, one group per defense.
 
 Line colours follow the paper: meta-test black, main task purple, attack training blue, attack
 validation green.
@@ -50,9 +51,13 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         fig = _pretrain(records)
     elif experiment == "backdoor-rounds":
         fig = _grid(records, rows=["all"], cols=_cases(records), axis="round")
-    else:
+    elif experiment in ("backdoor-finetune", "defense-finetune"):
         users = sorted({r["user"] for r in records if "user" in r})
         fig = _grid(records, rows=_cases(records), cols=users, axis="step")
+    elif experiment == "defense-comparison":
+        fig = _comparison(records)
+    else:
+        raise ValueError(f"no figure for experiment '{experiment}'")
     fig.suptitle(title, fontsize=9)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
@@ -106,4 +111,18 @@ def _grid(records: list[dict[str, Any]], rows: list[Any], cols: list[Any], axis:
                 ax.set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def _comparison(records: list[dict[str, Any]]) -> plt.Figure:
+    bars = {"clean_meta_test_accuracy": ("meta-testing, no attack", "grey"), **LINES}
+    fig, ax = plt.subplots(figsize=(1.4 * len(records) + 2, 3.6))
+    width = 0.8 / len(bars)
+    for k, (name, (label, colour)) in enumerate(bars.items()):
+        xs = [i + (k - (len(bars) - 1) / 2) * width for i in range(len(records))]
+        ax.bar(xs, [100 * r[name] for r in records], width, label=label, color=colour)
+    ax.set_xticks(range(len(records)), [textwrap.fill(r["defense"], 14) for r in records], fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=len(bars), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     return fig

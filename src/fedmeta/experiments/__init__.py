@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -11,18 +12,18 @@ from fedmeta.runs import RunDir
 Experiment = Callable[[Config, RunDir], dict[str, Any]]
 
 
+ENTRY_POINTS = {
+    "pretrain": "fedmeta.experiments.pretrain:run",
+    "backdoor-rounds": "fedmeta.experiments.backdoor:run_rounds",
+    "backdoor-finetune": "fedmeta.experiments.backdoor:run_finetune",
+    "defense-finetune": "fedmeta.experiments.defense:run",
+    "defense-comparison": "fedmeta.experiments.comparison:run",
+    "robustness": "fedmeta.experiments.robustness:run",
+    "robustness-federated": "fedmeta.experiments.robustness:run_federated",
+}
+
+
 def get(name: str) -> Experiment:
     """The experiment's entry point (imported lazily, so the CLI starts fast)."""
-    if name == "pretrain":
-        from fedmeta.experiments.pretrain import run
-
-        return run
-    if name in ("backdoor-rounds", "backdoor-finetune"):
-        from fedmeta.experiments.backdoor import run_finetune, run_rounds
-
-        return run_rounds if name == "backdoor-rounds" else run_finetune
-    if name in ("robustness", "robustness-federated"):
-        from fedmeta.experiments.robustness import run, run_federated
-
-        return run if name == "robustness" else run_federated
-    raise KeyError(name)
+    module, _, function = ENTRY_POINTS[name].partition(":")
+    return getattr(importlib.import_module(module), function)

@@ -20,6 +20,7 @@ plots it as round r + 1: its "Round 2" is our round 1, right after the attack).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +33,10 @@ from fedmeta.config import Config
 from fedmeta.data.episodes import Episodes, gather, sample_episodes
 from fedmeta.experiments.backdoor_scenario import EvalPool, Scenario, build_scenario
 from fedmeta.experiments.common import accuracy_fields, build_learner, format_duration, format_record
-from fedmeta.experiments.federated import main_server, pretrained
+from fedmeta.experiments.federated import attack_round_updates, main_server, pretrained
 from fedmeta.federation.client import RoundSettings
-from fedmeta.meta.evaluation import Accuracy, EpisodeScore, evaluate_curve, predict, query_accuracy
+from fedmeta.federation.server import RoundReport, Server
+from fedmeta.meta.evaluation import Accuracy, Classifier, EpisodeScore, classifier, evaluate_curve, query_accuracy
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Params
 from fedmeta.rng import stream
@@ -60,19 +62,32 @@ def prepare(cfg: Config, case: str, device: torch.device) -> Case:
     return Case(case, scenario, learner, params, log)
 
 
+def play_round(cfg: Config, server: Server, case: str, params: Params, r: int) -> tuple[Params, RoundReport]:
+    """One main-phase round; an attack round's client updates come from the cache when they can."""
+    settings = RoundSettings(r, "main")
+    if cfg.attack.enabled and r in cfg.attack.rounds:
+        return server.aggregate(params, attack_round_updates(cfg, server, case, params, settings), settings)
+    return server.round(params, settings)
+
+
 def backdoor_episodes(cfg: Config, ev: EvalPool, count: int, gen: torch.Generator) -> Episodes:
     """Evaluation episodes that always include the target (and, in case c, one backdoor class)."""
+    e = cfg.eval
+    return sample_episodes(ev.pool, count, e.ways, e.shots[0], e.queries, gen, include=always_included(ev, count, gen), split=ev.split)
+
+
+def always_included(ev: EvalPool, count: int, gen: torch.Generator) -> Tensor:
+    """The target in every episode; in case c also one of the backdoor classes, drawn per episode."""
     include = torch.tensor([ev.target])
     if len(ev.backdoors):
         pick = ev.backdoors[torch.randint(len(ev.backdoors), (count,), generator=gen)]
         include = torch.stack([torch.full((count,), ev.target), pick], dim=1)
-    e = cfg.eval
-    return sample_episodes(ev.pool, count, e.ways, e.shots[0], e.queries, gen, include=include, split=ev.split)
+    return include
 
 
-def backdoor_score(case: Case, ev: EvalPool, episodes: Episodes, transductive: bool) -> EpisodeScore:
+def backdoor_score(case: Case, ev: EvalPool, episodes: Episodes, classify: Classifier) -> EpisodeScore:
     """Main-task accuracy on the episode's queries; attack accuracies on the keyed images."""
-    images, model = case.scenario.images, case.learner.model
+    images = case.scenario.images
     keyed = {"attack_train_accuracy": gather(images, case.scenario.attack_rows),
              "attack_val_accuracy": gather(images, case.scenario.validation_rows)}
     labels = episodes.query_labels().to(images.device)
@@ -80,12 +95,26 @@ def backdoor_score(case: Case, ev: EvalPool, episodes: Episodes, transductive: b
 
     def score(weights: Params, support: Tensor, i: int) -> dict[str, Tensor]:
         queries = gather(images, episodes.query[i])
-        out = {"main_task_accuracy": (predict(model, weights, support, queries, transductive) == labels).float().mean()}
+        out = {"main_task_accuracy": (classify(weights, support, queries) == labels).float().mean()}
         for name, x in keyed.items():
-            out[name] = (predict(model, weights, support, x, transductive) == target_way[i]).float().mean()
+            out[name] = (classify(weights, support, x) == target_way[i]).float().mean()
         return out
 
     return score
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The episodes every curve point is scored on (the same ones at every point)."""
+
+    test: Episodes  # meta-test: unseen classes
+    tasks: Episodes  # always with the target (and, in case c, a backdoor class)
+
+
+def eval_sets(cfg: Config, case: Case, ev: EvalPool, episodes: int) -> EvalSets:
+    e = cfg.eval
+    test = sample_episodes(case.scenario.test, episodes, e.ways, e.shots[0], e.queries, stream(cfg.seed, "eval-meta-test"))
+    return EvalSets(test, backdoor_episodes(cfg, ev, episodes, stream(cfg.seed, "eval-backdoor")))
 
 
 def curves(cfg: Config, case: Case, params: Params, ev: EvalPool, at: list[int], episodes: int,
@@ -94,12 +123,12 @@ def curves(cfg: Config, case: Case, params: Params, ev: EvalPool, at: list[int],
     e = cfg.eval
     lr = e.lr or cfg.meta.inner_lr
     learner, images = case.learner, case.scenario.images
-    test = sample_episodes(case.scenario.test, episodes, e.ways, e.shots[0], e.queries, stream(cfg.seed, "eval-meta-test"))
-    meta = evaluate_curve(learner, params, images, test, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-meta-test-ft"),
-                          score=query_accuracy(learner, images, test, e.transductive), desc=desc)
-    tasks = backdoor_episodes(cfg, ev, episodes, stream(cfg.seed, "eval-backdoor"))
-    main = evaluate_curve(learner, params, images, tasks, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-backdoor-ft"),
-                          score=backdoor_score(case, ev, tasks, e.transductive), desc=desc)
+    sets = eval_sets(cfg, case, ev, episodes)
+    classify = classifier(learner.model, e.transductive)
+    meta = evaluate_curve(learner, params, images, sets.test, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-meta-test-ft"),
+                          score=query_accuracy(learner, images, sets.test, e.transductive), desc=desc)
+    main = evaluate_curve(learner, params, images, sets.tasks, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-backdoor-ft"),
+                          score=backdoor_score(case, ev, sets.tasks, classify), desc=desc)
     return {t: {"meta_test_accuracy": meta[t]["accuracy"], **main[t]} for t in at}
 
 
@@ -129,7 +158,7 @@ def run_rounds(cfg: Config, out: RunDir) -> dict[str, Any]:
             _checkpoint(out, params, {"case": index, "round": 0})
         server = main_server(cfg, case.scenario)
         for r in tqdm(range(start + 1, last_round + 1), initial=start, total=last_round, desc=f"case {name}", unit="round"):
-            params, report = server.round(params, RoundSettings(r, "main"))
+            params, report = play_round(cfg, server, name, params, r)
             info = {"participants": report.participants, "aggregated": report.aggregated, "rejected": report.rejected}
             _log(out, {"case": name, "round": r, **info, **evaluate(params)}, clock)
             _checkpoint(out, params, {"case": index, "round": r})
@@ -138,14 +167,28 @@ def run_rounds(cfg: Config, out: RunDir) -> dict[str, Any]:
     return _summary(cfg, out, "round", clock)
 
 
+UserCurves = Callable[[Case, Params, int, list[int]], dict[int, dict[str, Accuracy]]]
+"""(case, attacked global model, benign user, steps) -> the four metrics at each step."""
+
+
 def run_finetune(cfg: Config, out: RunDir) -> dict[str, Any]:
     """Experiment 2: long benign fine-tuning at each benign user right after the attack."""
+    ft_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"steps": cfg.finetune.steps})})
+
+    def user_curves(case: Case, attacked: Params, user: int, at: list[int]) -> dict[int, dict[str, Accuracy]]:
+        return curves(ft_cfg, case, attacked, case.scenario.evaluation[user], at, cfg.finetune.episodes,
+                      desc=f"case {case.name}, user {user}")
+
+    return run_per_user(cfg, out, user_curves)
+
+
+def run_per_user(cfg: Config, out: RunDir, user_curves: UserCurves) -> dict[str, Any]:
+    """Right after the attack round(s), follow each benign user's curves (Experiments 2 and 3)."""
     device = runtime.setup(cfg.runtime)
     clock = time.perf_counter()
     tensors, done = _resume(out)
     ft = cfg.finetune
     at = list(range(0, ft.steps + 1, ft.every))
-    ft_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"steps": ft.steps})})
     for index, name in enumerate(cfg.attack.cases):
         if index < done.get("case", 0):
             continue
@@ -156,14 +199,13 @@ def run_finetune(cfg: Config, out: RunDir) -> dict[str, Any]:
             server = main_server(cfg, case.scenario)
             attacked = case.pretrained
             for r in range(1, max(cfg.attack.rounds) + 1):
-                attacked, _ = server.round(attacked, RoundSettings(r, "main"))
+                attacked, _ = play_round(cfg, server, name, attacked, r)
             users_done = 0
             _checkpoint(out, attacked, {"case": index, "users": 0})
-        for k, user in enumerate(case.scenario.benign):
+        for k, user in enumerate(case.scenario.benign[: ft.users]):
             if k < users_done:
                 continue
-            points = curves(ft_cfg, case, attacked, case.scenario.evaluation[user], at, ft.episodes,
-                            desc=f"case {name}, user {user}")
+            points = user_curves(case, attacked, user, at)
             for t in at:
                 _log(out, {"case": name, "user": user, "step": t, **fields(points[t])}, clock, quiet=t != at[-1])
             _checkpoint(out, attacked, {"case": index, "users": k + 1})

@@ -5,6 +5,10 @@ every backdoor experiment, so its result is cached under a key made of everythin
 it (data, model, learner, federation, which classes benign users hold, seed) and reused by every
 run, preset and case that agrees on those. It checkpoints each round in the cache, so a killed
 run resumes it too.
+
+The client updates of an attack round (the attacker's long local training dominates it) are cached
+the same way, before aggregation: Experiments 1-3 and the defense comparison, which all start from
+the same attack, share them, whatever aggregation rule each then applies.
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ from fedmeta.federation.aggregation import make_rule
 from fedmeta.federation.client import MetaClient, RoundSettings
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
+from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Params
+
+
+RULE_FIELDS = {"rule", "trim", "byzantine", "krum_select", "clip_norm", "clip_noise", "secure_aggregation"}
 
 
 def benign_client(cfg: Config, scenario: Scenario, user: int, learner: MetaLearner, episodes: int) -> MetaClient:
@@ -112,6 +120,32 @@ def pretrain_key(cfg: Config, case: str) -> str:
         "benign_holds_backdoor_classes": case != "a", "version": 1,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def attack_round_updates(cfg: Config, server: Server, case: str, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
+    """``server.updates`` for an attack round, cached under everything that determines them.
+
+    The aggregation rule is left out of the key for round 1 only: its input, the pre-trained model,
+    does not depend on the rule of the main rounds.
+    """
+    rule_free = cfg.federation.model_dump(exclude={"rounds", *(RULE_FIELDS if settings.round == 1 else ())})
+    parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases"}), "meta": cfg.meta.model_dump(),
+             "federation": rule_free, "round": settings.round, "version": 1}
+    path = cache_dir() / f"attack-{hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]}.safetensors"
+    if path.is_file():
+        tqdm.write(f"attack round {settings.round}: reusing the client updates in {path}")
+        tensors = load_file(str(path), device=str(next(iter(params.values())).device))
+        with safe_open(str(path), "pt") as f:
+            heads = json.loads(f.metadata()["updates"])
+        return [ClientUpdate(h["user"], {k: tensors[f"{h['user']}/{k}"] for k in params}, h["examples"], h["metrics"]) for h in heads]
+    updates = server.updates(params, settings)
+    tensors = {f"{u.user}/{k}": v.contiguous() for u in updates for k, v in u.delta.items()}
+    heads = [{"user": u.user, "examples": u.examples, "metrics": u.metrics} for u in updates]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"updates": json.dumps(heads)})
+    tmp.replace(path)
+    return updates
 
 
 def _server(cfg: Config, clients: dict[int, MetaClient], schedule: Schedule) -> Server:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from fedmeta.data.episodes import Episodes
 from fedmeta.federation.updates import ClientUpdate, subtract
@@ -49,7 +50,8 @@ class MetaClient:
         state = self.learner.init_state(params)
         start, end = settings.progress
         loss_sum = torch.zeros(())
-        for step in range(self.steps):
+        bar = tqdm(range(self.steps), desc=f"round {settings.round}, user {self.user}", unit="step", leave=False)
+        for step in bar:
             progress = start + (end - start) * step / self.steps
             episodes = self.sample(gen)
             params, state, loss = self.learner.train_step(params, state, episodes, self.images, gen, progress)

@@ -48,9 +48,11 @@ class Server:
     weighting: Literal["equal", "size"] = "equal"
 
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
-        users = self.schedule.participants(settings.round, settings.phase)
-        updates = [self.clients[u].update(params, settings) for u in users]
-        return self.aggregate(params, updates, settings)
+        return self.aggregate(params, self.updates(params, settings), settings)
+
+    def updates(self, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
+        """The updates of this round's participants (the expensive half of a round)."""
+        return [self.clients[u].update(params, settings) for u in self.schedule.participants(settings.round, settings.phase)]
 
     def aggregate(self, params: Params, updates: list[ClientUpdate], settings: RoundSettings) -> tuple[Params, RoundReport]:
         """Apply the first ``min_updates`` finite updates to arrive (arrival order: seeded)."""

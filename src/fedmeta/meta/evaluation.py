@@ -61,6 +61,23 @@ def predict(model: Conv4, params: Params, support: Tensor, inputs: Tensor, trans
 EpisodeScore = Callable[[Params, Tensor, int], dict[str, Tensor]]
 """(adapted params, support images, episode index) -> named per-episode accuracies."""
 
+Classifier = Callable[[Params, Tensor, Tensor], Tensor]
+"""(weights, support images, inputs) -> predicted way of each input."""
+
+
+def classifier(model: Conv4, transductive: bool) -> Classifier:
+    """The model's own head (after fine-tuning on the support set)."""
+    return lambda weights, support, inputs: predict(model, weights, support, inputs, transductive)
+
+
+def score_episodes(params: Params, images: Tensor, episodes: Episodes, score: EpisodeScore) -> dict[str, Accuracy]:
+    """Scores of ``params`` as they are, without fine-tuning (for classifiers that need none)."""
+    results: dict[str, list[Tensor]] = {}
+    for i in range(episodes.rows.shape[0]):
+        for name, value in score(params, gather(images, episodes.support[i]), i).items():
+            results.setdefault(name, []).append(value)
+    return {name: Accuracy.of(torch.stack(v).float().cpu()) for name, v in results.items()}
+
 
 def evaluate_episodes(
     learner: MetaLearner,
@@ -118,14 +135,14 @@ def evaluate_curve(
 
 
 def query_accuracy(
-    learner: MetaLearner, images: Tensor, episodes: Episodes, transductive: bool
+    learner: MetaLearner, images: Tensor, episodes: Episodes, transductive: bool, classify: Classifier | None = None
 ) -> EpisodeScore:
-    """Scores each episode by the accuracy on its own queries."""
+    """Scores each episode by the accuracy on its own queries (by default with the model's head)."""
     labels = episodes.query_labels().to(images.device)
+    classify = classify or classifier(learner.model, transductive)
 
     def score(adapted: Params, support: Tensor, i: int) -> dict[str, Tensor]:
-        queries = gather(images, episodes.query[i])
-        predicted = predict(learner.model, adapted, support, queries, transductive)
+        predicted = classify(adapted, support, gather(images, episodes.query[i]))
         return {"accuracy": (predicted == labels).float().mean()}
 
     return score

@@ -1,0 +1,82 @@
+"""Experiment 3: the matching-network defense at each benign user, right after the attack (Figs 7-8).
+
+The setting of Experiment 2 (``backdoor-finetune``): the same attacked global model, the same
+evaluation episodes, ``finetune.steps`` steps per benign user. Instead of fine-tuning the shared
+model, each benign user turns its trunk into a matching network (``fedmeta.defenses.matching``)
+and trains it on episodes of its own examples. A point of the curves scores the matching network
+as it is after that many steps: it classifies an episode's queries, and the keyed images, by
+attention over the episode's support set, with no per-episode fine-tuning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from fedmeta.config import Config
+from fedmeta.data.episodes import Episodes, sample_classes, sample_examples, way_labels
+from fedmeta.defenses import matching
+from fedmeta.experiments.backdoor import Case, always_included, backdoor_score, eval_sets, run_per_user
+from fedmeta.experiments.backdoor_scenario import EvalPool
+from fedmeta.meta.evaluation import Accuracy, Classifier, query_accuracy, score_episodes
+from fedmeta.models.conv4 import Params
+from fedmeta.rng import stream
+from fedmeta.runs import RunDir
+
+
+def run(cfg: Config, out: RunDir) -> dict[str, Any]:
+    return run_per_user(cfg, out, lambda case, attacked, user, at: defense_curves(cfg, case, attacked, user, at))
+
+
+def defense_curves(cfg: Config, case: Case, attacked: Params, user: int, at: list[int]) -> dict[int, dict[str, Accuracy]]:
+    """The four metrics of ``user``'s matching network after each number of training steps in ``at``."""
+    d, e = cfg.defense, cfg.eval
+    ev = case.scenario.evaluation[user]
+    images = case.scenario.images
+    gen = stream(cfg.seed, "defense", case.name, user)
+    weights = start_weights(cfg, case, attacked, gen)
+    train = training_episodes(cfg, ev, max(at) * d.episodes, gen)
+    sets = eval_sets(cfg, case, ev, cfg.finetune.episodes)
+    classify = matching_classifier(cfg, case, way_labels(e.ways, e.shots[0]).to(images.device))
+    meta = query_accuracy(case.learner, images, sets.test, e.transductive, classify)
+    main = backdoor_score(case, ev, sets.tasks, classify)
+
+    def scores(w: Params) -> dict[str, Accuracy]:
+        return {"meta_test_accuracy": score_episodes(w, images, sets.test, meta)["accuracy"],
+                **score_episodes(w, images, sets.tasks, main)}
+
+    points = {0: scores(weights)} if 0 in at else {}
+    steps = matching.finetune(
+        case.learner.model, weights, images,
+        train.support.view(max(at), d.episodes, -1), train.query.view(max(at), d.episodes, -1),
+        (way_labels(e.ways, d.shots).to(images.device), way_labels(e.ways, d.queries).to(images.device)),
+        ways=e.ways, head_steps=d.head_steps, train_head=d.gates, lr=d.lr,
+    )
+    for t, w in enumerate(tqdm(steps, total=max(at), desc=f"defense, case {case.name}, user {user}", leave=False), start=1):
+        if t in at:
+            points[t] = scores(w)
+    return points
+
+
+def start_weights(cfg: Config, case: Case, attacked: Params, gen: torch.Generator) -> Params:
+    """The delta-mixed trunk and a fresh head (gates open; scale 1 when gates and scales are off)."""
+    d = cfg.defense
+    model = case.learner.model
+    head = matching.init_head(cfg.eval.ways, model.feature_dim, d.scale if d.gates else 1.0)
+    device = next(iter(attacked.values())).device
+    return {**matching.mix_with_glorot(attacked, d.mix, gen), **{k: v.to(device) for k, v in head.items()}}
+
+
+def training_episodes(cfg: Config, ev: EvalPool, count: int, gen: torch.Generator) -> Episodes:
+    """The user's own training episodes, drawn up front: its classes with the target always in
+    (and a backdoor class in case c), examples only from below each class's evaluation split."""
+    d = cfg.defense
+    classes = sample_classes(ev.pool.num_classes, count, cfg.eval.ways, gen, include=always_included(ev, count, gen))
+    return Episodes(sample_examples(ev.pool, classes, d.shots + d.queries, gen, hi=ev.split), classes, d.shots)
+
+
+def matching_classifier(cfg: Config, case: Case, support_labels: torch.Tensor) -> Classifier:
+    model, ways, transductive = case.learner.model, cfg.eval.ways, cfg.eval.transductive
+    return lambda w, support, inputs: matching.log_probs(model, w, support, support_labels, inputs, ways, transductive).argmax(-1)

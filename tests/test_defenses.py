@@ -1,0 +1,95 @@
+"""The matching-network defense (paper 000, Sec. 4) and the defense comparison."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_federation import _run
+
+from fedmeta.defenses import matching
+from fedmeta.models.conv4 import trunk_params
+
+
+def test_head_probabilities_sum_to_one_and_match_hand_computed_attention():
+    support = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # classes 0, 1, 1
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[2.0, 1.0]])
+    head = {matching.GATES: torch.tensor([[1.0, 0.5], [0.0, 1.0]]), matching.SCALE: torch.tensor([2.0, 3.0])}
+    probs = matching.attention_log_probs(head, query, support, labels, ways=2).exp()
+
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    # gated query per support example's class: class 0 -> (2, 0.5), class 1 -> (0, 1)
+    scores = [2.0 * cos((2, 0.5), (1, 0)), 3.0 * cos((0, 1), (0, 1)), 3.0 * cos((0, 1), (1, 1))]
+    attention = [math.exp(s) / sum(math.exp(t) for t in scores) for s in scores]
+    assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert probs[0].tolist() == pytest.approx([attention[0], attention[1] + attention[2]], abs=1e-6)
+
+
+def test_delta_mix_is_exact(tiny):
+    params = tiny.init(torch.Generator().manual_seed(0))
+    delta = 0.3
+    mixed = matching.mix_with_glorot(params, delta, torch.Generator().manual_seed(1))
+    fresh = matching.mix_with_glorot(params, 0.0, torch.Generator().manual_seed(1))  # the Glorot draw alone
+    assert set(mixed) == set(trunk_params(params))  # the head is dropped
+    for name, value in mixed.items():
+        torch.testing.assert_close(value, delta * params[name] + (1 - delta) * fresh[name], rtol=0, atol=1e-7)
+    assert torch.equal(fresh["trunk.0.bn.weight"], torch.ones(8)) and torch.equal(fresh["trunk.0.bn.bias"], torch.zeros(8))
+    assert all(torch.equal(v, params[k]) for k, v in matching.mix_with_glorot(params, 1.0, torch.Generator()).items())
+
+
+def test_training_keeps_gates_in_the_unit_interval_and_lowers_the_loss(tiny, omniglot):
+    gen = torch.Generator().manual_seed(0)
+    images = omniglot.images[:5]  # 5 classes x 20 examples
+    ways, shots, steps, episodes = 5, 3, 30, 2
+    rows = torch.arange(100).view(5, 20)
+    pick = torch.stack([torch.randperm(20, generator=gen)[: shots + 1] for _ in range(steps * episodes * ways)])
+    chosen = rows.repeat(steps * episodes, 1).gather(1, pick.view(-1, ways, shots + 1).flatten(0, 1)).view(-1, ways, shots + 1)
+    support = chosen[..., :shots].flatten(1).view(steps, episodes, -1)
+    query = chosen[..., shots:].flatten(1).view(steps, episodes, -1)
+    labels = (torch.arange(ways).repeat_interleave(shots), torch.arange(ways))
+    weights = {**trunk_params(tiny.init(gen)), **matching.init_head(ways, tiny.feature_dim, 10.0)}
+    flat = images.flatten(0, 1)
+    losses, gates = [], []
+    for w in matching.finetune(tiny, weights, flat, support, query, labels, ways=ways, head_steps=5, train_head=True, lr=0.05):
+        logp = matching.episode_log_probs(tiny, w, flat, support[0, 0], query[0, 0], labels[0], ways)
+        losses.append(torch.nn.functional.nll_loss(logp, labels[1]).item())
+        gates.append(w[matching.GATES].clone())
+    assert all(0.0 <= float(g.min()) and float(g.max()) <= 1.0 for g in gates)
+    assert float(gates[-1].min()) < 1.0  # the gates did move (and were clamped from above)
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_first_phase_trains_only_gates_and_scales(tiny, omniglot):
+    gen = torch.Generator().manual_seed(0)
+    flat = omniglot.images[:5].flatten(0, 1)
+    support = torch.arange(0, 100, 20).repeat_interleave(2).view(1, 1, 10).repeat(4, 1, 1) + torch.tensor([0, 1] * 5)
+    query = (torch.arange(0, 100, 20) + 5).view(1, 1, 5).repeat(4, 1, 1)
+    labels = (torch.arange(5).repeat_interleave(2), torch.arange(5))
+    start = {**trunk_params(tiny.init(gen)), **matching.init_head(5, tiny.feature_dim, 10.0)}
+    path = [{k: v.clone() for k, v in w.items()} for w in
+            matching.finetune(tiny, start, flat, support, query, labels, ways=5, head_steps=2, train_head=True, lr=0.01)]
+    assert all(torch.equal(path[1][k], start[k]) for k in trunk_params(start))  # trunk fixed in phase 1
+    assert not torch.equal(path[1][matching.SCALE], start[matching.SCALE])
+    assert not torch.equal(path[3]["trunk.0.conv.weight"], start["trunk.0.conv.weight"])  # phase 2 trains it
+
+
+def test_defense_run_writes_curves_per_case_and_user(tmp_path, omniglot):
+    records = _run(tmp_path / "d", "omniglot-exp3-quick", ["attack.cases=['c']", "defense.head_steps=1"]).records()
+    assert {(r["case"], r["user"]) for r in records} == {("c", u) for u in (1, 2, 3)}
+    assert sorted({r["step"] for r in records}) == [0, 2, 4]
+
+
+def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
+    rows = ["fedavg", "median", "krum"]
+    folder = _run(tmp_path / "c", "omniglot-compare-quick", [f"compare.rules={rows}", "finetune.users=1"])
+    records = folder.records()
+    assert [r["defense"] for r in records] == [*rows, "local defense (FedAvg)", "local defense, secure aggregation"]
+    for r in records:
+        assert all(0.0 <= r[m] <= 1.0 for m in ("clean_meta_test_accuracy", "meta_test_accuracy", "attack_val_accuracy"))
+    # the local defense reads nothing of the individual updates: the sum alone gives the same numbers
+    local, secure = records[-2], records[-1]
+    assert local["attack_val_accuracy"] == pytest.approx(secure["attack_val_accuracy"], abs=0.05)
