@@ -21,4 +21,8 @@ def get(name: str) -> Experiment:
         from fedmeta.experiments.backdoor import run_finetune, run_rounds
 
         return run_rounds if name == "backdoor-rounds" else run_finetune
+    if name == "membership":
+        from fedmeta.experiments.membership import run
+
+        return run
     raise KeyError(name)
