@@ -63,6 +63,15 @@ class PlainConv4(nn.Module):
         return self.head(self.trunk(x))
 
 
+def nchw(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, H, W, C] -> float [n, C, H, W] with standard strides, as a plain script holds images.
+
+    (``permute(...).contiguous()`` is not enough: with one channel the permuted tensor already counts
+    as contiguous, keeps channels-last strides, and convolutions would then run channels-last.)
+    """
+    return images.permute(0, 3, 1, 2).float().div(255).clone(memory_format=torch.contiguous_format)
+
+
 def plain_outer_step(model: PlainConv4, pool: ClassPool, gen: torch.Generator) -> None:
     """Reptile as a first implementation would do it (see module docstring)."""
     eps = sample_episodes(pool, B, WAYS, SHOTS, 0, gen)
@@ -75,7 +84,7 @@ def plain_outer_step(model: PlainConv4, pool: ClassPool, gen: torch.Generator) -
         opt = torch.optim.Adam(local.parameters(), lr=1e-3, betas=(0.0, 0.999))
         for s in range(E):
             idx = order[j, s]
-            x = pool.images[eps.support[j, idx]].permute(0, 3, 1, 2).float().div(255).contiguous()
+            x = nchw(pool.images[eps.support[j, idx]])
             opt.zero_grad()
             F.cross_entropy(local(x), labels[idx]).backward()
             opt.step()
@@ -102,7 +111,7 @@ class Setup:
         self.plain = PlainConv4(channels, size)
         self.plain_opt = torch.optim.Adam(self.plain.parameters(), lr=1e-3, betas=(0.0, 0.999))
         self.x = gather(self.pool.images, torch.arange(BATCH))  # channels-last, as fedmeta gathers
-        self.x_plain = self.x.contiguous()
+        self.x_plain = self.x.clone(memory_format=torch.contiguous_format)
         self.y = torch.arange(BATCH) % WAYS
         self.weights = [v.clone().requires_grad_() for v in self.params.values()]
         self.inner_state = AdamState.zeros(self.weights)

@@ -12,7 +12,7 @@ from fedmeta.config import load_config
 from fedmeta.data.triggers import make_trigger
 from fedmeta.experiments import get
 from fedmeta.experiments.backdoor_scenario import build_scenario
-from fedmeta.federation.aggregation import fedavg
+from fedmeta.federation.aggregation import ClipNoise, FedAvg, Krum, Median, TrimmedMean
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
@@ -127,10 +127,52 @@ def test_schedule_samples_benign_users_with_the_seed():
     assert a.participants(7) == Schedule(users=10, per_round=3, seed=0).participants(7)
 
 
+GEN = torch.Generator()
+EQUAL4 = torch.full((4,), 0.25)
+# three honest updates near (1, 1) and one outlier (the boosted attacker)
+CRAFTED = torch.tensor([[1.0, 1.0], [1.2, 0.8], [0.9, 1.1], [30.0, -30.0]])
+
+
 def test_fedavg_equals_hand_computed_value():
     updates = torch.tensor([[1.0, 2.0], [3.0, -2.0], [5.0, 6.0]])
-    assert torch.allclose(fedavg(updates, torch.full((3,), 1 / 3)), torch.tensor([3.0, 2.0]))
-    assert torch.allclose(fedavg(updates, torch.tensor([0.5, 0.25, 0.25])), torch.tensor([2.5, 2.0]))
+    assert torch.allclose(FedAvg()(updates, torch.full((3,), 1 / 3), GEN), torch.tensor([3.0, 2.0]))
+    assert torch.allclose(FedAvg()(updates, torch.tensor([0.5, 0.25, 0.25]), GEN), torch.tensor([2.5, 2.0]))
+    assert torch.allclose(FedAvg()(CRAFTED, EQUAL4, GEN), torch.tensor([33.1 / 4, -27.1 / 4]))  # the outlier wins
+
+
+def test_median_ignores_the_outlier():
+    assert torch.allclose(Median()(CRAFTED, EQUAL4, GEN), torch.tensor([1.1, 0.9]))  # mean of the 2 middle values
+    assert torch.allclose(Median()(CRAFTED[:3], EQUAL4[:3], GEN), torch.tensor([1.0, 1.0]))
+
+
+def test_trimmed_mean_drops_extremes():
+    assert torch.allclose(TrimmedMean(0.25)(CRAFTED, EQUAL4, GEN), torch.tensor([1.1, 0.9]))
+    with pytest.raises(ValueError):
+        TrimmedMean(0.5)(CRAFTED, EQUAL4, GEN)
+
+
+def test_krum_and_multi_krum_select_honest_updates():
+    # f = 1: each score sums the n - f - 2 = 1 smallest squared distances
+    assert torch.allclose(Krum(1, 1)(CRAFTED, EQUAL4, GEN), torch.tensor([1.0, 1.0]))  # closest to another honest one
+    assert torch.allclose(Krum(1, 2)(CRAFTED, EQUAL4, GEN), torch.tensor([0.95, 1.05]))  # (1,1) and (0.9,1.1)
+    assert torch.allclose(Krum(1, 3)(CRAFTED, EQUAL4, GEN), torch.tensor([3.1 / 3, 2.9 / 3]))
+
+
+def test_clipping_bounds_every_update_and_noise_is_seeded():
+    clipped = ClipNoise(max_norm=2.0)(CRAFTED, EQUAL4, GEN)
+    outlier = torch.tensor([30.0, -30.0]) * (2.0 / (30 * 2**0.5))
+    assert torch.allclose(clipped, (CRAFTED[:3].sum(0) + outlier) / 4)
+    noisy = [ClipNoise(2.0, 0.5)(CRAFTED, EQUAL4, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(noisy[0], noisy[1]) and not torch.equal(noisy[0], noisy[2])
+
+
+def test_secure_aggregation_refuses_rules_that_need_each_update():
+    from fedmeta.config import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.rule = 'median' needs every update on its own"):
+        load_config("omniglot-exp1a-quick", ["federation.secure_aggregation=true", "federation.rule=median"])
+    assert not FedAvg.needs_individual_updates and all(
+        r.needs_individual_updates for r in (Median(), TrimmedMean(0.2), Krum(1), ClipNoise(1.0)))
 
 
 class _Fixed:
@@ -145,8 +187,8 @@ def test_server_applies_boosted_attacker_and_size_weights():
     schedule = Schedule(users=3, per_round=3, seed=0)
     clients = {0: _Fixed(0, 9.0, 1), 1: _Fixed(1, 0.0, 1), 2: _Fixed(2, 3.0, 2)}
     params = {"w": torch.ones(2)}
-    equal, _ = Server(clients, schedule, fedavg, 3, "equal").round(params, RoundSettings(1))
-    sized, _ = Server(clients, schedule, fedavg, 3, "size").round(params, RoundSettings(1))
+    equal, _ = Server(clients, schedule, FedAvg(), 3, "equal").round(params, RoundSettings(1))
+    sized, _ = Server(clients, schedule, FedAvg(), 3, "size").round(params, RoundSettings(1))
     assert torch.allclose(equal["w"], torch.full((2,), 1 + 12 / 3))
     assert torch.allclose(sized["w"], torch.full((2,), 1 + (9 + 0 + 6) / 4))
 
@@ -155,7 +197,7 @@ def test_non_finite_update_is_rejected_and_logged(caplog):
     schedule = Schedule(users=3, per_round=3, seed=0)
     clients = {0: _Fixed(0, float("nan")), 1: _Fixed(1, 1.0), 2: _Fixed(2, float("inf"))}
     with caplog.at_level(logging.WARNING):
-        params, report = Server(clients, schedule, fedavg, 3).round({"w": torch.zeros(2)}, RoundSettings(4))
+        params, report = Server(clients, schedule, FedAvg(), 3).round({"w": torch.zeros(2)}, RoundSettings(4))
     assert torch.equal(params["w"], torch.ones(2))  # only the finite update, at full weight
     assert sorted(report.rejected) == [0, 2] and report.aggregated == [1]
     assert "rejected the update of user 0" in caplog.text and "round 4" in caplog.text

@@ -114,8 +114,21 @@ class FederationConfig(Section):
     """M_min: the server aggregates as soon as this many updates arrived."""
     weighting: Literal["equal", "size"] = "equal"
     """alpha_i: equal (1/M_min), or by the size of each user's data."""
-    rule: Literal["fedavg"] = "fedavg"
-    """How the server combines the updates."""
+    rule: Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"] = "fedavg"
+    """How the server combines the updates: FedAvg (the paper), or a robust rule (a defense)."""
+    trim: float = Field(0.2, ge=0.0, lt=0.5)
+    """trimmed-mean: fraction of updates dropped from each side, per coordinate."""
+    byzantine: NonNegativeInt = 1
+    """krum, multi-krum: f, the number of malicious updates the rule tolerates."""
+    krum_select: PositiveInt = 2
+    """multi-krum: how many of the best-scored updates are averaged."""
+    clip_norm: PositiveFloat = 1.0
+    """clip: largest L2 norm an update keeps."""
+    clip_noise: float = Field(0.0, ge=0.0)
+    """clip: Gaussian noise std added to the mean, in units of clip_norm (0: clipping only)."""
+    secure_aggregation: bool = False
+    """The server only learns the sum of the updates (as under SecAgg+): rules that need each
+    update on its own are refused."""
     episodes: PositiveInt = 1000
     """E: episodes each selected user meta-trains per round (E / meta.meta_batch outer steps)."""
     rounds: NonNegativeInt = 50
@@ -272,6 +285,11 @@ class Config(Section):
         fed = self.federation
         if not fed.min_updates <= fed.per_round <= fed.users:
             raise ValueError("need federation.min_updates <= federation.per_round <= federation.users")
+        if fed.secure_aggregation and fed.rule != "fedavg":
+            raise ValueError(
+                f"federation.rule = '{fed.rule}' needs every update on its own, which secure aggregation hides; "
+                "use federation.rule = 'fedavg' or federation.secure_aggregation = false"
+            )
         if self.attack.attacker >= fed.users:
             raise ValueError(f"attack.attacker must be a user id below federation.users = {fed.users}")
         return self

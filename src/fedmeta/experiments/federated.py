@@ -25,7 +25,7 @@ from fedmeta.config import Config
 from fedmeta.data.files import cache_dir
 from fedmeta.experiments.backdoor_scenario import Scenario
 from fedmeta.experiments.common import build_learner
-from fedmeta.federation.aggregation import get_rule
+from fedmeta.federation.aggregation import make_rule
 from fedmeta.federation.client import MetaClient, RoundSettings
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
@@ -116,7 +116,7 @@ def pretrain_key(cfg: Config, case: str) -> str:
 
 def _server(cfg: Config, clients: dict[int, MetaClient], schedule: Schedule) -> Server:
     fed = cfg.federation
-    return Server(clients, schedule, get_rule(fed.rule), min(fed.min_updates, schedule.per_round), fed.weighting)
+    return Server(clients, schedule, make_rule(fed), min(fed.min_updates, schedule.per_round), fed.weighting)
 
 
 def _save(path: Path, params: Params, log: list[dict]) -> None:

@@ -67,7 +67,9 @@ class Server:
         if not accepted:
             log.warning("round %d: no usable update; the global model is unchanged", settings.round)
             return params, report
+        accepted.sort(key=lambda u: u.user)  # rules see updates in a fixed order (Krum breaks ties by it)
         stacked = torch.stack([flatten(u.delta) for u in accepted])
         sizes = torch.tensor([float(u.examples if self.weighting == "size" else 1) for u in accepted])
-        delta = unflatten(self.rule(stacked, sizes / sizes.sum()), params)
+        gen = stream(self.schedule.seed, "aggregation", settings.phase, settings.round)
+        delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen), params)
         return add(params, delta), report
