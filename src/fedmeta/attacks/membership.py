@@ -134,10 +134,10 @@ def invert(
     x = prior.detach().clone().requires_grad_()
     optimiser = torch.optim.Adam([x], lr=lr)
     decay = torch.optim.lr_scheduler.MultiStepLR(optimiser, [iterations * m // 8 for m in (3, 5, 7)], gamma=0.1)
-    losses = []
+    first = None  # the loss at the prior, kept as a tensor: no host sync inside the loop
     for _ in range(iterations):
         loss = gradient_distance(predict(x, True), observed, distance)
-        losses.append(float(loss))
+        first = loss.detach() if first is None else first
         objective = loss + tv * total_variation(x) if tv else loss
         (grad,) = torch.autograd.grad(objective, [x])
         x.grad = grad.sign() if signed else grad
@@ -147,7 +147,7 @@ def invert(
             x.clamp_(0.0, 1.0)
     end = x.detach()
     final = float(gradient_distance(predict(end, False), observed, distance))
-    return Inversion(prior.detach(), end, losses[0] if losses else final, final)
+    return Inversion(prior.detach(), end, final if first is None else float(first), final)
 
 
 def zero_scores(predict: Predictor, observed: Params, prior: Tensor) -> dict[str, float]:
