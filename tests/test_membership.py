@@ -226,7 +226,12 @@ def test_membership_run_writes_every_point_and_resumes_to_the_same_metrics(tmp_p
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "resumed")
     monkeypatch.setattr(experiment, "attack", real)
-    assert _run(tmp_path / "resumed").records() == lines
+    resumed = _run(tmp_path / "resumed").records()
+    # the same numbers up to round-off: the reloaded weights may differ in memory layout, and a
+    # member's inversion steps on round-off (see ``invert``)
+    assert len(resumed) == len(lines)
+    for again, first in zip(resumed, lines):
+        assert again == pytest.approx(first, abs=1e-4)
 
     from fedmeta.plots import plot_runs
 
