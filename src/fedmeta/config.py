@@ -48,9 +48,14 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    architecture: Literal["conv4", "smallconv", "mlp"] = "conv4"
+    """'conv4': with BatchNorm (batch statistics); 'smallconv': Conv4 without normalisation, with
+    conv biases (the usual MAML net on MNIST); 'mlp': fully connected, widths ``hidden``."""
     filters: PositiveInt = 64
     downsample: Literal["maxpool", "stride"] = "maxpool"
     """'maxpool': Conv4 of MAML/Reptile/the paper; 'stride': supervised-reptile's Omniglot net."""
+    hidden: list[PositiveInt] = [128, 64]
+    """MLP only: widths of the hidden layers."""
 
 
 class MetaConfig(Section):
@@ -227,6 +232,56 @@ class CompareConfig(Section):
     and under secure aggregation."""
 
 
+class DefenseScales(Section):
+    """Scales of each noise defense in the sweep (``fedmeta.defenses.noise``); [] skips one."""
+
+    gradient: list[PositiveFloat] = []
+    """Noise on the shared meta-gradient, in units of its RMS coordinate."""
+    support: list[PositiveFloat] = []
+    """Noise on the support images, in pixel units ([0, 1] images)."""
+    query: list[PositiveFloat] = []
+    """Noise on the query images, in pixel units."""
+    inner: list[PositiveFloat] = []
+    """Noise on every inner-loop gradient, in units of its RMS coordinate."""
+
+
+class MiaConfig(Section):
+    """Membership inference on distributed MAML by gradient inversion (``experiment = "membership"``)."""
+
+    targets: list[Literal["support", "query"]] = ["support", "query"]
+    """Which set of the task is attacked (each trial attacks one slot of each)."""
+    nonmembers: list[Literal["same-class", "other-class"]] = ["same-class", "other-class"]
+    """Non-member candidates: another image of the slot's class (hard), or of another class (the
+    paper's class rule can only catch these)."""
+    trials: int = Field(30, ge=2)
+    """Tasks attacked in the main stage; each gives one member and one non-member of each kind."""
+    iterations: NonNegativeInt = 100
+    """Inversion steps in the main stage; 0: only the zero-iteration scores."""
+    lr: PositiveFloat = 0.01
+    """Adam step on the image, in pixel units."""
+    distance: Literal["cos", "l2"] = "cos"
+    """Gradient-matching loss of the inversion."""
+    tv: float = Field(0.0, ge=0.0)
+    """Total-variation weight (0 keeps a member an exact minimiser of the matching loss)."""
+    signed: bool = False
+    """Step on the sign of the gradient (Inverting Gradients)."""
+    sweep_trials: int = Field(100, ge=2)
+    """Tasks attacked at each point of the defense, aggregation and ways sweeps."""
+    sweep_iterations: NonNegativeInt = 0
+    """Inversion steps in the sweeps (0: zero-iteration scores only)."""
+    defenses: DefenseScales = DefenseScales()
+    aggregate: list[PositiveInt] = [1, 2, 4, 8]
+    """k: the server sees the mean gradient of k tasks, the attacked one and k - 1 others."""
+    shadow_tasks: PositiveInt = 32
+    """Tasks the server simulates on its own data to estimate the others' mean gradient."""
+    ways: list[PositiveInt] = []
+    """Ways of the ways sweep (a MAML model is meta-trained for each)."""
+    classifier_steps: PositiveInt = 500
+    """Adam steps (batch 128) of the server's reference classifier for the class rule."""
+    reconstructions: NonNegativeInt = 4
+    """Main-stage trials whose images are kept for the figure."""
+
+
 class RuntimeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: PositiveInt | None = None
@@ -266,7 +321,7 @@ class RobustConfig(Section):
 class Config(Section):
     experiment: Literal[
         "pretrain", "backdoor-rounds", "backdoor-finetune", "defense-finetune", "defense-comparison", "robustness",
-        "robustness-federated",
+        "robustness-federated", "membership",
     ]
     description: str = ""
     seed: int = 0
@@ -280,6 +335,7 @@ class Config(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     defense: DefenseConfig = DefenseConfig()
     compare: CompareConfig = CompareConfig()
+    mia: MiaConfig = MiaConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     robust: RobustConfig = RobustConfig()
 
@@ -292,6 +348,8 @@ class Config(Section):
             )
         if self.runtime.batched and self.meta.algorithm != "reptile":
             raise ValueError("runtime.batched applies to meta.algorithm = 'reptile' only")
+        if self.experiment == "membership" and self.meta.algorithm == "reptile":
+            raise ValueError("experiment 'membership' attacks MAML: meta.algorithm must be 'maml' or 'fomaml'")
         fed = self.federation
         if not fed.min_updates <= fed.per_round <= fed.users:
             raise ValueError("need federation.min_updates <= federation.per_round <= federation.users")

@@ -5,6 +5,9 @@
 - ``backdoor-finetune`` (Figs 5-6) and ``defense-finetune`` (Figs 7-8): one row per case, one
   column per benign user, accuracy against fine-tuning steps.
 - ``defense-comparison``: grouped bars, one group per defense.
+- ``membership`` (paper 001, Figs. 4-5 and the defense curves): reconstructions of members and
+  non-members beside their priors; attack AUC against meta-test accuracy for each noise defense;
+  attack accuracy against the number of ways; AUC against the number of aggregated tasks.
 
 Line colours follow the paper: meta-test black, main task purple, attack training blue, attack
 validation green.
@@ -51,6 +54,8 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         fig = _pretrain(records)
     elif experiment == "backdoor-rounds":
         fig = _grid(records, rows=["all"], cols=_cases(records), axis="round")
+    elif experiment == "membership":
+        fig = _membership(records, folders[0] / "reconstructions.safetensors")
     elif experiment in ("backdoor-finetune", "defense-finetune"):
         users = sorted({r["user"] for r in records if "user" in r})
         fig = _grid(records, rows=_cases(records), cols=users, axis="step")
@@ -126,3 +131,85 @@ def _comparison(records: list[dict[str, Any]]) -> plt.Figure:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=len(bars), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     return fig
+
+
+DEFENSE_COLORS = {"gradient": "tab:red", "support": "tab:blue", "query": "tab:green", "inner": "tab:orange"}
+SCORE_STYLES = {"l0-l2": "-", "l0-cos": "--", "distance": ":", "class": "-.", "lt": (0, (1, 3))}
+CANDIDATES = ("member", "same-class", "other-class")
+
+
+def _membership(records: list[dict[str, Any]], images: Path) -> plt.Figure:
+    """Top: reconstructions (if kept); bottom: defense curves per target, ways, aggregation."""
+    fig = plt.figure(figsize=(15, 8.5 if images.is_file() else 3.6))
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1]) if images.is_file() else (None, fig)
+    if top is not None:
+        _reconstructions(top, images)
+    axes = bottom.subplots(1, 4)
+    nonmember = records[0]["nonmember"]  # the first kind in the config: same-class by default
+    rows = [r for r in records if r["nonmember"] == nonmember]
+    for ax, target in zip(axes[:2], ("support", "query")):
+        _defense_curves(ax, [r for r in rows if r["stage"] == "defense" and r["target"] == target], target)
+    _sweep(axes[2], [r for r in rows if r["stage"] == "ways"], "ways", "attack_accuracy", "number of ways (N)")
+    _sweep(axes[3], [r for r in rows if r["stage"] == "aggregation"], "k", "attack_auc", "tasks aggregated (k)")
+    axes[0].set_ylabel(f"attack AUC (non-members: {nonmember})")
+    bottom.subplots_adjust(wspace=0.3, bottom=0.16)
+    return fig
+
+
+def _reconstructions(fig: plt.Figure, path: Path) -> None:
+    """Per target: the true example, then each candidate's prior and the attack's output (Fig. 4)."""
+    from safetensors.torch import load_file
+
+    images = load_file(str(path))
+    targets = [t for t in ("support", "query") if f"{t}.true" in images]
+    kinds = [k for k in CANDIDATES if f"{targets[0]}.{k}.start" in images]
+    columns = [("true", "true example")] + [(f"{k}.{e}", f"{k}\n{'prior x*' if e == 'start' else 'output'}")
+                                            for k in kinds for e in ("start", "end")]
+    trials = len(images[f"{targets[0]}.true"])
+    for sub, target in zip(fig.subfigures(1, len(targets)), targets):
+        axes = sub.subplots(trials, len(columns), squeeze=False)
+        for j, (key, title) in enumerate(columns):
+            for i in range(trials):
+                ax = axes[i][j]
+                ax.imshow(images[f"{target}.{key}"][i, 0], cmap="gray", vmin=0, vmax=1)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(title, fontsize=7)
+        sub.suptitle(f"{target} attack: reconstructions from the target as prior", fontsize=9)
+
+
+def _defense_curves(ax: plt.Axes, rows: list[dict[str, Any]], target: str) -> None:
+    """Attack AUC against meta-test accuracy, one colour per defense (scales in the labels)."""
+    reference = [r for r in rows if r["defense"] == "none"]
+    for defense, color in DEFENSE_COLORS.items():
+        for score, style in SCORE_STYLES.items():
+            points = sorted((r for r in rows if r["defense"] == defense and r["score"] == score), key=lambda r: r["scale"])
+            if not points:
+                continue
+            points = [r for r in reference if r["score"] == score] + points
+            ax.plot([r["meta_test_accuracy"] for r in points], [r["attack_auc"] for r in points], color=color,
+                    ls=style, marker="o", ms=3, lw=1.2, label=f"{defense}, {score}")
+            for r in points[1:]:
+                ax.annotate(f"{r['scale']:g}", (r["meta_test_accuracy"], r["attack_auc"]), fontsize=6, color=color,
+                            xytext=(2, 2), textcoords="offset points")
+    ax.axhline(0.5, color="gray", lw=0.8)
+    ax.set(xlabel="meta-test accuracy", title=f"{target} attack under noise defenses", ylim=(0.4, 1.02))
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=5, ncol=2)
+
+
+def _sweep(ax: plt.Axes, rows: list[dict[str, Any]], axis: str, metric: str, xlabel: str) -> None:
+    """A metric against a sweep axis, one line per target (colour) and score (style)."""
+    for target, color in (("support", "tab:blue"), ("query", "tab:green")):
+        for score, style in SCORE_STYLES.items():
+            points = sorted((r for r in rows if r["target"] == target and r["score"] == score), key=lambda r: r[axis])
+            if points:
+                ax.plot([r[axis] for r in points], [r[metric] for r in points], color=color, ls=style, marker="o",
+                        ms=3, lw=1.2, label=f"{target}, {score}")
+    ax.axhline(0.5, color="gray", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=metric.replace("_", " "), ylim=(0.4, 1.02))
+    ax.grid(alpha=0.3)
+    if rows:
+        ax.legend(fontsize=6)

@@ -20,6 +20,7 @@ ENTRY_POINTS = {
     "defense-comparison": "fedmeta.experiments.comparison:run",
     "robustness": "fedmeta.experiments.robustness:run",
     "robustness-federated": "fedmeta.experiments.robustness:run_federated",
+    "membership": "fedmeta.experiments.membership:run",
 }
 
 

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedmeta.config import Config
+from fedmeta.config import Config, ModelConfig
 from fedmeta.meta.evaluation import Accuracy
 from fedmeta.meta.learner import MetaLearner, make_learner
 from fedmeta.models.conv4 import Conv4
+from fedmeta.models.mlp import Mlp
+from fedmeta.models.protocol import Model
+from fedmeta.models.smallconv import SmallConv
 
 
-def build_model(cfg: Config, image_shape: tuple[int, int, int]) -> Conv4:
-    """The configured Conv4 for images ``(H, W, C)``."""
-    height, _, channels = image_shape
-    return Conv4(channels, height, cfg.meta.ways, cfg.model.filters, cfg.model.downsample)
+def build_model(cfg: ModelConfig, image_shape: tuple[int, int, int], ways: int) -> Model:
+    """The configured network for images ``(H, W, C)`` and ``ways`` classes."""
+    height, width, channels = image_shape
+    if cfg.architecture == "smallconv":
+        return SmallConv(channels, height, ways, cfg.filters)
+    if cfg.architecture == "mlp":
+        return Mlp(height * width * channels, ways, tuple(cfg.hidden))
+    return Conv4(channels, height, ways, cfg.filters, cfg.downsample)
 
 
 def build_learner(cfg: Config, image_shape: tuple[int, int, int]) -> MetaLearner:
-    """The configured Conv4 and the meta-learner that trains it."""
-    return make_learner(build_model(cfg, image_shape), cfg.meta, cfg.runtime.batched)
+    """The configured model for images ``(H, W, C)`` and the meta-learner that trains it."""
+    return make_learner(build_model(cfg.model, image_shape, cfg.meta.ways), cfg.meta, cfg.runtime.batched)
 
 
 def accuracy_fields(name: str, acc: Accuracy) -> dict[str, Any]:

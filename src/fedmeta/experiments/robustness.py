@@ -125,7 +125,7 @@ class Progress:
 def run(cfg: Config, out: RunDir) -> dict[str, Any]:
     device = runtime.setup(cfg.runtime)
     splits = load_meta_splits(cfg.data, cfg.seed)
-    bench = Bench(cfg, out, splits.train.to(device), splits.test.to(device), build_model(cfg, splits.image_shape), device)
+    bench = Bench(cfg, out, splits.train.to(device), splits.test.to(device), build_model(cfg.model, splits.image_shape, cfg.meta.ways), device)
     resumed = out.resume()
     saved = resumed[1] if resumed is not None else {"finished": {}, "elapsed_s": 0.0}
     finished: dict[str, dict[str, Any]] = saved["finished"]
@@ -252,7 +252,7 @@ def run_federated(cfg: Config, out: RunDir) -> dict[str, Any]:
     """
     device = runtime.setup(cfg.runtime)
     splits = load_meta_splits(cfg.data, cfg.seed)
-    bench = Bench(cfg, out, splits.train.to(device), splits.test.to(device), build_model(cfg, splits.image_shape), device)
+    bench = Bench(cfg, out, splits.train.to(device), splits.test.to(device), build_model(cfg.model, splits.image_shape, cfg.meta.ways), device)
     owners = partition(torch.arange(bench.train.num_classes), cfg.federation.users, stream(cfg.seed, "users"))
     resumed = out.resume()
     saved = resumed[1] if resumed is not None else {"finished": {}, "elapsed_s": 0.0}

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedmeta.meta.adam import AdamState, adam_step_
-from fedmeta.models.conv4 import Conv4, Params
+from fedmeta.models.conv4 import Params
+from fedmeta.models.protocol import Model
+
+Perturb = Callable[[list[Tensor]], list[Tensor]]
+"""Maps the inner gradients of one step to those actually stepped on (e.g. a noise defense)."""
+
+MetaGradient = Callable[..., Params]
+"""``(support, query, *, create_graph=False, perturb=None) -> g``: ``task_meta_gradient`` with
+the model, weights and protocol fixed (a ``functools.partial``), i.e. one task learner."""
 
 Task = tuple[Tensor, Tensor]
 """(images ``[S, C, H, W]``, labels ``[S]``) of one support or query set."""
@@ -30,22 +38,32 @@ TaskLoss = Callable[[Params, Task, Task], Tensor]
 
 
 def sgd_adapt(
-    model: Conv4, params: Params, x: Tensor, y: Tensor, *, steps: int, lr: float, create_graph: bool
+    model: Model,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    lr: float,
+    create_graph: bool,
+    perturb: Perturb | None = None,
 ) -> Params:
     """``steps`` full-batch SGD steps from ``params`` on (x, y).
 
-    With ``create_graph`` the result stays differentiable with respect to ``params`` through the
-    inner gradients (second-order MAML); without it the inner gradients are constants.
+    With ``create_graph`` the result stays differentiable with respect to ``params`` (and ``x``)
+    through the inner gradients (second-order MAML); without it the inner gradients are constants.
     """
     for _ in range(steps):
         loss = F.cross_entropy(model(params, x), y)
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        grads = list(torch.autograd.grad(loss, list(params.values()), create_graph=create_graph))
+        if perturb is not None:
+            grads = perturb(grads)
         params = {k: p - lr * g for (k, p), g in zip(params.items(), grads)}
     return params
 
 
 def task_meta_loss(
-    model: Conv4,
+    model: Model,
     params: Params,
     support: tuple[Tensor, Tensor],
     query: tuple[Tensor, Tensor],
@@ -60,7 +78,7 @@ def task_meta_loss(
 
 
 def task_meta_gradient(
-    model: Conv4,
+    model: Model,
     params: Params,
     support: tuple[Tensor, Tensor],
     query: tuple[Tensor, Tensor],
@@ -69,11 +87,21 @@ def task_meta_gradient(
     lr: float,
     first_order: bool = False,
     create_graph: bool = False,
+    perturb: Perturb | None = None,
 ) -> Params:
-    """d(query loss after adaptation) / d(params) for one task."""
+    """d(query loss after adaptation) / d(params) for one task.
+
+    First order, this is the query gradient at the adapted weights. It still depends on the
+    support images through those weights, so with ``create_graph`` the inner loop keeps its graph
+    either way: an attacker can then differentiate the shared gradient with respect to any image.
+    """
     leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
-    loss = task_meta_loss(model, leaves, support, query, steps=steps, lr=lr, first_order=first_order)
-    grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+    adapted = sgd_adapt(
+        model, leaves, *support, steps=steps, lr=lr, create_graph=create_graph or not first_order, perturb=perturb
+    )
+    loss = F.cross_entropy(model(adapted, query[0]), query[1])
+    wrt = adapted if first_order else leaves
+    grads = torch.autograd.grad(loss, list(wrt.values()), create_graph=create_graph)
     return dict(zip(leaves, grads))
 
 
@@ -99,7 +127,7 @@ def meta_update(
 
 
 def maml_step(
-    model: Conv4,
+    model: Model,
     params: Params,
     adam: AdamState,
     support: Task,
