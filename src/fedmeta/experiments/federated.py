@@ -5,6 +5,10 @@ every backdoor experiment, so its result is cached under a key made of everythin
 it (data, model, learner, federation, which classes benign users hold, seed) and reused by every
 run, preset and case that agrees on those. It checkpoints each round in the cache, so a killed
 run resumes it too.
+
+Where clients compute their updates is the ``ENGINE``'s business: by default in this process;
+``fedmeta run --engine flower`` sets it to send each round's work to Flower nodes, with the same
+clients, schedule and aggregation rule.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -31,6 +37,18 @@ from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Params
+
+Engine = Callable[[Server, Scenario, str], Server]
+"""Turns the server of one phase ("pretrain" or "main") of a scenario into the one that runs it."""
+
+
+
+def in_process(server: Server, scenario: Scenario, phase: str) -> Server:
+    """The default engine: every client computes its update in this process."""
+    return server
+
+
+ENGINE: ContextVar[Engine] = ContextVar("ENGINE", default=in_process)
 
 
 def benign_client(cfg: Config, scenario: Scenario, user: int, learner: MetaLearner, episodes: int) -> MetaClient:
@@ -66,7 +84,15 @@ def main_server(cfg: Config, scenario: Scenario) -> Server:
         clients[scenario.attacker] = attacker_client(cfg, scenario)
     schedule = Schedule(cfg.federation.users, cfg.federation.per_round, cfg.seed,
                         scenario.attacker, tuple(cfg.attack.rounds) if attacking else ())
-    return _server(cfg, clients, schedule)
+    return _server(cfg, clients, schedule, scenario, "main")
+
+
+def pretrain_server(cfg: Config, scenario: Scenario) -> Server:
+    """Benign users only, with the pre-training overrides of the learner."""
+    learner = pretrain_learner(cfg, scenario.images.shape[1:])
+    clients = {u: benign_client(cfg, scenario, u, learner, cfg.pretrain.episodes) for u in scenario.benign}
+    schedule = Schedule(cfg.federation.users, min(cfg.federation.per_round, len(clients)), cfg.seed, scenario.attacker)
+    return _server(cfg, clients, schedule, scenario, "pretrain")
 
 
 def pretrain_learner(cfg: Config, image_shape: tuple[int, ...]) -> MetaLearner:
@@ -83,10 +109,7 @@ def pretrained(cfg: Config, scenario: Scenario, case: str, init: Params) -> tupl
     if final.is_file():
         tqdm.write(f"pre-training: reusing {final}")
         return _load(final, init)
-    learner = pretrain_learner(cfg, scenario.images.shape[1:])
-    clients = {u: benign_client(cfg, scenario, u, learner, cfg.pretrain.episodes) for u in scenario.benign}
-    schedule = Schedule(cfg.federation.users, min(cfg.federation.per_round, len(clients)), cfg.seed, scenario.attacker)
-    server = _server(cfg, clients, schedule)
+    server = pretrain_server(cfg, scenario)
     params, log = _load(partial, init) if partial.is_file() else (init, [])
     rounds = cfg.pretrain.rounds
     clock = time.perf_counter()
@@ -114,9 +137,10 @@ def pretrain_key(cfg: Config, case: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _server(cfg: Config, clients: dict[int, MetaClient], schedule: Schedule) -> Server:
+def _server(cfg: Config, clients: dict[int, MetaClient], schedule: Schedule, scenario: Scenario, phase: str) -> Server:
     fed = cfg.federation
-    return Server(clients, schedule, make_rule(fed), min(fed.min_updates, schedule.per_round), fed.weighting)
+    server = Server(clients, schedule, make_rule(fed), min(fed.min_updates, schedule.per_round), fed.weighting)
+    return ENGINE.get()(server, scenario, phase)
 
 
 def _save(path: Path, params: Params, log: list[dict]) -> None:
