@@ -61,3 +61,58 @@ def test_flower_simulation_equals_in_process_run(tmp_path, omniglot, monkeypatch
         for name in ("meta_test_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
             assert theirs[name] == pytest.approx(ours[name], abs=1e-6)
     assert summary["experiment"] == "backdoor-rounds"
+
+
+def test_secure_aggregation_refuses_rules_that_need_each_update(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    result = CliRunner().invoke(app, ["run", "omniglot-exp1a-quick", "--engine", "flower", "--out", str(tmp_path / "x"),
+                                      "--set", "federation.secure_aggregation=true", "--set", "federation.rule=median"])
+    assert result.exit_code == 2
+    assert "needs every update on its own" in result.output and not (tmp_path / "x").exists()
+
+
+def test_flower_rules_match_ours():
+    """Where Flower has the rule, its strategy's aggregate is ours (Krum: equal weights)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmeta.config import FederationConfig
+    from fedmeta.federation.aggregation import make_rule
+    from fedmeta.federation.flower.apps import FlowerRule, flower_rule
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a Flower runtime sets
+    updates = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    updates[0] += 10.0  # an outlier
+    weights = torch.full((5,), 0.2)
+    for rule in ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"):
+        fed = FederationConfig(rule=rule)
+        ours = make_rule(fed)
+        theirs = flower_rule(fed, ours)
+        assert isinstance(theirs, FlowerRule) == (rule != "clip")
+        gen = torch.Generator().manual_seed(1)
+        torch.testing.assert_close(theirs(updates, weights, gen), ours(updates, weights, torch.Generator().manual_seed(1)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_loopback_deployment_equals_in_process_and_leaves_no_process(tmp_path, omniglot, monkeypatch):
+    from fedmeta.federation.flower.deployment import Loopback, _session_alive
+
+    cfg = load_config("omniglot-exp1a-quick", TINY + ["federation.users=3", "federation.per_round=2",
+                                                      "federation.min_updates=2", "federation.rounds=1"])
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))  # shared: the deployment reuses the pre-training
+    local = RunDir.open(tmp_path / "local", cfg)
+    local.finish(get(cfg.experiment)(cfg, local))
+    with Loopback(cfg.federation.users, home=tmp_path / "flwr") as deployment:
+        sessions = [p.pid for p in deployment.processes]
+        assert len(sessions) == 1 + cfg.federation.users
+        deployment.run(cfg, tmp_path / "deployed", timeout=1200)
+    assert not any(_session_alive(pid) for pid in sessions)
+    records, expected = RunDir(tmp_path / "deployed").records(), local.records()
+    assert [r["round"] for r in records] == [0, 1, 2] and 0 in records[1]["participants"]
+    for ours, theirs in zip(expected, records, strict=True):
+        assert sorted(theirs) == sorted(ours)
+        for name in ("meta_test_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
+            assert theirs[name] == pytest.approx(ours[name], abs=1e-6)

@@ -20,8 +20,10 @@ import dataclasses
 import functools
 import time
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import (
@@ -34,24 +36,30 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
 from torch import Tensor
 
 from fedmeta import runtime
-from fedmeta.config import Config, FederationConfig, validate
+from fedmeta.config import Config, ConfigError, FederationConfig, validate
 from fedmeta.experiments.backdoor_scenario import Scenario, build_scenario
 from fedmeta.experiments.federated import ENGINE, Engine, in_process, main_server, pretrain_server
 from fedmeta.federation.aggregation import Rule
 from fedmeta.federation.client import MetaClient, RoundSettings
 from fedmeta.federation.server import RoundReport, Server
-from fedmeta.federation.updates import ClientUpdate
+from fedmeta.federation.flower.secagg import secure_mean, secure_reply
+from fedmeta.federation.updates import ClientUpdate, add
 from fedmeta.models.conv4 import Params
 from fedmeta.runs import RunDir
 
 REPLY_TIMEOUT_S = 3600.0
 """Longest wait for a round's replies: generous, since a deployed node may train for minutes."""
+
+PLAIN = "fedmeta"
+"""The ClientApp action of a plain round (``train.fedmeta``); the default ``train`` action runs
+under SecAgg+, whose client mod only handles messages of type ``train``."""
 
 POLL_S = 0.05
 """Between pulls for replies (the deployment grid's own ``send_and_receive`` sleeps 3 s)."""
@@ -107,8 +115,9 @@ def flower_rule(fed: FederationConfig, ours: Rule) -> Rule:
 class Nodes:
     """The run's Flower nodes by user id, and one round trip to them."""
 
-    def __init__(self, grid: Grid, users: int, config_toml: str, timeout: float = REPLY_TIMEOUT_S) -> None:
-        self.grid, self.config_toml, self.timeout = grid, config_toml, timeout
+    def __init__(self, grid: Grid, context: Context, users: int, config_toml: str,
+                 timeout: float = REPLY_TIMEOUT_S) -> None:
+        self.grid, self.context, self.config_toml, self.timeout = grid, context, config_toml, timeout
         self.node_of = self._discover(users)
 
     def _discover(self, users: int) -> dict[int, int]:
@@ -124,21 +133,30 @@ class Nodes:
             raise FlowerError(f"the nodes hold users {sorted(node_of)}; expected each of 0..{users - 1} once")
         return node_of
 
+    def spec(self, user: int, settings: RoundSettings, case: str) -> dict[str, Any]:
+        """What a node needs to run ``user``'s round: the config, case, phase, round and progress."""
+        start, end = settings.progress
+        return {"config": self.config_toml, "case": case, "phase": settings.phase, "round": settings.round,
+                "progress-start": start, "progress-end": end, "user": user}
+
     def updates(self, users: list[int], params: Params, settings: RoundSettings, case: str) -> list[ClientUpdate]:
         """Each user's update of ``params``, computed on its node, in the order of ``users``."""
         arrays = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in params.items()})
-        start, end = settings.progress
         messages = [
-            Message(RecordDict({"arrays": arrays, "config": ConfigRecord({
-                "config": self.config_toml, "case": case, "phase": settings.phase, "round": settings.round,
-                "progress-start": start, "progress-end": end, "user": user,
-            })}), dst_node_id=self.node_of[user], message_type=MessageType.TRAIN,
-                group_id=f"{settings.phase}-{settings.round}")
+            Message(RecordDict({"arrays": arrays, "config": ConfigRecord(self.spec(user, settings, case))}),
+                    dst_node_id=self.node_of[user], message_type=f"{MessageType.TRAIN}.{PLAIN}",
+                    group_id=f"{settings.phase}-{settings.round}")
             for user in users
         ]
         by_user = {int(r.content["metrics"]["user-id"]): r for r in self._exchange(messages, settings.phase)}
         device = next(iter(params.values())).device
         return [_decode(by_user[u], device) for u in users]
+
+    def secure_mean(self, users: list[int], params: Params, settings: RoundSettings,
+                    case: str) -> tuple[Params, dict[int, float]]:
+        """The mean of the users' deltas through SecAgg+, and their losses."""
+        instructions = {u: (self.node_of[u], self.spec(u, settings, case)) for u in users}
+        return secure_mean(self.grid, self.context, instructions, params)
 
     def _exchange(self, messages: list[Message], what: str) -> list[Message]:
         pending = set(self.grid.push_messages(messages))
@@ -169,19 +187,31 @@ class FlowerServer(Server):
 
     nodes: Nodes = dataclasses.field(kw_only=True)
     case: str = dataclasses.field(kw_only=True)
+    secure: bool = dataclasses.field(kw_only=True, default=False)
+    """SecAgg+: the server only learns the mean (no screening; every participant is aggregated)."""
 
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
         users = self.schedule.participants(settings.round, settings.phase)
-        return self.aggregate(params, self.nodes.updates(users, params, settings, self.case), settings)
+        if not self.secure:
+            return self.aggregate(params, self.nodes.updates(users, params, settings, self.case), settings)
+        delta, losses = self.nodes.secure_mean(users, params, settings, self.case)
+        return add(params, delta), RoundReport(settings.round, users, users, [], losses)
 
 
 def flower_engine(cfg: Config, nodes: Nodes) -> Engine:
     """The ``ENGINE`` that runs every server of the experiment on ``nodes``."""
 
+    fed = cfg.federation
+    if fed.secure_aggregation and fed.weighting != "equal":
+        raise ConfigError("secure aggregation (SecAgg+) averages with equal weights; set federation.weighting = 'equal'")
+
     def engine(server: Server, scenario: Scenario, phase: str) -> Server:
+        if fed.secure_aggregation and server.rule.needs_individual_updates:
+            raise ConfigError(f"the rule {type(server.rule).__name__} needs every update on its own, which SecAgg+ "
+                              "hides from the server; use federation.rule = 'fedavg'")
         parts = {f.name: getattr(server, f.name) for f in dataclasses.fields(Server)}
-        parts["rule"] = flower_rule(cfg.federation, server.rule)
-        return FlowerServer(**parts, nodes=nodes, case=scenario.case)
+        parts["rule"] = flower_rule(fed, server.rule)
+        return FlowerServer(**parts, nodes=nodes, case=scenario.case, secure=fed.secure_aggregation)
 
     return engine
 
@@ -196,7 +226,7 @@ def server_main(grid: Grid, context: Context) -> None:
 
     config_toml = str(context.run_config["config"])
     cfg = validate(tomllib.loads(config_toml))
-    nodes = Nodes(grid, cfg.federation.users, config_toml)
+    nodes = Nodes(grid, context, cfg.federation.users, config_toml)
     token = ENGINE.set(flower_engine(cfg, nodes))
     try:
         folder = RunDir.open(Path(str(context.run_config["out"])), cfg)
@@ -219,24 +249,33 @@ def whoami(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord({"user": _own_user(context)})}), reply_to=msg)
 
 
-@clientapp.train()
+@clientapp.train(PLAIN)
 def train(msg: Message, context: Context) -> Message:
     """One round of the node's user: global weights in, its (boosted, for the attacker) delta out."""
     spec = msg.content["config"]
+    update = local_update(spec, msg.content["arrays"].to_torch_state_dict(), context)
+    return Message(RecordDict({
+        "arrays": ArrayRecord({k: v.cpu().contiguous() for k, v in update.delta.items()}),
+        "metrics": MetricRecord({"user-id": update.user, "examples": update.examples,
+                                 "num-examples": update.examples, "loss": update.metrics["loss"]}),
+    }), reply_to=msg)
+
+
+@clientapp.train(mods=[secaggplus_mod])
+def secure_train(msg: Message, context: Context) -> Message:
+    """A SecAgg+ stage; in the masked-vector stage ``secaggplus_mod`` calls back for the delta."""
+    return secure_reply(msg, lambda spec, params: local_update(spec, params, context))
+
+
+def local_update(spec: Mapping[str, Any], params: Params, context: Context) -> ClientUpdate:
+    """Run the round described by ``spec`` (config, case, phase, round, user) for the node's user."""
     user = int(spec["user"])
     if user != _own_user(context):
         raise FlowerError(f"node of user {_own_user(context)} was asked to train user {user}")
     client = _client(str(spec["config"]), str(spec["case"]), str(spec["phase"]), user)
-    device = client.images.device
-    params = {k: v.to(device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
     settings = RoundSettings(int(spec["round"]), str(spec["phase"]),
                              (float(spec["progress-start"]), float(spec["progress-end"])))
-    update = client.update(params, settings)
-    return Message(RecordDict({
-        "arrays": ArrayRecord({k: v.cpu().contiguous() for k, v in update.delta.items()}),
-        "metrics": MetricRecord({"user-id": user, "examples": update.examples, "num-examples": update.examples,
-                                 "loss": update.metrics["loss"]}),
-    }), reply_to=msg)
+    return client.update({k: v.to(client.images.device) for k, v in params.items()}, settings)
 
 
 def _client(config_toml: str, case: str, phase: str, user: int) -> MetaClient:
