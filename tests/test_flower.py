@@ -116,3 +116,23 @@ def test_loopback_deployment_equals_in_process_and_leaves_no_process(tmp_path, o
         assert sorted(theirs) == sorted(ours)
         for name in ("meta_test_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
             assert theirs[name] == pytest.approx(ours[name], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_differs_from_fedavg_by_quantization_only(tmp_path, omniglot, monkeypatch):
+    from fedmeta.federation.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    seen = _recording(monkeypatch)
+    runs = {}
+    for secure in (False, True):
+        cfg = load_config("omniglot-exp1a-quick", TINY + [f"federation.secure_aggregation={str(secure).lower()}"])
+        flower.simulate(cfg, tmp_path / str(secure), actors=2)
+        runs[secure] = list(seen)
+        seen.clear()
+    assert len(runs[True]) == len(runs[False])
+    largest = max(float((a[k] - b[k]).abs().max()) for a, b in zip(runs[False], runs[True]) for k in a)
+    print(f"largest |SecAgg+ - FedAvg| over all rounds and weights: {largest:.3g}")
+    assert largest < 4 * 2 * CLIPPING_RANGE / QUANTIZATION_RANGE * cfg.federation.rounds + 1e-6
+    records = RunDir(tmp_path / "True").records()
+    assert 0 in records[1]["participants"]  # the attack ran under SecAgg+
