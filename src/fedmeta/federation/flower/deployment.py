@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="key=value")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    # A background job ignores SIGINT; make SIGTERM unwind through Loopback.close too.
+    signal.signal(signal.SIGTERM, lambda sig, frame: sys.exit(128 + sig))
     clock = time.perf_counter()
     with Loopback(cfg.federation.users) as deployment:
         summary = deployment.run(cfg, args.out)
