@@ -26,7 +26,6 @@ os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 os.environ["RAY_DISABLE_USAGE_STATS"] = "1"
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
-os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")  # Ray's 60 s start-up limit fails on a busy machine
 
 from fedmeta.federation.flower.simulation import simulate  # noqa: E402
 
