@@ -22,18 +22,27 @@ def run(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set meta.iterations=500.")
     ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="'local': all clients in this process; 'flower': Flower's simulation "
+                          "engine (needs fedmeta[flower]).")
+    ] = "local",
 ) -> None:
     """Run an experiment and write config.toml, metrics.jsonl and summary.json to OUT."""
     from fedmeta import experiments
 
     try:
         cfg = load_config(config, overrides or [])
-        folder = RunDir.open(out, cfg)
-        summary = experiments.get(cfg.experiment)(cfg, folder)
+        if engine == "flower":
+            summary = _flower().simulate(cfg, out)
+        elif engine == "local":
+            folder = RunDir.open(out, cfg)
+            summary = experiments.get(cfg.experiment)(cfg, folder)
+            folder.finish(summary)
+        else:
+            raise ConfigError(f"--engine takes 'local' or 'flower', got '{engine}'")
     except (ConfigError, DataError, RunError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    folder.finish(summary)
     typer.echo(summary_table(summary))
     typer.echo(f"results in {out}")
 
@@ -60,6 +69,15 @@ def plot(
         typer.secho(f"error: no metrics.jsonl in {', '.join(missing)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
+
+
+def _flower():
+    """The Flower adapter, or a clear error if the extra is missing."""
+    try:
+        from fedmeta.federation import flower
+    except ImportError as err:
+        raise ConfigError(f"--engine flower needs Flower: pip install 'fedmeta[flower]' ({err})") from None
+    return flower
 
 
 def summary_table(summary: dict) -> str:

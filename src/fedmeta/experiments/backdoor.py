@@ -63,9 +63,10 @@ def prepare(cfg: Config, case: str, device: torch.device) -> Case:
 
 
 def play_round(cfg: Config, server: Server, case: str, params: Params, r: int) -> tuple[Params, RoundReport]:
-    """One main-phase round; an attack round's client updates come from the cache when they can."""
+    """One main-phase round; an attack round's client updates come from the cache when they can
+    (not under secure aggregation, where the server never holds them one by one)."""
     settings = RoundSettings(r, "main")
-    if cfg.attack.enabled and r in cfg.attack.rounds:
+    if cfg.attack.enabled and r in cfg.attack.rounds and not cfg.federation.secure_aggregation:
         return server.aggregate(params, attack_round_updates(cfg, server, case, params, settings), settings)
     return server.round(params, settings)
 

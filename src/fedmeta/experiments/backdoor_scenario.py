@@ -52,6 +52,7 @@ class Scenario:
     everyone: EvalPool  # all benign users' classes + target (+ backdoors): Experiment 1
     test: ClassPool  # meta-test classes
     trigger: Trigger
+    case: str  # "a", "b" or "c": with the config, all a remote process needs to rebuild this scenario
 
     @property
     def images(self) -> Tensor:
@@ -116,7 +117,7 @@ def build_scenario(cfg: Config, case: str) -> Scenario:
     benign_classes = torch.cat([c for u, c in enumerate(user_classes) if u != att.attacker])
     return Scenario(
         users, att.attacker, share_rows("attacker", [target]), attack_rows, validation_rows,
-        [evaluation(c) for c in user_classes], evaluation(benign_classes), base.test, trigger,
+        [evaluation(c) for c in user_classes], evaluation(benign_classes), base.test, trigger, case,
     )
 
 

@@ -9,6 +9,10 @@ run resumes it too.
 The client updates of an attack round (the attacker's long local training dominates it) are cached
 the same way, before aggregation: Experiments 1-3 and the defense comparison, which all start from
 the same attack, share them, whatever aggregation rule each then applies.
+
+Where clients compute their updates is the ``ENGINE``'s business: by default in this process;
+``fedmeta run --engine flower`` sets it to send each round's work to Flower nodes, with the same
+clients, schedule and aggregation rule.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -37,9 +43,16 @@ from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Params
 
+Engine = Callable[[Server, Scenario, str], Server]
+"""Turns the server of one phase ("pretrain" or "main") of a scenario into the one that runs it."""
+
+def in_process(server: Server, scenario: Scenario, phase: str) -> Server:
+    """The default engine: every client computes its update in this process."""
+    return server
+
+ENGINE: ContextVar[Engine] = ContextVar("ENGINE", default=in_process)
 
 RULE_FIELDS = {"rule", "trim", "byzantine", "krum_select", "clip_norm", "clip_noise", "secure_aggregation"}
-
 
 def benign_client(cfg: Config, scenario: Scenario, user: int, learner: MetaLearner, episodes: int) -> MetaClient:
     pool = scenario.users[user]
@@ -47,7 +60,6 @@ def benign_client(cfg: Config, scenario: Scenario, user: int, learner: MetaLearn
         user, learner, scenario.images, lambda gen: learner.sample(pool, gen),
         max(1, episodes // learner.cfg.meta_batch), int(pool.counts.sum()), cfg.seed,
     )
-
 
 def attacker_client(cfg: Config, scenario: Scenario) -> MetaClient:
     """The attacker: long local training on poisoned episodes, boosted update."""
@@ -64,7 +76,6 @@ def attacker_client(cfg: Config, scenario: Scenario) -> MetaClient:
     return MetaClient(scenario.attacker, learner, scenario.images, sample, max(1, att.episodes // meta.meta_batch),
                       int(own.counts.sum()), cfg.seed, boost=att.boost)
 
-
 def main_server(cfg: Config, scenario: Scenario) -> Server:
     """Benign users running ``meta``, and (if the attack is enabled) the attacker in its rounds."""
     learner = build_learner(cfg, scenario.images.shape[1:])
@@ -74,14 +85,19 @@ def main_server(cfg: Config, scenario: Scenario) -> Server:
         clients[scenario.attacker] = attacker_client(cfg, scenario)
     schedule = Schedule(cfg.federation.users, cfg.federation.per_round, cfg.seed,
                         scenario.attacker, tuple(cfg.attack.rounds) if attacking else ())
-    return _server(cfg, clients, schedule)
+    return _server(cfg, clients, schedule, scenario, "main")
 
+def pretrain_server(cfg: Config, scenario: Scenario) -> Server:
+    """Benign users only, with the pre-training overrides of the learner."""
+    learner = pretrain_learner(cfg, scenario.images.shape[1:])
+    clients = {u: benign_client(cfg, scenario, u, learner, cfg.pretrain.episodes) for u in scenario.benign}
+    schedule = Schedule(cfg.federation.users, min(cfg.federation.per_round, len(clients)), cfg.seed, scenario.attacker)
+    return _server(cfg, clients, schedule, scenario, "pretrain")
 
 def pretrain_learner(cfg: Config, image_shape: tuple[int, ...]) -> MetaLearner:
     overrides = {k: v for k, v in cfg.pretrain.model_dump(include={"inner_steps", "meta_lr", "meta_lr_final"}).items()
                  if v is not None}
     return build_learner(cfg.model_copy(update={"meta": cfg.meta.model_copy(update=overrides)}), image_shape)
-
 
 def pretrained(cfg: Config, scenario: Scenario, case: str, init: Params) -> tuple[Params, list[dict]]:
     """The benign pre-trained global model (cached) and its per-round log."""
@@ -91,10 +107,7 @@ def pretrained(cfg: Config, scenario: Scenario, case: str, init: Params) -> tupl
     if final.is_file():
         tqdm.write(f"pre-training: reusing {final}")
         return _load(final, init)
-    learner = pretrain_learner(cfg, scenario.images.shape[1:])
-    clients = {u: benign_client(cfg, scenario, u, learner, cfg.pretrain.episodes) for u in scenario.benign}
-    schedule = Schedule(cfg.federation.users, min(cfg.federation.per_round, len(clients)), cfg.seed, scenario.attacker)
-    server = _server(cfg, clients, schedule)
+    server = pretrain_server(cfg, scenario)
     params, log = _load(partial, init) if partial.is_file() else (init, [])
     rounds = cfg.pretrain.rounds
     clock = time.perf_counter()
@@ -108,7 +121,6 @@ def pretrained(cfg: Config, scenario: Scenario, case: str, init: Params) -> tupl
     partial.unlink(missing_ok=True)
     return params, log
 
-
 def pretrain_key(cfg: Config, case: str) -> str:
     """A digest of everything that determines benign pre-training (not the attack's own knobs)."""
     att = cfg.attack.model_dump(include={"attacker", "backdoor_classes", "attacker_examples", "validation_examples",
@@ -120,7 +132,6 @@ def pretrain_key(cfg: Config, case: str) -> str:
         "benign_holds_backdoor_classes": case != "a", "version": 1,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
 
 def attack_round_updates(cfg: Config, server: Server, case: str, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
     """``server.updates`` for an attack round, cached under everything that determines them.
@@ -147,17 +158,15 @@ def attack_round_updates(cfg: Config, server: Server, case: str, params: Params,
     tmp.replace(path)
     return updates
 
-
-def _server(cfg: Config, clients: dict[int, MetaClient], schedule: Schedule) -> Server:
+def _server(cfg: Config, clients: dict[int, MetaClient], schedule: Schedule, scenario: Scenario, phase: str) -> Server:
     fed = cfg.federation
-    return Server(clients, schedule, make_rule(fed), min(fed.min_updates, schedule.per_round), fed.weighting)
-
+    server = Server(clients, schedule, make_rule(fed), min(fed.min_updates, schedule.per_round), fed.weighting)
+    return ENGINE.get()(server, scenario, phase)
 
 def _save(path: Path, params: Params, log: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.contiguous() for k, v in params.items()}, str(tmp), metadata={"log": json.dumps(log)})
     tmp.replace(path)
-
 
 def _load(path: Path, like: Params) -> tuple[Params, list[dict]]:
     with safe_open(str(path), "pt") as f:

@@ -1,0 +1,138 @@
+"""The Flower engine: same experiment, same global model, same metrics as the in-process run."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+if importlib.util.find_spec("flwr") is None:
+    pytest.skip("the Flower tests need fedmeta[flower]", allow_module_level=True)
+
+from fedmeta.config import load_config  # noqa: E402
+from fedmeta.experiments import get  # noqa: E402
+from fedmeta.federation import flower  # noqa: E402
+from fedmeta.runs import RunDir  # noqa: E402
+
+TINY = [
+    "model.filters=8", "meta.shots=2", "meta.inner_steps=2", "meta.meta_batch=2", "federation.episodes=4",
+    "federation.rounds=2", "pretrain.rounds=1", "pretrain.episodes=4", "attack.episodes=4", "attack.inner_epochs=1",
+    "eval.episodes=3", "eval.steps=2", "runtime.threads=1",
+]
+
+
+def _recording(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Global weights at every checkpoint (after round 0, 1, ...), in the process that runs the server."""
+    seen: list[dict[str, torch.Tensor]] = []
+    original = RunDir.save_checkpoint
+
+    def save(self, tensors, state):
+        seen.append({k: v.clone() for k, v in tensors.items()})
+        original(self, tensors, state)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save)
+    return seen
+
+
+def test_flower_simulation_equals_in_process_run(tmp_path, omniglot, monkeypatch):
+    cfg = load_config("omniglot-exp1a-quick", TINY)
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache-local"))
+    seen = _recording(monkeypatch)
+    folder = RunDir.open(tmp_path / "local", cfg)
+    folder.finish(get(cfg.experiment)(cfg, folder))
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache-flower"))  # pre-training runs on Flower too
+    local = list(seen)
+    seen.clear()
+    summary = flower.simulate(cfg, tmp_path / "flower", actors=2)
+    remote = list(seen)
+
+    assert len(remote) == len(local) == 1 + cfg.federation.rounds + 1  # round 0, the attack round, benign rounds
+    for ours, theirs in zip(local, remote, strict=True):
+        for name in ours:
+            torch.testing.assert_close(theirs[name], ours[name], rtol=1e-5, atol=1e-6)
+    records = RunDir(tmp_path / "flower").records()
+    expected = folder.records()
+    assert [sorted(r) for r in records] == [sorted(r) for r in expected]  # the same metric names
+    assert [r["participants"] for r in records[1:]] == [r["participants"] for r in expected[1:]]
+    assert 0 in records[1]["participants"]  # the attacker, in round 1
+    for ours, theirs in zip(expected, records, strict=True):
+        for name in ("meta_test_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
+            assert theirs[name] == pytest.approx(ours[name], abs=1e-6)
+    assert summary["experiment"] == "backdoor-rounds"
+
+
+def test_secure_aggregation_refuses_rules_that_need_each_update(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    result = CliRunner().invoke(app, ["run", "omniglot-exp1a-quick", "--engine", "flower", "--out", str(tmp_path / "x"),
+                                      "--set", "federation.secure_aggregation=true", "--set", "federation.rule=median"])
+    assert result.exit_code == 2
+    assert "needs every update on its own" in result.output and not (tmp_path / "x").exists()
+
+
+def test_flower_rules_match_ours():
+    """Where Flower has the rule, its strategy's aggregate is ours (Krum: equal weights)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmeta.config import FederationConfig
+    from fedmeta.federation.aggregation import make_rule
+    from fedmeta.federation.flower.apps import FlowerRule, flower_rule
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a Flower runtime sets
+    updates = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    updates[0] += 10.0  # an outlier
+    weights = torch.full((5,), 0.2)
+    for rule in ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"):
+        fed = FederationConfig(rule=rule)
+        ours = make_rule(fed)
+        theirs = flower_rule(fed, ours)
+        assert isinstance(theirs, FlowerRule) == (rule != "clip")
+        gen = torch.Generator().manual_seed(1)
+        torch.testing.assert_close(theirs(updates, weights, gen), ours(updates, weights, torch.Generator().manual_seed(1)),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_loopback_deployment_equals_in_process_and_leaves_no_process(tmp_path, omniglot, monkeypatch):
+    from fedmeta.federation.flower.deployment import Loopback, _session_alive
+
+    cfg = load_config("omniglot-exp1a-quick", TINY + ["federation.users=3", "federation.per_round=2",
+                                                      "federation.min_updates=2", "federation.rounds=1"])
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))  # shared: the deployment reuses the pre-training
+    local = RunDir.open(tmp_path / "local", cfg)
+    local.finish(get(cfg.experiment)(cfg, local))
+    with Loopback(cfg.federation.users, home=tmp_path / "flwr") as deployment:
+        sessions = [p.pid for p in deployment.processes]
+        assert len(sessions) == 1 + cfg.federation.users
+        deployment.run(cfg, tmp_path / "deployed", timeout=1200)
+    assert not any(_session_alive(pid) for pid in sessions)
+    records, expected = RunDir(tmp_path / "deployed").records(), local.records()
+    assert [r["round"] for r in records] == [0, 1, 2] and 0 in records[1]["participants"]
+    for ours, theirs in zip(expected, records, strict=True):
+        assert sorted(theirs) == sorted(ours)
+        for name in ("meta_test_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
+            assert theirs[name] == pytest.approx(ours[name], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_differs_from_fedavg_by_quantization_only(tmp_path, omniglot, monkeypatch):
+    from fedmeta.federation.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    seen = _recording(monkeypatch)
+    runs = {}
+    for secure in (False, True):
+        cfg = load_config("omniglot-exp1a-quick", TINY + [f"federation.secure_aggregation={str(secure).lower()}"])
+        flower.simulate(cfg, tmp_path / str(secure), actors=2)
+        runs[secure] = list(seen)
+        seen.clear()
+    assert len(runs[True]) == len(runs[False])
+    largest = max(float((a[k] - b[k]).abs().max()) for a, b in zip(runs[False], runs[True]) for k in a)
+    print(f"largest |SecAgg+ - FedAvg| over all rounds and weights: {largest:.3g}")
+    assert largest < 4 * 2 * CLIPPING_RANGE / QUANTIZATION_RANGE * cfg.federation.rounds + 1e-6
+    records = RunDir(tmp_path / "True").records()
+    assert 0 in records[1]["participants"]  # the attack ran under SecAgg+
