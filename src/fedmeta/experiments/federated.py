@@ -139,6 +139,8 @@ def attack_round_updates(cfg: Config, server: Server, case: str, params: Params,
     The aggregation rule is left out of the key for round 1 only: its input, the pre-trained model,
     does not depend on the rule of the main rounds.
     """
+    if ENGINE.get() is not in_process:  # remote clients compute their updates where they run
+        return server.updates(params, settings)
     rule_free = cfg.federation.model_dump(exclude={"rounds", *(RULE_FIELDS if settings.round == 1 else ())})
     parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases"}), "meta": cfg.meta.model_dump(),
              "federation": rule_free, "round": settings.round, "version": 1}
