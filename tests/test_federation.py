@@ -247,3 +247,12 @@ def test_finetune_run_writes_curves_per_case_and_user(tmp_path, omniglot):
     for r in records:
         for name in ("meta_test_accuracy", "main_task_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
             assert 0.0 <= r[name] <= 1.0
+
+
+def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():
+    from fedmeta.experiments.federated import pretrain_key
+
+    base = pretrain_key(load_config("omniglot-exp1a-quick"), "a")
+    assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.trim=0.34", "federation.clip_norm=0.2"]), "a") == base
+    assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.rule=krum"]), "a") != base
+    assert pretrain_key(load_config("omniglot-exp1a-quick"), "b") != base  # benign users hold the backdoor classes

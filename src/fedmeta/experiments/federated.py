@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from fedmeta.attacks.backdoor import poisoned_episodes
-from fedmeta.config import Config
+from fedmeta.config import Config, FederationConfig, ModelConfig
 from fedmeta.data.files import cache_dir
 from fedmeta.experiments.backdoor_scenario import Scenario
 from fedmeta.experiments.common import build_learner
@@ -126,12 +126,28 @@ def pretrain_key(cfg: Config, case: str) -> str:
     att = cfg.attack.model_dump(include={"attacker", "backdoor_classes", "attacker_examples", "validation_examples",
                                          "benign_examples"})
     parts = {
-        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": cfg.model.model_dump(),
+        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": _model_key(cfg.model),
         "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
-        "federation": cfg.federation.model_dump(exclude={"rounds", "episodes"}), "attack": att,
+        "federation": _rule_normalised(cfg.federation).model_dump(exclude={"rounds", "episodes"}), "attack": att,
         "benign_holds_backdoor_classes": case != "a", "version": 1,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+def _model_key(model: ModelConfig) -> dict:
+    """Conv4's fields only, for Conv4: options of other architectures do not split its cache."""
+    return model.model_dump(exclude={"architecture", "hidden"}) if model.architecture == "conv4" else model.model_dump()
+
+
+RULE_PARAMETERS = {"fedavg": (), "median": (), "trimmed-mean": ("trim",), "krum": ("byzantine",),
+                   "multi-krum": ("byzantine", "krum_select"), "clip": ("clip_norm", "clip_noise")}
+
+
+def _rule_normalised(fed: FederationConfig) -> FederationConfig:
+    """``fed`` with the parameters its rule does not read (and secure aggregation, which does not
+    change what FedAvg computes) at their defaults, so that they do not split the cache."""
+    unused = RULE_FIELDS - {"rule", *RULE_PARAMETERS[fed.rule]}
+    return fed.model_copy(update={k: FederationConfig.model_fields[k].default for k in unused})
+
 
 def attack_round_updates(cfg: Config, server: Server, case: str, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
     """``server.updates`` for an attack round, cached under everything that determines them.
