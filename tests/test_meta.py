@@ -64,7 +64,10 @@ def test_reptile_with_one_episode_and_epsilon_one_is_plain_adam(omniglot, tiny):
         F.cross_entropy(tiny(ref, x[0, s]), y[0, s]).backward()
         opt.step()
     for k in params:
-        assert torch.allclose(new[k], ref[k], atol=1e-6), k
+        # Within a tenth of one Adam step (lr = 1e-3): Adam divides by |g| + eps, so the round-off of
+        # differently ordered convolution sums (it changes with the thread count) moves small-gradient
+        # coordinates by up to a few percent of a step. A wrong update would be off by whole steps.
+        assert torch.allclose(new[k], ref[k], atol=1e-4, rtol=0), k
 
 
 def test_maml_meta_gradient_matches_finite_differences():

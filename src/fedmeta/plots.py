@@ -63,7 +63,7 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         fig = _comparison(records)
     else:
         raise ValueError(f"no figure for experiment '{experiment}'")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1.0 + 0.05 * (title.count("\n") + 1))  # above the panel titles
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
