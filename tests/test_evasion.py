@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import brief_fomaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmeta.attacks.evasion import LinfAttack, cross_entropy_of, pgd, pixels, robust_meta_test
-from fedmeta.config import EvalConfig, MetaConfig
-from fedmeta.meta.learner import Maml
+from fedmeta.config import EvalConfig
 from fedmeta.models.conv4 import Conv4
 
 
@@ -86,17 +86,7 @@ def test_attack_leaves_no_gradient_on_the_weights(tiny):
 @pytest.fixture(scope="module")
 def trained(omniglot):
     """A first-order MAML learner trained briefly on real Omniglot (1-shot, about 50% against 20% chance)."""
-    train = omniglot.pool(torch.arange(0, 600), rotations=True)
-    test = omniglot.pool(torch.arange(1200, 1623), rotations=False)
-    model = Conv4(1, 28, 5, filters=16)
-    cfg = MetaConfig(algorithm="fomaml", shots=1, queries=5, inner_steps=1, inner_lr=0.4, meta_lr=3e-3, meta_batch=8)
-    learner = Maml(model, cfg)
-    gen = torch.Generator().manual_seed(0)
-    params = model.init(gen)
-    state = learner.init_state(params)
-    for it in range(120):
-        params, state, _ = learner.train_step(params, state, learner.sample(train, gen), train.images, gen, it / 120)
-    return learner, params, test
+    return brief_fomaml(omniglot, 120, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize(("transductive", "episodes"), [(True, 30), (False, 12)])  # non-transductive costs 6x

@@ -217,25 +217,14 @@ def _run(path, preset, overrides=()):
     return folder
 
 
-def test_rounds_run_logs_every_round_and_resumes_exactly(tmp_path, omniglot, monkeypatch):
+def test_rounds_run_logs_every_round_and_resumes_exactly(tmp_path, omniglot, killed_at_checkpoint):
     reference = _run(tmp_path / "ref", "omniglot-exp1a-quick")
     records = reference.records()
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert 0 in records[1]["participants"] and 0 in records[1]["aggregated"]  # the attacker joins round 1 only
     assert all(0 not in r.get("participants", []) for r in records if r["round"] != 1)
-    original = RunDir.save_checkpoint
-    calls = {"n": 0}
-
-    def dying(self, tensors, state):
-        calls["n"] += 1
-        if calls["n"] == 3:  # after logging round 2, before its checkpoint
-            raise KeyboardInterrupt
-        original(self, tensors, state)
-
-    monkeypatch.setattr(RunDir, "save_checkpoint", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_checkpoint(3):  # after logging round 2, before its checkpoint
         _run(tmp_path / "killed", "omniglot-exp1a-quick")
-    monkeypatch.setattr(RunDir, "save_checkpoint", original)
     assert _run(tmp_path / "killed", "omniglot-exp1a-quick").records() == records
 
 

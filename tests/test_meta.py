@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from conftest import brief_fomaml
 
 from fedmeta.config import EvalConfig, MetaConfig
 from fedmeta.data.episodes import gather, sample_episodes
 from fedmeta.meta.adam import AdamState
 from fedmeta.meta.evaluation import meta_test, predict
-from fedmeta.meta.learner import Maml, Reptile
+from fedmeta.meta.learner import Reptile
 from fedmeta.meta.maml import task_meta_gradient
 from fedmeta.meta.reptile import reptile_step, reptile_step_batched
 from fedmeta.models.conv4 import Conv4
@@ -119,16 +120,8 @@ def test_short_reptile_run_beats_chance(omniglot):
 
 
 def test_short_maml_run_beats_chance(omniglot):
-    train = omniglot.pool(torch.arange(0, 600), rotations=True)
-    test = omniglot.pool(torch.arange(1200, 1623), rotations=False)
-    model = Conv4(1, 28, 5, filters=16)
-    cfg = MetaConfig(algorithm="fomaml", shots=1, queries=5, inner_steps=1, inner_lr=0.4, meta_lr=3e-3, meta_batch=8)
-    learner = Maml(model, cfg)
     gen = torch.Generator().manual_seed(0)
-    params = model.init(gen)
-    state = learner.init_state(params)
-    for it in range(150):
-        params, state, _ = learner.train_step(params, state, learner.sample(train, gen), train.images, gen, it / 150)
+    learner, params, test = brief_fomaml(omniglot, 150, gen)
     acc = meta_test(learner, params, test, EvalConfig(steps=3, transductive=True), shots=1, episodes=40, lr=0.4, gen=gen)
     assert acc.mean > 0.5, acc
 

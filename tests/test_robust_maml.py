@@ -117,22 +117,11 @@ def test_run_compares_the_learners_with_metrics_and_a_table(tmp_path, omniglot):
     assert {f"weights-{name}.safetensors" for name in learners} <= {p.name for p in folder.path.iterdir()}
 
 
-def test_robustness_run_resumes_after_a_kill_with_identical_metrics(tmp_path, omniglot, monkeypatch):
+def test_robustness_run_resumes_after_a_kill_with_identical_metrics(tmp_path, omniglot, killed_at_checkpoint):
     overrides = ["robust.learners=['maml', 'rmaml-trades']"]
     reference = _run(tmp_path / "ref", overrides)
-    calls = {"n": 0}
-    original = RunDir.save_checkpoint
-
-    def dying_checkpoint(self, tensors, state):  # killed in the middle of the second learner
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        original(self, tensors, state)
-
-    monkeypatch.setattr(RunDir, "save_checkpoint", dying_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_checkpoint(5):  # killed in the middle of the second learner
         _run(tmp_path / "killed", overrides)
-    monkeypatch.setattr(RunDir, "save_checkpoint", original)
     assert _run(tmp_path / "killed", overrides).records() == reference.records()
 
 
@@ -164,21 +153,10 @@ def test_federated_cases_cannot_have_more_plain_clients_than_users():
         load_config("omniglot-rmaml-federated-quick", ["robust.maml_clients=[5]"])
 
 
-def test_federated_run_resumes_after_a_kill_with_identical_metrics(tmp_path, omniglot, monkeypatch):
+def test_federated_run_resumes_after_a_kill_with_identical_metrics(tmp_path, omniglot, killed_at_checkpoint):
     reference, _ = _run_federated(tmp_path / "ref")
-    calls = {"n": 0}
-    original = RunDir.save_checkpoint
-
-    def dying_checkpoint(self, tensors, state):  # killed after the first round of the second case
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        original(self, tensors, state)
-
-    monkeypatch.setattr(RunDir, "save_checkpoint", dying_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_checkpoint(4):  # killed after the first round of the second case
         _run_federated(tmp_path / "killed")
-    monkeypatch.setattr(RunDir, "save_checkpoint", original)
     assert _run_federated(tmp_path / "killed")[0].records() == reference.records()
 
 

@@ -43,22 +43,11 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path, omniglot):
     assert a == b and a != c
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, omniglot, monkeypatch):
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, omniglot, killed_at_checkpoint):
     reference = _run(tmp_path / "ref")
-    calls = {"n": 0}
-    original = RunDir.save_checkpoint
-
-    def dying_checkpoint(self, tensors, state):  # killed after logging step 4, before its checkpoint
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        original(self, tensors, state)
-
-    monkeypatch.setattr(RunDir, "save_checkpoint", dying_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_checkpoint(2):  # killed after logging step 4, before its checkpoint
         _run(tmp_path / "killed")
     assert len(RunDir(tmp_path / "killed").records()) == 2  # line of step 4 written, checkpoint of step 2 kept
-    monkeypatch.setattr(RunDir, "save_checkpoint", original)
     resumed = _run(tmp_path / "killed")
     assert resumed.records() == reference.records()
     ours, ref = load_file(str(resumed.path / "weights.safetensors")), load_file(str(reference.path / "weights.safetensors"))
