@@ -1,8 +1,11 @@
-"""The Flower engine: same experiment, same global model, same metrics as the in-process run."""
+"""The Flower engine: same experiment, same global model, same metrics as the in-process run,
+in simulation, under SecAgg+ (up to quantization) and deployed as processes on loopback."""
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch
 if importlib.util.find_spec("flwr") is None:
     pytest.skip("the Flower tests need fedmeta[flower]", allow_module_level=True)
 
-from fedmeta.config import load_config  # noqa: E402
+from fedmeta.config import Config, load_config  # noqa: E402
 from fedmeta.experiments import get  # noqa: E402
 from fedmeta.federation import flower  # noqa: E402
 from fedmeta.runs import RunDir  # noqa: E402
@@ -35,32 +38,67 @@ def _recording(monkeypatch) -> list[dict[str, torch.Tensor]]:
     return seen
 
 
-def test_flower_simulation_equals_in_process_run(tmp_path, omniglot, monkeypatch):
+@dataclass
+class Plain:
+    """The tiny config run in-process and on Flower's simulation, with the weights of each checkpoint."""
+
+    cfg: Config
+    local: RunDir
+    flower: RunDir
+    local_weights: list[dict[str, torch.Tensor]]
+    flower_weights: list[dict[str, torch.Tensor]]
+    summary: dict
+    cache: Path
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, omniglot) -> Plain:
+    """Shared by the equivalence and SecAgg+ tests: each Ray start-up costs seconds."""
+    root = tmp_path_factory.mktemp("plain")
     cfg = load_config("omniglot-exp1a-quick", TINY)
-    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache-local"))
-    seen = _recording(monkeypatch)
-    folder = RunDir.open(tmp_path / "local", cfg)
-    folder.finish(get(cfg.experiment)(cfg, folder))
+    with pytest.MonkeyPatch.context() as mp:
+        seen = _recording(mp)
+        mp.setenv("FEDMETA_CACHE", str(root / "cache-local"))
+        local = RunDir.open(root / "local", cfg)
+        local.finish(get(cfg.experiment)(cfg, local))
+        local_weights = list(seen)
+        seen.clear()
+        mp.setenv("FEDMETA_CACHE", str(root / "cache-flower"))  # pre-training runs on Flower too
+        summary = flower.simulate(cfg, root / "flower", actors=2)
+    return Plain(cfg, local, RunDir(root / "flower"), local_weights, seen, summary, root / "cache-flower")
 
-    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache-flower"))  # pre-training runs on Flower too
-    local = list(seen)
-    seen.clear()
-    summary = flower.simulate(cfg, tmp_path / "flower", actors=2)
-    remote = list(seen)
 
-    assert len(remote) == len(local) == 1 + cfg.federation.rounds + 1  # round 0, the attack round, benign rounds
-    for ours, theirs in zip(local, remote, strict=True):
+def test_flower_simulation_equals_in_process_run(plain):
+    cfg = plain.cfg
+    rounds = 1 + 1 + cfg.federation.rounds  # round 0, the attack round, the benign rounds
+    assert len(plain.flower_weights) == len(plain.local_weights) == rounds
+    for ours, theirs in zip(plain.local_weights, plain.flower_weights, strict=True):
         for name in ours:
             torch.testing.assert_close(theirs[name], ours[name], rtol=1e-5, atol=1e-6)
-    records = RunDir(tmp_path / "flower").records()
-    expected = folder.records()
+    records, expected = plain.flower.records(), plain.local.records()
     assert [sorted(r) for r in records] == [sorted(r) for r in expected]  # the same metric names
     assert [r["participants"] for r in records[1:]] == [r["participants"] for r in expected[1:]]
     assert 0 in records[1]["participants"]  # the attacker, in round 1
     for ours, theirs in zip(expected, records, strict=True):
         for name in ("meta_test_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
             assert theirs[name] == pytest.approx(ours[name], abs=1e-6)
-    assert summary["experiment"] == "backdoor-rounds"
+    assert plain.summary["experiment"] == "backdoor-rounds"
+
+
+def test_secure_aggregation_differs_from_fedavg_by_quantization_only(plain, tmp_path, monkeypatch):
+    from fedmeta.federation.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(plain.cache))  # the same pre-trained model as the plain run
+    seen = _recording(monkeypatch)
+    cfg = load_config("omniglot-exp1a-quick", TINY + ["federation.secure_aggregation=true"])
+    flower.simulate(cfg, tmp_path / "secure", actors=2)
+    assert len(seen) == len(plain.flower_weights)
+    largest = max(float((a[k] - b[k]).abs().max()) for a, b in zip(plain.flower_weights, seen) for k in a)
+    print(f"largest |SecAgg+ - FedAvg| over all rounds and weights: {largest:.3g}")
+    step = 2 * CLIPPING_RANGE / QUANTIZATION_RANGE  # one quantization level
+    assert 0 < largest < 4 * step * (1 + cfg.federation.rounds)  # the attack round, then the benign ones
+    records = RunDir(tmp_path / "secure").records()
+    assert [r["round"] for r in records] == [0, 1, 2, 3] and 0 in records[1]["participants"]  # attacked under SecAgg+
 
 
 def test_secure_aggregation_refuses_rules_that_need_each_update(tmp_path):
@@ -96,7 +134,6 @@ def test_flower_rules_match_ours():
                                    rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
 def test_loopback_deployment_equals_in_process_and_leaves_no_process(tmp_path, omniglot, monkeypatch):
     from fedmeta.federation.flower.deployment import Loopback, _session_alive
 
@@ -118,21 +155,13 @@ def test_loopback_deployment_equals_in_process_and_leaves_no_process(tmp_path, o
             assert theirs[name] == pytest.approx(ours[name], abs=1e-6)
 
 
-@pytest.mark.slow
-def test_secure_aggregation_differs_from_fedavg_by_quantization_only(tmp_path, omniglot, monkeypatch):
-    from fedmeta.federation.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
-
+def test_attack_and_local_defense_run_under_secure_aggregation(tmp_path, omniglot, monkeypatch):
+    """Exp 3 on Flower with SecAgg+: the attack round is masked, the defense runs at each benign user."""
     monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
-    seen = _recording(monkeypatch)
-    runs = {}
-    for secure in (False, True):
-        cfg = load_config("omniglot-exp1a-quick", TINY + [f"federation.secure_aggregation={str(secure).lower()}"])
-        flower.simulate(cfg, tmp_path / str(secure), actors=2)
-        runs[secure] = list(seen)
-        seen.clear()
-    assert len(runs[True]) == len(runs[False])
-    largest = max(float((a[k] - b[k]).abs().max()) for a, b in zip(runs[False], runs[True]) for k in a)
-    print(f"largest |SecAgg+ - FedAvg| over all rounds and weights: {largest:.3g}")
-    assert largest < 4 * 2 * CLIPPING_RANGE / QUANTIZATION_RANGE * cfg.federation.rounds + 1e-6
-    records = RunDir(tmp_path / "True").records()
-    assert 0 in records[1]["participants"]  # the attack ran under SecAgg+
+    cfg = load_config("omniglot-exp3-quick", TINY + ["federation.secure_aggregation=true", "attack.cases=['a']",
+                                                     "defense.head_steps=1", "finetune.steps=2", "finetune.every=2",
+                                                     "finetune.episodes=2", "finetune.users=1"])
+    flower.simulate(cfg, tmp_path / "exp3", actors=2)
+    records = RunDir(tmp_path / "exp3").records()
+    assert [(r["case"], r["step"]) for r in records] == [("a", 0), ("a", 2)]
+    assert all(0.0 <= r["attack_val_accuracy"] <= 1.0 for r in records)

@@ -13,6 +13,7 @@ from fedmeta.config import ConfigError, MetaConfig, load_config
 from fedmeta.defenses.robust_maml import ROBUST_METHODS, RobustMaml, make_robust_learner, trades_loss
 from fedmeta.experiments import get
 from fedmeta.meta.learner import Maml
+from fedmeta.plots import plot_runs
 from fedmeta.runs import RunDir
 
 CFG = MetaConfig(algorithm="fomaml", shots=1, queries=3, inner_steps=2, inner_lr=0.1, meta_lr=1e-3, meta_batch=2)
@@ -115,6 +116,7 @@ def test_run_compares_the_learners_with_metrics_and_a_table(tmp_path, omniglot):
     assert {"standard_accuracy", "standard_accuracy_ci95", "robust_accuracy", "robust_accuracy_ci95",
             "seconds_per_iteration"} <= set(row)
     assert {f"weights-{name}.safetensors" for name in learners} <= {p.name for p in folder.path.iterdir()}
+    assert plot_runs([folder.path], tmp_path / "figure.png").stat().st_size > 10_000
 
 
 def test_robustness_run_resumes_after_a_kill_with_identical_metrics(tmp_path, omniglot, killed_at_checkpoint):
@@ -146,6 +148,7 @@ def test_federated_run_evaluates_each_case_of_plain_maml_clients(tmp_path, omnig
         assert 0.0 <= r["robust_accuracy"] <= r["standard_accuracy"] <= 1.0
     assert set(summary["cases"]) == {"0 MAML of 4", "4 MAML of 4"} and summary["client_learner"] == "rmaml-trades"
     assert summary["cases"]["0 MAML of 4"]["seconds_per_round"] > 0
+    assert plot_runs([folder.path], tmp_path / "figure.png").stat().st_size > 10_000
 
 
 def test_federated_cases_cannot_have_more_plain_clients_than_users():

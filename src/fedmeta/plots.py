@@ -5,6 +5,9 @@
 - ``backdoor-finetune`` (Figs 5-6) and ``defense-finetune`` (Figs 7-8): one row per case, one
   column per benign user, accuracy against fine-tuning steps.
 - ``defense-comparison``: grouped bars, one group per defense.
+- ``robustness`` and ``robustness-federated`` (paper 002): standard and robust accuracy against
+  meta-iterations (or rounds), one line per learner (or per number of plain-MAML clients); the
+  final evaluation as a star with its 95% interval.
 - ``membership`` (paper 001, Figs. 4-5 and the defense curves): reconstructions of members and
   non-members beside their priors; attack AUC against meta-test accuracy for each noise defense;
   attack accuracy against the number of ways; AUC against the number of aggregated tasks.
@@ -49,7 +52,7 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         raise ValueError(f"runs of different experiments cannot share a figure: {sorted(experiments)}")
     experiment = experiments.pop()
     records = [r for _, rs in runs for r in rs]
-    title = "\n".join(textwrap.shorten(config.get("description", ""), 110) for config, _ in runs)
+    title = "\n".join(dict.fromkeys(textwrap.shorten(config.get("description", ""), 110) for config, _ in runs))
     if experiment == "pretrain":
         fig = _pretrain(records)
     elif experiment == "backdoor-rounds":
@@ -61,6 +64,8 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         fig = _grid(records, rows=_cases(records), cols=users, axis="step")
     elif experiment == "defense-comparison":
         fig = _comparison(records)
+    elif experiment in ("robustness", "robustness-federated"):
+        fig = _robustness(records, *(("learner", "step") if experiment == "robustness" else ("case", "round")))
     else:
         raise ValueError(f"no figure for experiment '{experiment}'")
     fig.suptitle(title, fontsize=9, y=1.0 + 0.05 * (title.count("\n") + 1))  # above the panel titles
@@ -130,6 +135,28 @@ def _comparison(records: list[dict[str, Any]]) -> plt.Figure:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=len(bars), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    return fig
+
+
+def _robustness(records: list[dict[str, Any]], key: str, axis: str) -> plt.Figure:
+    """Standard and robust accuracy during training, one colour per learner (or federation)."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    attack = f"PGD-{records[0]['pgd_steps']} at {records[0]['epsilon_255']:g}/255"
+    for ax, metric, name in zip(axes, ("standard_accuracy", "robust_accuracy"),
+                                ("standard accuracy (clean queries)", f"robust accuracy ({attack})"), strict=True):
+        for k, group in enumerate(dict.fromkeys(r[key] for r in records)):
+            rows, color = [r for r in records if r[key] == group], f"C{k}"
+            points, final = [r for r in rows if not r.get("final")], [r for r in rows if r.get("final")]
+            label = f"{group}: {100 * final[-1][metric]:.1f}%" if final else str(group)
+            ax.plot([r[axis] for r in points], [r[metric] for r in points], marker="o", ms=3, color=color, label=label)
+            for r in final:
+                ax.errorbar(r[axis], r[metric], yerr=r[f"{metric}_ci95"], marker="*", ms=10, color=color, capsize=3)
+        ax.set(title=name, xlabel="meta-iteration" if axis == "step" else "round", ylim=(0, 1))
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("accuracy")
+    fig.tight_layout()
     return fig
 
 

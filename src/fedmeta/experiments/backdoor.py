@@ -146,6 +146,7 @@ def run_rounds(cfg: Config, out: RunDir) -> dict[str, Any]:
     clock = time.perf_counter()
     tensors, done = _resume(out)
     last_round = max(cfg.attack.rounds) + cfg.federation.rounds
+    seconds: dict[str, dict[int, float]] = {}  # per case and round played here, evaluation excluded
     for index, name in enumerate(cfg.attack.cases):
         if index < done.get("case", 0):
             continue
@@ -159,13 +160,15 @@ def run_rounds(cfg: Config, out: RunDir) -> dict[str, Any]:
             _checkpoint(out, params, {"case": index, "round": 0})
         server = main_server(cfg, case.scenario)
         for r in tqdm(range(start + 1, last_round + 1), initial=start, total=last_round, desc=f"case {name}", unit="round"):
+            started = time.perf_counter()
             params, report = play_round(cfg, server, name, params, r)
+            seconds.setdefault(name, {})[r] = round(time.perf_counter() - started, 2)
             info = {"participants": report.participants, "aggregated": report.aggregated, "rejected": report.rejected}
-            _log(out, {"case": name, "round": r, **info, **evaluate(params)}, clock)
+            _log(out, {"case": name, "round": r, **info, **evaluate(params)}, clock, f"round {seconds[name][r]:.1f} s")
             _checkpoint(out, params, {"case": index, "round": r})
         out.save_weights(params, f"weights-case-{name}.safetensors")
         done = {}
-    return _summary(cfg, out, "round", clock)
+    return _summary(cfg, out, "round", clock) | {"round_seconds": seconds}
 
 
 UserCurves = Callable[[Case, Params, int, list[int]], dict[int, dict[str, Accuracy]]]
@@ -227,10 +230,11 @@ def _checkpoint(out: RunDir, params: Params, state: dict[str, Any]) -> None:
     out.save_checkpoint(params, state)
 
 
-def _log(out: RunDir, record: dict[str, Any], clock: float, quiet: bool = False) -> None:
+def _log(out: RunDir, record: dict[str, Any], clock: float, note: str = "", quiet: bool = False) -> None:
     out.log(record)
     if not quiet:
-        tqdm.write(format_record(record, METRICS) + f" | {format_duration(time.perf_counter() - clock)}")
+        tqdm.write(" | ".join([format_record(record, METRICS), *([note] if note else []),
+                               f"total {format_duration(time.perf_counter() - clock)}"]))
 
 
 def _summary(cfg: Config, out: RunDir, axis: str, clock: float) -> dict[str, Any]:

@@ -61,8 +61,10 @@ PLAIN = "fedmeta"
 """The ClientApp action of a plain round (``train.fedmeta``); the default ``train`` action runs
 under SecAgg+, whose client mod only handles messages of type ``train``."""
 
-POLL_S = 0.05
-"""Between pulls for replies (the deployment grid's own ``send_and_receive`` sleeps 3 s)."""
+POLL_S = (0.05, 1.0)
+"""First and longest wait between pulls for replies, growing by half each time: quick replies
+(simulation, tests) come back at once, long rounds are not polled 20 times a second (the
+deployment grid's own ``send_and_receive`` sleeps 3 s)."""
 
 
 class FlowerError(RuntimeError):
@@ -161,7 +163,7 @@ class Nodes:
     def _exchange(self, messages: list[Message], what: str) -> list[Message]:
         pending = set(self.grid.push_messages(messages))
         replies: list[Message] = []
-        deadline = time.monotonic() + self.timeout
+        deadline, pause = time.monotonic() + self.timeout, POLL_S[0]
         while pending:
             if time.monotonic() > deadline:
                 raise FlowerError(f"{what}: {len(pending)} of {len(messages)} nodes did not answer in {self.timeout:.0f} s")
@@ -171,7 +173,8 @@ class Nodes:
                     raise FlowerError(f"{what}: node {reply.metadata.src_node_id} failed: {reply.error.reason}")
                 replies.append(reply)
             if pending:
-                time.sleep(POLL_S)
+                time.sleep(pause)
+                pause = min(1.5 * pause, POLL_S[1])
         return replies
 
 

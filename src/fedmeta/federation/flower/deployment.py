@@ -34,6 +34,9 @@ from fedmeta.config import Config, load_config
 APP_DIR = Path(__file__).with_name("app")
 """The Flower App that ``flwr run`` builds and sends to the SuperLink."""
 
+STATUS_POLL_S = 10.0
+"""Between ``flwr ls`` calls while a run is going (a finished ``summary.json`` ends the wait early)."""
+
 
 class DeploymentError(RuntimeError):
     """The deployment could not start, or the run did not complete."""
@@ -46,6 +49,7 @@ class Loopback:
         self.users, self.startup_timeout = users, startup_timeout
         self._own_home = home is None
         self.home = Path(tempfile.mkdtemp(prefix="fedmeta-flwr-")) if home is None else home
+        self.home.mkdir(parents=True, exist_ok=True)
         self.port = _free_port()
         self.processes: list[subprocess.Popen] = []
         self.env = _environment(self.home)
@@ -100,17 +104,31 @@ class Loopback:
         overrides = self.home / "run-config.toml"
         overrides.write_text(tomli_w.dumps({"config": cfg.to_toml(), "out": str(out.resolve())}))
         started = self._flwr(["run", str(APP_DIR), "loopback", "--run-config", str(overrides), "--format", "json"])
-        run_id = int(started["run-id"])
-        deadline = time.monotonic() + timeout
-        while (status := self._flwr(["ls", "loopback", "--run-id", str(run_id), "--format", "json"])["runs"][0])[
-                "status"] not in ("finished:completed", "finished:failed", "finished:stopped"):
-            if time.monotonic() > deadline:
+        run_id, clock = int(started["run-id"]), time.monotonic()
+        while (status := self._status(run_id))["status"] not in ("finished:completed", "finished:failed",
+                                                                  "finished:stopped"):
+            if time.monotonic() > clock + timeout:
                 raise DeploymentError(f"run {run_id} did not finish in {timeout:.0f} s")
-            time.sleep(1.0)
+            self._wait_for_summary(out, STATUS_POLL_S)
         if status["status"] != "finished:completed":
             raise DeploymentError(f"run {run_id} ended {status['status']}: {status.get('status-details', '')} "
                                   f"(logs: flwr log {run_id} loopback, with FLWR_HOME={self.home})")
         return json.loads((out / "summary.json").read_text())
+
+    def _status(self, run_id: int) -> dict[str, Any]:
+        return self._flwr(["ls", "loopback", "--run-id", str(run_id), "--format", "json"])["runs"][0]
+
+    @staticmethod
+    def _wait_for_summary(out: Path, seconds: float) -> None:
+        """Sleep up to ``seconds``, waking once the ServerApp writes ``summary.json`` (its last act):
+        each ``flwr ls`` starts a Python process that imports Flower, too costly to poll every second."""
+        deadline, summary = time.monotonic() + seconds, out / "summary.json"
+        seen = summary.stat().st_mtime_ns if summary.exists() else None  # a resumed run's old summary
+        while time.monotonic() < deadline:
+            if summary.exists() and summary.stat().st_mtime_ns != seen:
+                time.sleep(1.0)  # let the run close
+                return
+            time.sleep(0.2)
 
     def _flwr(self, args: list[str]) -> dict[str, Any]:
         done = subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=300)

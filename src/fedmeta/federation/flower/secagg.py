@@ -72,8 +72,9 @@ def secure_mean(grid: Grid, context: Context, instructions: dict[int, tuple[int,
     """The mean delta of the users in ``instructions`` (user -> (node id, round spec)), and their losses."""
     names = list(params)
     weights = ndarrays_to_parameters([params[k].detach().cpu().numpy() for k in names])
+    extra = {"names": "\n".join(names), "clip": CLIPPING_RANGE}  # legacy FitIns configs carry scalars only
     strategy = _Scheduled([
-        (GridClientProxy(node, grid, context.run_id), FitIns(weights, {**spec, "names": names, "clip": CLIPPING_RANGE}))
+        (GridClientProxy(node, grid, context.run_id), FitIns(weights, {**spec, **extra}))
         for node, spec in instructions.values()
     ])
     legacy = LegacyContext(Context(context.run_id, context.node_id, {}, RecordDict(), {}), ServerConfig(1), strategy)
@@ -96,7 +97,7 @@ def secure_reply(msg: Message, update: Callable[[Mapping[str, Any], Params], Cli
     """The client side of the masked stage: run the round, hand the delta to ``secaggplus_mod``."""
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     spec = fitins.config
-    names = list(spec["names"])
+    names = str(spec["names"]).split("\n")
     arrays = parameters_to_ndarrays(fitins.parameters)
     result = update(spec, {k: torch.from_numpy(np.array(a)) for k, a in zip(names, arrays, strict=True)})
     delta = [result.delta[k].detach().cpu().numpy() for k in names]
