@@ -103,32 +103,22 @@ class Loopback:
             raise DeploymentError(f"the deployment has {self.users} SuperNodes; the config has {cfg.federation.users} users")
         overrides = self.home / "run-config.toml"
         overrides.write_text(tomli_w.dumps({"config": cfg.to_toml(), "out": str(out.resolve())}))
+        summary = out / "summary.json"
+        old = _mtime(summary)  # a resumed run's summary from before
         started = self._flwr(["run", str(APP_DIR), "loopback", "--run-config", str(overrides), "--format", "json"])
         run_id, clock = int(started["run-id"]), time.monotonic()
         while (status := self._status(run_id))["status"] not in ("finished:completed", "finished:failed",
                                                                   "finished:stopped"):
             if time.monotonic() > clock + timeout:
                 raise DeploymentError(f"run {run_id} did not finish in {timeout:.0f} s")
-            self._wait_for_summary(out, STATUS_POLL_S)
+            _wait_for_change(summary, old, STATUS_POLL_S)
         if status["status"] != "finished:completed":
             raise DeploymentError(f"run {run_id} ended {status['status']}: {status.get('status-details', '')} "
                                   f"(logs: flwr log {run_id} loopback, with FLWR_HOME={self.home})")
-        return json.loads((out / "summary.json").read_text())
+        return json.loads(summary.read_text())
 
     def _status(self, run_id: int) -> dict[str, Any]:
         return self._flwr(["ls", "loopback", "--run-id", str(run_id), "--format", "json"])["runs"][0]
-
-    @staticmethod
-    def _wait_for_summary(out: Path, seconds: float) -> None:
-        """Sleep up to ``seconds``, waking once the ServerApp writes ``summary.json`` (its last act):
-        each ``flwr ls`` starts a Python process that imports Flower, too costly to poll every second."""
-        deadline, summary = time.monotonic() + seconds, out / "summary.json"
-        seen = summary.stat().st_mtime_ns if summary.exists() else None  # a resumed run's old summary
-        while time.monotonic() < deadline:
-            if summary.exists() and summary.stat().st_mtime_ns != seen:
-                time.sleep(1.0)  # let the run close
-                return
-            time.sleep(0.2)
 
     def _flwr(self, args: list[str]) -> dict[str, Any]:
         done = subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=300)
@@ -172,6 +162,19 @@ def _environment(home: Path) -> dict[str, str]:
     env["FLWR_HOME"] = str(home)
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     return env
+
+
+def _mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def _wait_for_change(path: Path, old: int | None, seconds: float) -> None:
+    """Sleep up to ``seconds``, or until ``path`` is newer than ``old`` (the ServerApp writes
+    ``summary.json`` last): each ``flwr ls`` starts a Python process that imports Flower, too
+    costly to run every second."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and _mtime(path) == old:
+        time.sleep(0.2)
 
 
 def _free_port() -> int:
