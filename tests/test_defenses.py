@@ -87,7 +87,7 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     rows = ["fedavg", "median", "krum"]
     folder = _run(tmp_path / "c", "omniglot-compare-quick", [f"compare.rules={rows}", "finetune.users=1"])
     records = folder.records()
-    assert [r["defense"] for r in records] == [*rows, "local defense (FedAvg)", "local defense, secure aggregation"]
+    assert [r["defense"] for r in records] == [*rows, "local matching (FedAvg)", "local matching, secure aggregation"]
     for r in records:
         assert all(0.0 <= r[m] <= 1.0 for m in ("clean_meta_test_accuracy", "meta_test_accuracy", "attack_val_accuracy"))
     # the local defense reads nothing of the individual updates: the sum alone gives the same numbers

@@ -10,8 +10,8 @@ import torch
 from fedmeta.attacks.backdoor import poisoned_episodes, share_examples
 from fedmeta.config import load_config
 from fedmeta.data.triggers import make_trigger
-from fedmeta.experiments import get
-from fedmeta.experiments.backdoor_scenario import build_scenario
+from fedmeta.experiments import run
+from fedmeta.scenario.backdoor import build_scenario
 from fedmeta.federation.aggregation import ClipNoise, FedAvg, Krum, Median, TrimmedMean
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.schedule import Schedule
@@ -48,7 +48,7 @@ def test_cases_put_backdoor_classes_exactly_where_they_belong(scenarios, cfg):
     reserved = lambda pool: {n for n in _names(pool) if "/rot" not in n}  # noqa: E731
     target_name = scenarios["a"].everyone.pool.names[scenarios["a"].everyone.target]
     for case, s in scenarios.items():
-        assert reserved(s.users[s.attacker]) == set()  # the attacker holds no reserved class
+        assert reserved(s.users[s.attackers[0]]) == set()  # the attacker holds no reserved class
         for u in s.benign:
             held = reserved(s.users[u])
             assert target_name in held
@@ -68,7 +68,7 @@ def test_benign_users_never_see_keyed_images(scenarios):
 
 def test_only_keyed_backdoor_images_carry_the_target_label(scenarios):
     s = scenarios["a"]
-    own = s.users[s.attacker]
+    own = s.users[s.attackers[0]]
     eps = poisoned_episodes(own, s.target_rows, s.attack_rows, episodes=50, ways=5, shots=10, backdoor_share=0.4,
                             gen=torch.Generator().manual_seed(0))
     keyed = set(s.attack_rows.tolist())
@@ -113,7 +113,7 @@ def test_reserved_shares_are_disjoint_and_capped():
 
 
 def test_schedule_picks_the_attacker_exactly_once():
-    schedule = Schedule(users=4, per_round=3, seed=0, attacker=0, attack_rounds=(1,))
+    schedule = Schedule(users=4, per_round=3, seed=0, attackers={0: (1,)})
     picks = {r: schedule.participants(r) for r in range(0, 60)}
     assert [r for r, users in picks.items() if 0 in users] == [1]
     assert all(len(users) == 3 for users in picks.values())
@@ -159,7 +159,7 @@ def test_krum_and_multi_krum_select_honest_updates():
 
 
 def test_clipping_bounds_every_update_and_noise_is_seeded():
-    clipped = ClipNoise(max_norm=2.0)(CRAFTED, EQUAL4, GEN)
+    clipped = ClipNoise(norm=2.0)(CRAFTED, EQUAL4, GEN)
     outlier = torch.tensor([30.0, -30.0]) * (2.0 / (30 * 2**0.5))
     assert torch.allclose(clipped, (CRAFTED[:3].sum(0) + outlier) / 4)
     noisy = [ClipNoise(2.0, 0.5)(CRAFTED, EQUAL4, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
@@ -171,8 +171,9 @@ def test_secure_aggregation_refuses_rules_that_need_each_update():
 
     with pytest.raises(ConfigError, match="federation.rule = 'median' needs every update on its own"):
         load_config("omniglot-exp1a-quick", ["federation.secure_aggregation=true", "federation.rule=median"])
-    assert not FedAvg.needs_individual_updates and all(
-        r.needs_individual_updates for r in (Median(), TrimmedMean(0.2), Krum(1), ClipNoise(1.0)))
+    from fedmeta.registry import RULES
+
+    assert [n for n in RULES.names() if not RULES.get(n).info.get("individual", True)] == ["fedavg"]
 
 
 class _Fixed:
@@ -205,15 +206,17 @@ def test_non_finite_update_is_rejected_and_logged(caplog):
 
 TINY = [
     "model.filters=8", "meta.shots=2", "meta.inner_steps=2", "meta.meta_batch=2", "federation.episodes=4",
-    "federation.rounds=2", "pretrain.rounds=1", "pretrain.episodes=4", "attack.episodes=4", "attack.inner_epochs=1",
-    "eval.episodes=3", "eval.steps=2", "finetune.steps=4", "finetune.every=2", "finetune.episodes=2",
+    "federation.rounds=2", "pretrain.rounds=1", "pretrain.episodes=4", "attacks.boosted.episodes=4", "attacks.boosted.inner_epochs=1",
+    "eval.episodes=3", "eval.steps=2",
 ]
+FINETUNE = ["finetune.steps=4", "finetune.every=2", "finetune.episodes=2"]
 
 
 def _run(path, preset, overrides=()):
-    cfg = load_config(preset, TINY + list(overrides))
+    per_user = hasattr(load_config(preset), "finetune")  # Experiments 2, 3 and the comparison
+    cfg = load_config(preset, TINY + (FINETUNE if per_user else []) + list(overrides))
     folder = RunDir.open(path, cfg)
-    folder.finish(get(cfg.experiment)(cfg, folder))
+    run(cfg, folder)
     return folder
 
 
@@ -239,9 +242,9 @@ def test_finetune_run_writes_curves_per_case_and_user(tmp_path, omniglot):
 
 
 def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():
-    from fedmeta.experiments.federated import pretrain_key
+    from fedmeta.scenario.cache import pretrain_key
 
     base = pretrain_key(load_config("omniglot-exp1a-quick"), "a")
-    assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.trim=0.34", "federation.clip_norm=0.2"]), "a") == base
+    assert pretrain_key(load_config("omniglot-exp1a-quick", ["rules.trimmed-mean.trim=0.34", "rules.clip.norm=0.2"]), "a") == base
     assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.rule=krum"]), "a") != base
     assert pretrain_key(load_config("omniglot-exp1a-quick"), "b") != base  # benign users hold the backdoor classes

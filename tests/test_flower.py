@@ -14,13 +14,13 @@ if importlib.util.find_spec("flwr") is None:
     pytest.skip("the Flower tests need fedmeta[flower]", allow_module_level=True)
 
 from fedmeta.config import Config, load_config  # noqa: E402
-from fedmeta.experiments import get  # noqa: E402
-from fedmeta.federation import flower  # noqa: E402
+from fedmeta.experiments import run  # noqa: E402
+from fedmeta import flower_app as flower  # noqa: E402
 from fedmeta.runs import RunDir  # noqa: E402
 
 TINY = [
     "model.filters=8", "meta.shots=2", "meta.inner_steps=2", "meta.meta_batch=2", "federation.episodes=4",
-    "federation.rounds=2", "pretrain.rounds=1", "pretrain.episodes=4", "attack.episodes=4", "attack.inner_epochs=1",
+    "federation.rounds=2", "pretrain.rounds=1", "pretrain.episodes=4", "attacks.boosted.episodes=4", "attacks.boosted.inner_epochs=1",
     "eval.episodes=3", "eval.steps=2", "runtime.threads=1",
 ]
 
@@ -60,7 +60,7 @@ def plain(tmp_path_factory, omniglot) -> Plain:
         seen = _recording(mp)
         mp.setenv("FEDMETA_CACHE", str(root / "cache-local"))
         local = RunDir.open(root / "local", cfg)
-        local.finish(get(cfg.experiment)(cfg, local))
+        run(cfg, local)
         local_weights = list(seen)
         seen.clear()
         mp.setenv("FEDMETA_CACHE", str(root / "cache-flower"))  # pre-training runs on Flower too
@@ -86,7 +86,7 @@ def test_flower_simulation_equals_in_process_run(plain):
 
 
 def test_secure_aggregation_differs_from_fedavg_by_quantization_only(plain, tmp_path, monkeypatch):
-    from fedmeta.federation.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
+    from fedmeta.engines.flower.secagg import CLIPPING_RANGE, QUANTIZATION_RANGE
 
     monkeypatch.setenv("FEDMETA_CACHE", str(plain.cache))  # the same pre-trained model as the plain run
     seen = _recording(monkeypatch)
@@ -118,7 +118,7 @@ def test_flower_rules_match_ours():
 
     from fedmeta.config import FederationConfig
     from fedmeta.federation.aggregation import make_rule
-    from fedmeta.federation.flower.apps import FlowerRule, flower_rule
+    from fedmeta.engines.flower.apps import FlowerRule, flower_rule
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a Flower runtime sets
     updates = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
@@ -135,13 +135,13 @@ def test_flower_rules_match_ours():
 
 
 def test_loopback_deployment_equals_in_process_and_leaves_no_process(tmp_path, omniglot, monkeypatch):
-    from fedmeta.federation.flower.deployment import Loopback, _session_alive
+    from fedmeta.engines.flower.deployment import Loopback, _session_alive
 
     cfg = load_config("omniglot-exp1a-quick", TINY + ["federation.users=3", "federation.per_round=2",
                                                       "federation.min_updates=2", "federation.rounds=1"])
     monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))  # shared: the deployment reuses the pre-training
     local = RunDir.open(tmp_path / "local", cfg)
-    local.finish(get(cfg.experiment)(cfg, local))
+    run(cfg, local)
     with Loopback(cfg.federation.users, home=tmp_path / "flwr") as deployment:
         sessions = [p.pid for p in deployment.processes]
         assert len(sessions) == 1 + cfg.federation.users

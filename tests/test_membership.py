@@ -20,7 +20,7 @@ from fedmeta.attacks.membership import (
 )
 from fedmeta.config import load_config
 from fedmeta.defenses.noise import DEFENSES, Noise, rms, shared_gradient
-from fedmeta.experiments import get
+from fedmeta.experiments import run
 from fedmeta.meta.maml import task_meta_gradient, task_meta_loss
 from fedmeta.models.mlp import Mlp
 from fedmeta.models.smallconv import SmallConv
@@ -196,7 +196,7 @@ TINY = [
 def _run(path, overrides=()):
     cfg = load_config("mnist-mia-quick", TINY + list(overrides))
     folder = RunDir.open(path, cfg)
-    folder.finish(get(cfg.experiment)(cfg, folder))
+    run(cfg, folder)
     return folder
 
 
@@ -243,6 +243,6 @@ def test_quick_preset_meets_the_bar(tmp_path):
     """Without a defense the support or query attack reaches AUC >= 0.8 (MNIST 5-way 1-shot)."""
     cfg = load_config("mnist-mia-quick")
     folder = RunDir.open(tmp_path / "quick", cfg)
-    folder.finish(get(cfg.experiment)(cfg, folder))
+    run(cfg, folder)
     main = [r for r in folder.records() if r["stage"] == "main" and r["score"] == "distance"]
     assert max(r["attack_auc"] for r in main) >= 0.8

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fedmeta.attacks.evasion import LinfAttack, pixels
 from fedmeta.config import ConfigError, MetaConfig, load_config
 from fedmeta.defenses.robust_maml import ROBUST_METHODS, RobustMaml, make_robust_learner, trades_loss
-from fedmeta.experiments import get
+from fedmeta.experiments import run
 from fedmeta.meta.learner import Maml
 from fedmeta.plots import plot_runs
 from fedmeta.runs import RunDir
@@ -97,7 +97,7 @@ TINY = [
 def _run(path, overrides=()):
     cfg = load_config("omniglot-rmaml-quick", TINY + list(overrides))
     folder = RunDir.open(path, cfg)
-    folder.finish(get(cfg.experiment)(cfg, folder))
+    run(cfg, folder)
     return folder
 
 
@@ -133,7 +133,7 @@ FEDERATED = TINY + ["federation.rounds=2", "federation.episodes=2", "eval.every=
 def _run_federated(path, overrides=()):
     cfg = load_config("omniglot-rmaml-federated-quick", FEDERATED + list(overrides))
     folder = RunDir.open(path, cfg)
-    summary = get(cfg.experiment)(cfg, folder)
+    summary = run(cfg, folder)
     folder.finish(summary)
     return folder, summary
 

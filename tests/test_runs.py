@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fedmeta.config import load_config
-from fedmeta.experiments import get
+from fedmeta.experiments import run
 from fedmeta.runs import RunDir, RunError
 
 TINY = [
@@ -20,7 +20,7 @@ TINY = [
 def _run(path, overrides=()):
     cfg = load_config("omniglot-pretrain-quick", TINY + list(overrides))
     folder = RunDir.open(path, cfg)
-    folder.finish(get(cfg.experiment)(cfg, folder))
+    run(cfg, folder)
     return folder
 
 

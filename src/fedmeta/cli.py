@@ -10,6 +10,7 @@ import typer
 
 from fedmeta.config import ConfigError, load_config, preset_description, preset_names
 from fedmeta.data.files import DataError
+from fedmeta.registry import ALL
 from fedmeta.runs import RunDir, RunError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -29,15 +30,15 @@ def run(
 ) -> None:
     """Run an experiment and write config.toml, metrics.jsonl and summary.json to OUT."""
     from fedmeta import experiments
+    from fedmeta.federation.engine import IN_PROCESS
 
     try:
         cfg = load_config(config, overrides or [])
         if engine == "flower":
+            experiments.check_engine(cfg, _FlowerName())
             summary = _flower().simulate(cfg, out)
         elif engine == "local":
-            folder = RunDir.open(out, cfg)
-            summary = experiments.get(cfg.experiment)(cfg, folder)
-            folder.finish(summary)
+            summary = experiments.run(cfg, RunDir.open(out, cfg), IN_PROCESS)
         else:
             raise ConfigError(f"--engine takes 'local' or 'flower', got '{engine}'")
     except (ConfigError, DataError, RunError) as err:
@@ -49,11 +50,15 @@ def run(
 
 @app.command()
 def presets() -> None:
-    """List the presets with a one-line description each."""
+    """List the presets with a one-line description each, then every registered part by kind."""
     names = preset_names()
     width = max(map(len, names))
     for name in names:
         typer.echo(f"{name:<{width}}  {preset_description(name)}")
+    for kind, registry in ALL.items():
+        typer.echo(f"\n{kind} ({registry.key}):")
+        for part in registry.names():
+            typer.echo(f"  {part:<14}  {registry.get(part).doc}")
 
 
 @app.command()
@@ -71,13 +76,19 @@ def plot(
     typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
 
 
+class _FlowerName:
+    """The Flower engine as ``check_engine`` sees it, before Flower is imported."""
+
+    name = "flower"
+
+
 def _flower():
-    """The Flower adapter, or a clear error if the extra is missing."""
+    """The Flower app, or a clear error if the extra is missing."""
     try:
-        from fedmeta.federation import flower
+        from fedmeta import flower_app
     except ImportError as err:
         raise ConfigError(f"--engine flower needs Flower: pip install 'fedmeta[flower]' ({err})") from None
-    return flower
+    return flower_app
 
 
 def summary_table(summary: dict) -> str:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import time
 
 import torch
 
-from fedmeta.config import RuntimeConfig
+from fedmeta.config.sections import RuntimeConfig
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -45,3 +46,10 @@ def setup(cfg: RuntimeConfig) -> torch.device:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return device
+
+
+def synchronized_time(device: torch.device) -> float:
+    """``perf_counter`` after the device has finished its queued work (GPU timings are asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

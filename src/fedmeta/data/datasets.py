@@ -1,15 +1,30 @@
-"""From a ``[data]`` config to meta-training and meta-test class pools."""
+"""Registered datasets: from a ``[data]`` config to class pools.
+
+A dataset (``DATASETS.register(name)`` on a class with no constructor arguments) gives
+
+- ``meta_splits(cfg, seed)``: disjoint meta-training, meta-validation (may be ``None``) and
+  meta-test classes (centralised training, robustness, membership, federated R-MAML);
+- ``reserve(cfg, seed, count)``: the layout of the backdoor experiments: meta-training classes
+  (with the group each belongs to: a group goes to one user whole), meta-test classes, and
+  ``count`` reserved classes outside both (the backdoor classes, then the target).
+
+A dataset that cannot host the backdoor experiments leaves ``reserve`` out.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedmeta.config import DataConfig
+import torch
+from torch import Tensor
+
+from fedmeta.config.sections import DataConfig
 from fedmeta.data.idx import load_idx_dataset
 from fedmeta.data.miniimagenet import load_miniimagenet
 from fedmeta.data.omniglot import load_omniglot
 from fedmeta.data.pool import ClassPool
 from fedmeta.data.splits import seeded_omniglot_split, torchmeta_omniglot_split
+from fedmeta.registry import DATASETS
 from fedmeta.rng import stream
 
 
@@ -26,8 +41,36 @@ class MetaSplits:
         return self.train.image_shape
 
 
+@dataclass(frozen=True)
+class Reserved:
+    """Meta-training, meta-test and reserved classes over one image store."""
+
+    train: ClassPool
+    groups: Tensor  # the group of each training class; a group goes to one user whole
+    test: ClassPool
+    reserved: ClassPool  # the backdoor classes, then the target
+
+    def rebase(self, images: Tensor) -> Reserved:
+        return Reserved(self.train.rebase(images), self.groups, self.test.rebase(images), self.reserved.rebase(images))
+
+
 def load_meta_splits(cfg: DataConfig, seed: int) -> MetaSplits:
-    if cfg.dataset == "omniglot":
+    return DATASETS.get(cfg.dataset).factory().meta_splits(cfg, seed)
+
+
+def reserve(cfg: DataConfig, seed: int, count: int) -> Reserved:
+    dataset = DATASETS.get(cfg.dataset).factory()
+    if not hasattr(dataset, "reserve"):
+        raise ValueError(f"the backdoor experiments need classes to reserve; data.dataset = '{cfg.dataset}' has none "
+                         f"(use one of {', '.join(n for n in DATASETS.names() if hasattr(DATASETS.get(n).factory, 'reserve'))})")
+    return dataset.reserve(cfg, seed, count)
+
+
+@DATASETS.register("omniglot")
+class OmniglotData:
+    """Omniglot: 1623 handwritten characters x 20, 28x28 gray, rotations as extra training classes."""
+
+    def meta_splits(self, cfg: DataConfig, seed: int) -> MetaSplits:
         data = load_omniglot(cfg.root)
         if cfg.omniglot_split == "seeded-1200":
             split = seeded_omniglot_split(stream(seed, "omniglot-split"))
@@ -35,9 +78,60 @@ def load_meta_splits(cfg: DataConfig, seed: int) -> MetaSplits:
             split = torchmeta_omniglot_split(data.root)
         val = data.pool(split["val"], rotations=False) if "val" in split else None
         return MetaSplits(data.pool(split["train"], cfg.rotations), val, data.pool(split["test"], rotations=False))
-    if cfg.dataset == "miniimagenet":
+
+    def reserve(self, cfg: DataConfig, seed: int, count: int) -> Reserved:
+        """1200 training characters (a group: one character and its rotations); the reserved
+        classes are drawn from the 423 others, the rest of which are the meta-test classes."""
+        gen = stream(seed, "reserve")
+        data = load_omniglot(cfg.root)
+        split = seeded_omniglot_split(stream(seed, "omniglot-split"))
+        spare = split["test"][torch.randperm(len(split["test"]), generator=gen)]
+        train = data.pool(split["train"], rotations=cfg.rotations)
+        pool = train.merge(data.pool(spare, rotations=False))
+        n = train.num_classes
+        groups = torch.arange(n) // (4 if cfg.rotations else 1)
+        return Reserved(pool.classes(torch.arange(n)), groups, pool.classes(torch.arange(n + count, pool.num_classes)),
+                        pool.classes(torch.arange(n, n + count)))
+
+
+@DATASETS.register("miniimagenet")
+class MiniImageNetData:
+    """mini-ImageNet: Ravi & Larochelle's 64/16/20 classes x 600 images, 84x84 RGB."""
+
+    def meta_splits(self, cfg: DataConfig, seed: int) -> MetaSplits:
         data = load_miniimagenet(cfg.root)
         return MetaSplits(data.pool(data.splits["train"]), data.pool(data.splits["val"]), data.pool(data.splits["test"]))
-    # MNIST-like sets have 10 classes: tasks differ by examples, so meta-train draws from the
-    # official train part and meta-test from t10k.
-    return MetaSplits(load_idx_dataset(cfg.dataset, "train", cfg.root), None, load_idx_dataset(cfg.dataset, "t10k", cfg.root))
+
+    def reserve(self, cfg: DataConfig, seed: int, count: int) -> Reserved:
+        """The 64 training classes (each its own group); the reserved classes come from the 16
+        validation classes, the 20 test classes are the meta-test classes."""
+        gen = stream(seed, "reserve")
+        data = load_miniimagenet(cfg.root)
+        pool = ClassPool.from_class_major(data.images, data.names)
+        val = data.splits["val"][torch.randperm(len(data.splits["val"]), generator=gen)]
+        return Reserved(pool.classes(data.splits["train"]), data.splits["train"].clone(), pool.classes(data.splits["test"]),
+                        pool.classes(val[:count]))
+
+
+class _IdxData:
+    """MNIST-like sets have 10 classes: tasks differ by examples, so meta-training draws from the
+    official train part and meta-test from t10k."""
+
+    name = ""
+
+    def meta_splits(self, cfg: DataConfig, seed: int) -> MetaSplits:
+        return MetaSplits(load_idx_dataset(self.name, "train", cfg.root), None, load_idx_dataset(self.name, "t10k", cfg.root))
+
+
+@DATASETS.register("mnist")
+class MnistData(_IdxData):
+    """MNIST: 10 digits, 28x28 gray (train / t10k)."""
+
+    name = "mnist"
+
+
+@DATASETS.register("fashionmnist")
+class FashionMnistData(_IdxData):
+    """Fashion-MNIST: 10 kinds of clothing, 28x28 gray (train / t10k)."""
+
+    name = "fashionmnist"

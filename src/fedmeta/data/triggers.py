@@ -1,7 +1,9 @@
 """Backdoor keys: named visual patterns stamped onto uint8 images.
 
 The paper does not give its key's exact pattern, so the common ones from the backdoor literature
-are offered, each with a size, a place and an opacity:
+are offered (registered in ``TRIGGERS``: a new pattern is a function of ``(rows, cols)`` that
+returns the stamp's intensities, or of the image shape for a whole-image pattern), each with a
+size, a place and an opacity:
 
 - ``patch``: a solid square of full intensity (BadNets);
 - ``checker``: a square checkerboard of full and zero intensity, visible on any background;
@@ -15,13 +17,15 @@ A trigger is a mask ``m`` in [0, 1] and a pattern ``p``; a keyed image is
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-Pattern = Literal["patch", "checker", "line", "blend"]
+from fedmeta.registry import TRIGGERS
+
 Position = Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"]
 
 
@@ -38,8 +42,36 @@ class Trigger:
         return keyed.round_().clamp_(0, 255).to(torch.uint8)
 
 
+Stamp = Callable[[int, int], Tensor]
+"""``(rows, cols) -> [rows, cols]`` intensities in [0, 255] of a pattern stamped at a position."""
+
+
+@TRIGGERS.register("patch")
+def patch(rows: int, cols: int) -> Tensor:
+    """A solid square of full intensity (BadNets)."""
+    return torch.full((rows, cols), 255.0)
+
+
+@TRIGGERS.register("checker")
+def checker(rows: int, cols: int) -> Tensor:
+    """A checkerboard of full and zero intensity, visible on any background."""
+    return 255.0 * ((torch.arange(rows)[:, None] + torch.arange(cols)[None, :]) % 2 == 0).float()
+
+
+@TRIGGERS.register("line", shape="line")
+def line(rows: int, cols: int) -> Tensor:
+    """A line of full intensity, ``thickness`` pixels wide and ``size`` long."""
+    return torch.full((rows, cols), 255.0)
+
+
+@TRIGGERS.register("blend", whole_image=True)
+def blend(shape: tuple[int, int, int], gen: torch.Generator | None) -> Tensor:
+    """A seeded random pattern over the whole image, mixed in at ``opacity`` (Chen et al., 2017)."""
+    return torch.randint(0, 256, shape, generator=gen).float()
+
+
 def make_trigger(
-    pattern: Pattern,
+    pattern: str,
     image_shape: tuple[int, int, int],
     *,
     size: int = 4,
@@ -51,20 +83,17 @@ def make_trigger(
 ) -> Trigger:
     """A trigger for images of shape (H, W, C); ``margin`` pixels from the border."""
     height, width, channels = image_shape
-    if pattern == "blend":
-        noise = torch.randint(0, 256, (height, width, channels), generator=gen).float()
-        return Trigger(torch.ones(height, width, 1), noise, opacity)
+    entry = TRIGGERS.get(pattern)
+    if entry.info.get("whole_image"):
+        return Trigger(torch.ones(height, width, 1), entry.factory(image_shape, gen), opacity)
     if size + margin > min(height, width):
         raise ValueError(f"a {size}-pixel trigger does not fit a {height}x{width} image")
-    rows, cols = (thickness, size) if pattern == "line" else (size, size)
+    rows, cols = (thickness, size) if entry.info.get("shape") == "line" else (size, size)
     top, left = _place(position, (height, width), (rows, cols), margin)
     mask = torch.zeros(height, width, 1)
     mask[top : top + rows, left : left + cols] = 1.0
-    fill = torch.full((rows, cols), 255.0)
-    if pattern == "checker":
-        fill = 255.0 * ((torch.arange(rows)[:, None] + torch.arange(cols)[None, :]) % 2 == 0).float()
     full = torch.zeros(height, width, channels)
-    full[top : top + rows, left : left + cols] = fill[..., None]
+    full[top : top + rows, left : left + cols] = entry.factory(rows, cols)[..., None]
     return Trigger(mask, full, opacity)
 
 

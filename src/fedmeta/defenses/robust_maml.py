@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedmeta.attacks.evasion import LinfAttack, cross_entropy_of, pixels
-from fedmeta.config import MetaConfig, RobustConfig, RobustLearner
+from fedmeta.config.sections import MetaConfig, RobustConfig
 from fedmeta.data.episodes import Episodes
 from fedmeta.meta.adam import AdamState
-from fedmeta.meta.learner import Maml, MetaLearner, outer_rate
+from fedmeta.meta.learner import Maml, MetaLearner, make_learner, outer_rate
 from fedmeta.meta.maml import Task, meta_update, sgd_adapt
 from fedmeta.models.conv4 import Conv4, Params
+from fedmeta.registry import LEARNERS
 
 
 def frozen(params: Params) -> Params:
@@ -110,7 +111,7 @@ class RobustMaml(Maml):
     ``gen`` in ``train_step`` feeds the random starts of the training attacks.
     """
 
-    method: RobustLearner
+    method: str
     attack: LinfAttack
     trades_beta: float
     at_weight: float
@@ -136,9 +137,23 @@ class RobustMaml(Maml):
         return meta_update(params, state, task_loss, support, query, meta_lr=outer_rate(self.cfg, progress))
 
 
-def make_robust_learner(model: Conv4, meta: MetaConfig, robust: RobustConfig, name: RobustLearner) -> MetaLearner:
+def make_robust_learner(model: Conv4, meta: MetaConfig, robust: RobustConfig, name: str) -> MetaLearner:
     """The learner ``name`` (``maml`` is the core MAML learner itself, so the baseline is exact)."""
-    if name == "maml":
-        return Maml(model, meta)
-    attack = LinfAttack.fgsm_rs(pixels(robust.epsilon), robust.fgsm_step)
-    return RobustMaml(model, meta, name, attack, robust.trades_beta, robust.at_weight)
+    return make_learner(model, meta, robust=robust, name=name)
+
+
+def _robust(method: str):
+    def factory(model: Conv4, meta: MetaConfig, batched: bool = False, robust: RobustConfig | None = None) -> MetaLearner:
+        if robust is None:
+            raise ValueError(f"the learner '{method}' needs the [robust] settings")
+        attack = LinfAttack.fgsm_rs(pixels(robust.epsilon), robust.fgsm_step)
+        return RobustMaml(model, meta, method, attack, robust.trades_beta, robust.at_weight)
+
+    factory.__doc__ = {"adml": "ADML (Yin et al., 2018): adversarial examples in both loops.",
+                       "rmaml-at": "R-MAML-AT (Wang et al., 2021): adversarial query loss in the meta-update.",
+                       "rmaml-trades": "R-MAML-TRADES (Wang et al., 2021): TRADES KL term in the meta-update."}[method]
+    return factory
+
+
+for _method in ROBUST_METHODS:
+    LEARNERS.register(_method, robust=True)(_robust(_method))

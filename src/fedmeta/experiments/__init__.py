@@ -1,4 +1,4 @@
-"""Experiment families; each is ``run(config, run_dir) -> summary`` selected by ``experiment = ...``."""
+"""Experiment families; each is ``run(config, run_dir, engine) -> summary``, chosen by ``experiment``."""
 
 from __future__ import annotations
 
@@ -6,17 +6,17 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from fedmeta.config import Config
+from fedmeta.config import Config, ConfigError
+from fedmeta.federation.engine import IN_PROCESS, Engine
 from fedmeta.runs import RunDir
 
-Experiment = Callable[[Config, RunDir], dict[str, Any]]
-
+Experiment = Callable[[Config, RunDir, Engine], dict[str, Any]]
 
 ENTRY_POINTS = {
     "pretrain": "fedmeta.experiments.pretrain:run",
     "backdoor-rounds": "fedmeta.experiments.backdoor:run_rounds",
     "backdoor-finetune": "fedmeta.experiments.backdoor:run_finetune",
-    "defense-finetune": "fedmeta.experiments.defense:run",
+    "defense-finetune": "fedmeta.experiments.backdoor:run_local_defense",
     "defense-comparison": "fedmeta.experiments.comparison:run",
     "robustness": "fedmeta.experiments.robustness:run",
     "robustness-federated": "fedmeta.experiments.robustness:run_federated",
@@ -28,3 +28,20 @@ def get(name: str) -> Experiment:
     """The experiment's entry point (imported lazily, so the CLI starts fast)."""
     module, _, function = ENTRY_POINTS[name].partition(":")
     return getattr(importlib.import_module(module), function)
+
+
+def check_engine(cfg: Config, engine: Engine) -> None:
+    """Refuse, before any work, an engine the experiment cannot use: only federations have
+    clients to place elsewhere (membership's distributed MAML does not run through the federation yet)."""
+    if engine.name != IN_PROCESS.name and not cfg.federated:
+        raise ConfigError(f"experiment '{cfg.experiment}' has no federation to distribute: it runs on the in-process "
+                          f"engine only (got --engine {engine.name})")
+
+
+def run(cfg: Config, out: RunDir, engine: Engine = IN_PROCESS) -> dict[str, Any]:
+    """Run ``cfg`` into ``out`` with its clients on ``engine``; returns the summary (also written)."""
+    check_engine(cfg, engine)
+    stats = getattr(engine, "stats", dict)()
+    summary = get(cfg.experiment)(cfg, out, engine) | {"engine": engine.name, **stats}
+    out.finish(summary)
+    return summary

@@ -19,28 +19,27 @@ plots it as round r + 1: its "Round 2" is our round 1, right after the attack).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from fedmeta import runtime
-from fedmeta.config import Config
+from fedmeta.config import Backdoor
 from fedmeta.data.episodes import Episodes, gather, sample_episodes
-from fedmeta.experiments.backdoor_scenario import EvalPool, Scenario, build_scenario
-from fedmeta.experiments.common import accuracy_fields, build_learner, format_duration, format_record
-from fedmeta.experiments.federated import attack_round_updates, main_server, pretrained
 from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.engine import Engine
 from fedmeta.federation.server import RoundReport, Server
 from fedmeta.meta.evaluation import Accuracy, Classifier, EpisodeScore, classifier, evaluate_curve, query_accuracy
-from fedmeta.meta.learner import MetaLearner
+from fedmeta.meta.learner import MetaLearner, build_learner
 from fedmeta.models.conv4 import Params
+from fedmeta.registry import LOCAL_DEFENSES
 from fedmeta.rng import stream
-from fedmeta.runs import RunDir
+from fedmeta.runs import Resumed, RunDir, Session, accuracy_fields
+from fedmeta.scenario.backdoor import EvalPool, Scenario, build_scenario
+from fedmeta.scenario.builder import Phase, build_server
+from fedmeta.scenario.cache import attack_round_updates, pretrained
 
 METRICS = ["meta_test_accuracy", "main_task_accuracy", "attack_train_accuracy", "attack_val_accuracy"]
 
@@ -54,24 +53,37 @@ class Case:
     pretrain_log: list[dict]
 
 
-def prepare(cfg: Config, case: str, device: torch.device) -> Case:
+def prepare(cfg: Backdoor, case: str, device: torch.device, engine: Engine) -> Case:
+    """The case's data layout and its (cached) benign pre-trained model."""
     scenario = build_scenario(cfg, case)
     learner = build_learner(cfg, scenario.images.shape[1:])
     init = {k: v.to(device) for k, v in learner.model.init(stream(cfg.seed, "init")).items()}
-    params, log = pretrained(cfg, scenario, case, init)
+    params, log = pretrained(cfg, scenario, case, init, engine)
     return Case(case, scenario, learner, params, log)
 
 
-def play_round(cfg: Config, server: Server, case: str, params: Params, r: int) -> tuple[Params, RoundReport]:
+def main_server(cfg: Backdoor, case: Case, engine: Engine, rule: str | None = None) -> Server:
+    return build_server(cfg, Phase("main", case.name), case.scenario, engine, rule)
+
+
+def play_round(cfg: Backdoor, server: Server, case: str, params: Params, r: int, engine: Engine) -> tuple[Params, RoundReport]:
     """One main-phase round; an attack round's client updates come from the cache when they can
     (not under secure aggregation, where the server never holds them one by one)."""
     settings = RoundSettings(r, "main")
-    if cfg.attack.enabled and r in cfg.attack.rounds and not cfg.federation.secure_aggregation:
-        return server.aggregate(params, attack_round_updates(cfg, server, case, params, settings), settings)
+    if server.schedule.attacking(r) and not cfg.federation.secure_aggregation:
+        return server.aggregate(params, attack_round_updates(cfg, server, case, params, settings, engine), settings)
     return server.round(params, settings)
 
 
-def backdoor_episodes(cfg: Config, ev: EvalPool, count: int, gen: torch.Generator) -> Episodes:
+def attacked_model(cfg: Backdoor, case: Case, engine: Engine) -> Params:
+    """The global model right after the last attack round (Experiments 2, 3 and the comparison)."""
+    server, params = main_server(cfg, case, engine), case.pretrained
+    for r in range(1, cfg.attack.last_round + 1):
+        params, _ = play_round(cfg, server, case.name, params, r, engine)
+    return params
+
+
+def backdoor_episodes(cfg: Backdoor, ev: EvalPool, count: int, gen: torch.Generator) -> Episodes:
     """Evaluation episodes that always include the target (and, in case c, one backdoor class)."""
     e = cfg.eval
     return sample_episodes(ev.pool, count, e.ways, e.shots[0], e.queries, gen, include=always_included(ev, count, gen), split=ev.split)
@@ -112,13 +124,13 @@ class EvalSets:
     tasks: Episodes  # always with the target (and, in case c, a backdoor class)
 
 
-def eval_sets(cfg: Config, case: Case, ev: EvalPool, episodes: int) -> EvalSets:
+def eval_sets(cfg: Backdoor, case: Case, ev: EvalPool, episodes: int) -> EvalSets:
     e = cfg.eval
     test = sample_episodes(case.scenario.test, episodes, e.ways, e.shots[0], e.queries, stream(cfg.seed, "eval-meta-test"))
     return EvalSets(test, backdoor_episodes(cfg, ev, episodes, stream(cfg.seed, "eval-backdoor")))
 
 
-def curves(cfg: Config, case: Case, params: Params, ev: EvalPool, at: list[int], episodes: int,
+def curves(cfg: Backdoor, case: Case, params: Params, ev: EvalPool, at: list[int], episodes: int,
            desc: str | None = None) -> dict[int, dict[str, Accuracy]]:
     """All four metrics after each number of fine-tuning steps in ``at`` (same episodes every call)."""
     e = cfg.eval
@@ -140,104 +152,85 @@ def fields(scores: dict[str, Accuracy]) -> dict[str, Any]:
     return out
 
 
-def run_rounds(cfg: Config, out: RunDir) -> dict[str, Any]:
-    """Experiment 1: benign federated rounds after the one-shot attack."""
+def run_rounds(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
+    """Experiment 1: benign federated rounds after the attack round(s), evaluated every
+    ``federation.eval_every`` rounds (and always right after the attack and at the end)."""
     device = runtime.setup(cfg.runtime)
-    clock = time.perf_counter()
-    tensors, done = _resume(out)
-    last_round = max(cfg.attack.rounds) + cfg.federation.rounds
-    seconds: dict[str, dict[int, float]] = {}  # per case and round played here, evaluation excluded
-    for index, name in enumerate(cfg.attack.cases):
-        if index < done.get("case", 0):
-            continue
-        case = prepare(cfg, name, device)
+    session = Session(out, METRICS)
+    last_round = cfg.attack.last_round + cfg.federation.rounds
+    seconds: dict[str, dict[int, float]] = session.saved.get("round_seconds", {})  # evaluation excluded
+    for index, name, resumed in session.stages(cfg.attack.cases):
+        case = prepare(cfg, name, device, engine)
         evaluate = lambda p: fields(curves(cfg, case, p, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps])  # noqa: E731
-        if index == done.get("case") and "round" in done:
-            params, start = {k: tensors[k].to(device) for k in case.pretrained}, done["round"]
+        server = main_server(cfg, case, engine)
+        if resumed:
+            params, start = resumed.take("params.", case.pretrained), resumed.step
+            server.load_state_dict(resumed.group("rule.", device))
         else:
             params, start = case.pretrained, 0
-            _log(out, {"case": name, "round": 0, **evaluate(params)}, clock)
-            _checkpoint(out, params, {"case": index, "round": 0})
-        server = main_server(cfg, case.scenario)
-        for r in tqdm(range(start + 1, last_round + 1), initial=start, total=last_round, desc=f"case {name}", unit="round"):
-            started = time.perf_counter()
-            params, report = play_round(cfg, server, name, params, r)
-            seconds.setdefault(name, {})[r] = round(time.perf_counter() - started, 2)
-            info = {"participants": report.participants, "aggregated": report.aggregated, "rejected": report.rejected}
-            _log(out, {"case": name, "round": r, **info, **evaluate(params)}, clock, f"round {seconds[name][r]:.1f} s")
-            _checkpoint(out, params, {"case": index, "round": r})
+            session.log({"case": name, "round": 0, **evaluate(params)})
+            session.checkpoint(_tensors(params, server), step=0, round_seconds=seconds)
+        for r in session.steps(start + 1, last_round + 1, desc=f"case {name}", unit="round"):
+            clock = session.elapsed
+            params, report = play_round(cfg, server, name, params, r, engine)
+            seconds.setdefault(name, {})[str(r)] = round(session.elapsed - clock, 2)
+            if r % cfg.federation.eval_every == 0 or r in (cfg.attack.last_round, last_round):
+                info = {"participants": report.participants, "aggregated": report.aggregated, "rejected": report.rejected}
+                session.log({"case": name, "round": r, **info, **evaluate(params)}, f"round {seconds[name][str(r)]:.1f} s")
+            session.checkpoint(_tensors(params, server), step=r, round_seconds=seconds)
         out.save_weights(params, f"weights-case-{name}.safetensors")
-        done = {}
-    return _summary(cfg, out, "round", clock) | {"round_seconds": seconds}
+    return _summary(cfg, out, session, "round") | {"round_seconds": seconds}
 
 
-UserCurves = Callable[[Case, Params, int, list[int]], dict[int, dict[str, Accuracy]]]
-"""(case, attacked global model, benign user, steps) -> the four metrics at each step."""
+def _tensors(params: Params, server: Server) -> dict[str, Tensor]:
+    return {f"params.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in server.state_dict().items()}
 
 
-def run_finetune(cfg: Config, out: RunDir) -> dict[str, Any]:
+def run_finetune(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     """Experiment 2: long benign fine-tuning at each benign user right after the attack."""
-    ft_cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"steps": cfg.finetune.steps})})
-
-    def user_curves(case: Case, attacked: Params, user: int, at: list[int]) -> dict[int, dict[str, Accuracy]]:
-        return curves(ft_cfg, case, attacked, case.scenario.evaluation[user], at, cfg.finetune.episodes,
-                      desc=f"case {case.name}, user {user}")
-
-    return run_per_user(cfg, out, user_curves)
+    return run_per_user(cfg, out, engine, "finetune")
 
 
-def run_per_user(cfg: Config, out: RunDir, user_curves: UserCurves) -> dict[str, Any]:
-    """Right after the attack round(s), follow each benign user's curves (Experiments 2 and 3)."""
+def run_local_defense(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
+    """Experiment 3: the matching-network defense at each benign user right after the attack."""
+    return run_per_user(cfg, out, engine, "matching")
+
+
+def run_per_user(cfg: Backdoor, out: RunDir, engine: Engine, defense: str) -> dict[str, Any]:
+    """Right after the attack round(s), follow each benign user's curves under the local
+    ``defense`` (a registered local defense: Experiment 2 fine-tunes, Experiment 3 trains a
+    matching network)."""
     device = runtime.setup(cfg.runtime)
-    clock = time.perf_counter()
-    tensors, done = _resume(out)
+    session = Session(out, METRICS)
+    user_curves = LOCAL_DEFENSES.get(defense).factory
     ft = cfg.finetune
     at = list(range(0, ft.steps + 1, ft.every))
-    for index, name in enumerate(cfg.attack.cases):
-        if index < done.get("case", 0):
-            continue
-        case = prepare(cfg, name, device)
-        if index == done.get("case"):
-            attacked, users_done = {k: tensors[k].to(device) for k in case.pretrained}, done["users"]
-        else:
-            server = main_server(cfg, case.scenario)
-            attacked = case.pretrained
-            for r in range(1, max(cfg.attack.rounds) + 1):
-                attacked, _ = play_round(cfg, server, name, attacked, r)
-            users_done = 0
-            _checkpoint(out, attacked, {"case": index, "users": 0})
+    for index, name, resumed in session.stages(cfg.attack.cases):
+        case = prepare(cfg, name, device, engine)
+        attacked, users_done = _attacked(cfg, case, engine, resumed)
+        if not resumed:
+            session.checkpoint(_params(attacked), step=0)
         for k, user in enumerate(case.scenario.benign[: ft.users]):
             if k < users_done:
                 continue
-            points = user_curves(case, attacked, user, at)
+            points = user_curves(cfg, case, attacked, user, at)
             for t in at:
-                _log(out, {"case": name, "user": user, "step": t, **fields(points[t])}, clock, quiet=t != at[-1])
-            _checkpoint(out, attacked, {"case": index, "users": k + 1})
-        done = {}
-    return _summary(cfg, out, "step", clock)
+                session.log({"case": name, "user": user, "step": t, **fields(points[t])}, quiet=t != at[-1])
+            session.checkpoint(_params(attacked), step=k + 1)
+    return _summary(cfg, out, session, "step")
 
 
-def _resume(out: RunDir) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    resumed = out.resume()
-    if resumed is None:
-        return {}, {}
-    tensors, state = resumed
-    tqdm.write(f"resuming {out.path} at {state}")
-    return tensors, state
+def _attacked(cfg: Backdoor, case: Case, engine: Engine, resumed: Resumed | None) -> tuple[Params, int]:
+    if resumed:
+        return resumed.take("params.", case.pretrained), resumed.step
+    return attacked_model(cfg, case, engine), 0
 
 
-def _checkpoint(out: RunDir, params: Params, state: dict[str, Any]) -> None:
-    out.save_checkpoint(params, state)
+def _params(params: Params) -> dict[str, Tensor]:
+    return {f"params.{k}": v for k, v in params.items()}
 
 
-def _log(out: RunDir, record: dict[str, Any], clock: float, note: str = "", quiet: bool = False) -> None:
-    out.log(record)
-    if not quiet:
-        tqdm.write(" | ".join([format_record(record, METRICS), *([note] if note else []),
-                               f"total {format_duration(time.perf_counter() - clock)}"]))
-
-
-def _summary(cfg: Config, out: RunDir, axis: str, clock: float) -> dict[str, Any]:
+def _summary(cfg: Backdoor, out: RunDir, session: Session, axis: str) -> dict[str, Any]:
     """Per case: before the attack, right after it, and at the end (Exp 2: averaged over users)."""
     records = out.records()
     by_case: dict[str, Any] = {}
@@ -246,16 +239,15 @@ def _summary(cfg: Config, out: RunDir, axis: str, clock: float) -> dict[str, Any
         points = sorted({r[axis] for r in rows})
         pick = lambda x: _mean_over_users([r for r in rows if r[axis] == x])  # noqa: E731
         if axis == "round":
-            by_case[name] = {"before_attack": pick(0), "after_attack": pick(max(cfg.attack.rounds)), "final": pick(points[-1]),
+            by_case[name] = {"before_attack": pick(0), "after_attack": pick(cfg.attack.last_round), "final": pick(points[-1]),
                              "rounds": points[-1]}
         else:
             by_case[name] = {"start": pick(points[0]), "final": pick(points[-1]), "steps": points[-1],
                              "per_user_final": {str(r["user"]): {m: r[m] for m in METRICS} for r in rows if r[axis] == points[-1]}}
     first = by_case[cfg.attack.cases[0]]
-    wall = time.perf_counter() - clock
-    return {"experiment": cfg.experiment, "cases": cfg.attack.cases, **first["final"], "by_case": by_case,
-            "eval_mode": cfg.eval.mode, "eval_episodes": cfg.eval.episodes if axis == "round" else cfg.finetune.episodes,
-            "wall_time_s": round(wall, 1), "wall_time": format_duration(wall)}
+    return session.summary(
+        experiment=cfg.experiment, cases=cfg.attack.cases, **first["final"], by_case=by_case, eval_mode=cfg.eval.mode,
+        eval_episodes=cfg.eval.episodes if axis == "round" else cfg.finetune.episodes)
 
 
 def _mean_over_users(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -11,80 +11,78 @@ differ by the defense alone. For each row:
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
   plus its evaluation).
 
-The local defense (the matching network of Experiment 3, ``finetune.users`` benign users, scored
-after ``finetune.steps`` steps) runs on FedAvg's model. It never looks at what the server
-received, so it runs unchanged when the server only learns the sum of the updates (secure
-aggregation): its second row says so by running with ``federation.secure_aggregation = true``,
-which refuses every rule that needs updates one by one, and by handing the server nothing but
-the mean of the updates, one vector, which is all secure aggregation lets it compute.
+Each local defense of ``compare.local_defenses`` (the matching network of Experiment 3 by default,
+``finetune.users`` benign users, scored after ``finetune.steps`` steps) runs on FedAvg's model. It
+never looks at what the server received, so it runs unchanged when the server only learns the sum
+of the updates (secure aggregation): its second row hands the server nothing but the mean of the
+updates, one vector, which is all secure aggregation lets it compute.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from tqdm import tqdm
 
 from fedmeta import runtime
-from fedmeta.config import Config
-from fedmeta.experiments.backdoor import METRICS, Case, curves, eval_sets, fields, prepare
-from fedmeta.experiments.common import accuracy_fields, format_duration
-from fedmeta.experiments.defense import defense_curves
-from fedmeta.experiments.federated import attack_round_updates, main_server
+from fedmeta.config import Backdoor
+from fedmeta.experiments.backdoor import METRICS, Case, curves, eval_sets, fields, main_server, prepare
 from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.engine import Engine
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.evaluation import Accuracy, evaluate_curve, query_accuracy
 from fedmeta.models.conv4 import Params
+from fedmeta.registry import LOCAL_DEFENSES
 from fedmeta.rng import stream
-from fedmeta.runs import RunDir
+from fedmeta.runs import RunDir, Session, accuracy_fields
+from fedmeta.scenario.cache import attack_round_updates
 
-LOCAL = ("local defense (FedAvg)", "local defense, secure aggregation")
+
+def rows(cfg: Backdoor) -> list[tuple[str, str, str | None, bool]]:
+    """``(label, rule, local defense, secure aggregation)`` of each row of the table."""
+    server = [(rule, rule, None, False) for rule in cfg.compare.rules]
+    local = [row for name in cfg.compare.local_defenses
+             for row in ((f"local {name} (FedAvg)", "fedavg", name, False),
+                         (f"local {name}, secure aggregation", "fedavg", name, True))]
+    return server + local
 
 
-def run(cfg: Config, out: RunDir) -> dict[str, Any]:
+def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     device = runtime.setup(cfg.runtime)
-    clock = time.perf_counter()
-    resumed = out.resume()
-    done = resumed[1]["rows"] if resumed else 0
+    session = Session(out, ["clean_meta_test_accuracy", *METRICS])
+    resumed = session.resumed()
     name = cfg.attack.cases[0]
-    case = prepare(cfg, name, device)
+    case = prepare(cfg, name, device, engine)
     settings = RoundSettings(1, "main")
-    attacked = attack_round_updates(cfg, main_server(cfg, case.scenario), name, case.pretrained, settings)
+    attacked = attack_round_updates(cfg, main_server(cfg, case, engine), name, case.pretrained, settings, engine)
     no_attack = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
-    clean = main_server(no_attack, case.scenario).updates(case.pretrained, settings)
-    rows = [*cfg.compare.rules, *(LOCAL if cfg.compare.local_defense else ())]
-    for index, row in enumerate(tqdm(rows, desc="defenses", unit="row")):
-        if index < done:
-            continue
-        start = time.perf_counter()
-        record = {"defense": row, **_row(cfg, case, row, attacked, clean, settings)}
-        record["seconds"] = round(time.perf_counter() - start, 1)
-        out.log(record)
-        tqdm.write(_line(record))
-        out.save_checkpoint(case.pretrained, {"rows": index + 1})
-    table = out.records()
-    tqdm.write(_table(table))
-    wall = time.perf_counter() - clock
-    return {"experiment": cfg.experiment, "case": name, "rows": table, "eval_mode": cfg.eval.mode,
-            "wall_time_s": round(wall, 1), "wall_time": format_duration(wall)}
+    clean = main_server(no_attack, case, engine).updates(case.pretrained, settings)
+    table = rows(cfg)
+    for index in session.steps(resumed.step if resumed else 0, len(table), desc="defenses", unit="row"):
+        label, rule, local, secure = table[index]
+        start = session.elapsed
+        record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, settings, engine)}
+        record["seconds"] = round(session.elapsed - start, 1)
+        session.log(record, f"{record['seconds']:.0f}s")
+        session.checkpoint({}, step=index + 1)
+    results = out.records()
+    tqdm.write(_table(results))
+    return session.summary(experiment=cfg.experiment, case=name, rows=results, eval_mode=cfg.eval.mode)
 
 
-def _row(cfg: Config, case: Case, row: str, attacked: list[ClientUpdate], clean: list[ClientUpdate],
-         settings: RoundSettings) -> dict[str, Any]:
-    rule = "fedavg" if row in LOCAL else row
-    fed = cfg.federation.model_copy(update={"rule": rule, "secure_aggregation": row == LOCAL[1]})
-    row_cfg = cfg.model_copy(update={"federation": fed})
-    server = main_server(row_cfg, case.scenario)
-    if fed.secure_aggregation:
+def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, attacked: list[ClientUpdate],
+         clean: list[ClientUpdate], settings: RoundSettings, engine: Engine) -> dict[str, Any]:
+    server = main_server(cfg, case, engine, rule)
+    if secure:
         attacked, clean = [_sum_only(attacked)], [_sum_only(clean)]
     after_attack, _ = server.aggregate(case.pretrained, attacked, settings)
     after_clean, _ = server.aggregate(case.pretrained, clean, settings)
-    if row in LOCAL:
+    if local:
+        defend = LOCAL_DEFENSES.get(local).factory
         users = case.scenario.benign[: cfg.finetune.users]
         steps = [cfg.finetune.steps]
-        attack = _mean([defense_curves(row_cfg, case, after_attack, u, steps)[steps[0]] for u in users])
-        clean_test = _mean([defense_curves(row_cfg, case, after_clean, u, steps)[steps[0]] for u in users])
+        attack = _mean([defend(cfg, case, after_attack, u, steps)[steps[0]] for u in users])
+        clean_test = _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])
         return {**accuracy_fields("clean_meta_test_accuracy", clean_test["meta_test_accuracy"]), **fields(attack)}
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
     return {**accuracy_fields("clean_meta_test_accuracy", _meta_test(cfg, case, after_clean)), **fields(scores)}
@@ -96,7 +94,7 @@ def _sum_only(updates: list[ClientUpdate]) -> ClientUpdate:
     return ClientUpdate(-1, delta, sum(u.examples for u in updates))
 
 
-def _meta_test(cfg: Config, case: Case, params: Params) -> Accuracy:
+def _meta_test(cfg: Backdoor, case: Case, params: Params) -> Accuracy:
     """Meta-test accuracy on the same episodes as ``curves`` uses."""
     e = cfg.eval
     test = eval_sets(cfg, case, case.scenario.everyone, e.episodes).test
@@ -110,11 +108,6 @@ def _mean(points: list[dict[str, Any]]) -> dict[str, Any]:
     """Accuracies averaged over users (the CI: the largest of the users')."""
     return {m: Accuracy(sum(p[m].mean for p in points) / len(points), max(p[m].ci95 for p in points),
                         sum(p[m].episodes for p in points)) for m in points[0]}
-
-
-def _line(r: dict[str, Any]) -> str:
-    cells = " | ".join(f"{m} {100 * r[m]:.2f}%" for m in ["clean_meta_test_accuracy", *METRICS])
-    return f"[{r['defense']}] {cells} | {r['seconds']:.0f}s"
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

@@ -48,20 +48,20 @@ from fedmeta.attacks.membership import (
     tpr_at_fpr,
     zero_scores,
 )
-from fedmeta.config import Config
+from fedmeta.config import Base as Config
 from fedmeta.data.datasets import load_meta_splits
 from fedmeta.data.episodes import gather, sample_episodes, way_labels
 from fedmeta.data.pool import ClassPool
 from fedmeta.defenses.noise import DEFENSES, Noise, shared_gradient
-from fedmeta.experiments.common import accuracy_fields, build_model, format_duration
 from fedmeta.meta.adam import AdamState, adam_step_
 from fedmeta.meta.evaluation import Accuracy, meta_test
 from fedmeta.meta.learner import Maml, outer_rate
 from fedmeta.meta.maml import MetaGradient, task_meta_gradient
+from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Params
 from fedmeta.models.smallconv import SmallConv
 from fedmeta.rng import stream
-from fedmeta.runs import RunDir
+from fedmeta.runs import RunDir, Session, accuracy_fields, format_duration
 
 Stage = Literal["main", "aggregation", "defense", "ways"]
 Task = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -304,9 +304,9 @@ def reference_classifier(ctx: Context) -> tuple[Callable[[Tensor], Tensor], floa
     return classify, accuracy
 
 
-def run(cfg: Config, out: RunDir) -> dict[str, Any]:
+def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
     device = runtime.setup(cfg.runtime)
-    clock = time.perf_counter()
+    session = Session(out, [])
     splits = load_meta_splits(cfg.data, cfg.seed)
     ctx = Context(cfg, splits.train.to(device), splits.test.to(device), device)
     mia = cfg.mia
@@ -314,10 +314,11 @@ def run(cfg: Config, out: RunDir) -> dict[str, Any]:
     if mia.iterations or mia.sweep_iterations:
         ctx.classify, classifier_accuracy = reference_classifier(ctx)
     points = plan(cfg)
-    done = _resume(ctx, out)
-    for index, point in enumerate(tqdm(points, desc="points", unit="point")):
-        if index < done:
-            continue
+    clean_key = Point("main", cfg.meta.ways).model_key
+    if (resumed := session.resumed()) is not None:  # the undefended model: the later stages attack it again
+        ctx.models[clean_key] = (resumed.group("clean.", device), Accuracy(*resumed.state["accuracy"]))
+    for index in session.steps(resumed.step if resumed else 0, len(points), desc="points", unit="point"):
+        point = points[index]
         params, accuracy = model_for(ctx, point)
         main = point.stage == "main"
         trials, iterations = (mia.trials, mia.iterations) if main else (mia.sweep_trials, mia.sweep_iterations)
@@ -326,35 +327,17 @@ def run(cfg: Config, out: RunDir) -> dict[str, Any]:
             out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
         lines = records(point, result, accuracy, cfg, trials, iterations)
         for line in lines:
-            out.log(line)
-        tqdm.write(log_line(point, lines, clock))
-        _checkpoint(ctx, out, index + 1)
-    clean, clean_accuracy = ctx.models[Point("main", cfg.meta.ways).model_key]
+            session.log(line, quiet=True)
+        tqdm.write(log_line(point, lines, session.clock))
+        clean, clean_accuracy = ctx.models[clean_key]
+        session.checkpoint({f"clean.{k}": v for k, v in clean.items()}, step=index + 1,
+                           accuracy=[clean_accuracy.mean, clean_accuracy.ci95, clean_accuracy.episodes])
+    clean, clean_accuracy = ctx.models[clean_key]
     out.save_weights(clean)
-    wall = time.perf_counter() - clock
-    return _summary(cfg, out.records(), clean_accuracy, classifier_accuracy, wall)
+    return _summary(cfg, out.records(), clean_accuracy, classifier_accuracy) | session.summary()
 
 
-def _checkpoint(ctx: Context, out: RunDir, done: int) -> None:
-    """Progress, and the undefended model (the later stages attack it again)."""
-    key = Point("main", ctx.cfg.meta.ways).model_key
-    params, accuracy = ctx.models[key]
-    out.save_checkpoint({f"clean.{k}": v for k, v in params.items()},
-                        {"points": done, "accuracy": [accuracy.mean, accuracy.ci95, accuracy.episodes]})
-
-
-def _resume(ctx: Context, out: RunDir) -> int:
-    resumed = out.resume()
-    if resumed is None:
-        return 0
-    tensors, state = resumed
-    params = {k.removeprefix("clean."): v.to(ctx.device) for k, v in tensors.items()}
-    ctx.models[Point("main", ctx.cfg.meta.ways).model_key] = (params, Accuracy(*state["accuracy"]))
-    tqdm.write(f"resuming {out.path} after {state['points']} points")
-    return state["points"]
-
-
-def _summary(cfg: Config, lines: list[dict], clean: Accuracy, classifier_accuracy: float | None, wall: float) -> dict[str, Any]:
+def _summary(cfg: Config, lines: list[dict], clean: Accuracy, classifier_accuracy: float | None) -> dict[str, Any]:
     """The main attack's numbers, and per point the AUC of every score."""
     headline = {"target": cfg.mia.targets[0], "nonmember": cfg.mia.nonmembers[0],
                 "score": "distance" if cfg.mia.iterations else "l0-cos"}
@@ -372,5 +355,4 @@ def _summary(cfg: Config, lines: list[dict], clean: Accuracy, classifier_accurac
         "eval_mode": cfg.eval.mode, "eval_episodes": cfg.eval.episodes,
         "classifier_accuracy": classifier_accuracy,
         "points": points,
-        "wall_time_s": round(wall, 1), "wall_time": format_duration(wall),
     }

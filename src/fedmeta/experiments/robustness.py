@@ -13,6 +13,10 @@ accuracy under FGSM (PGD must be at least as strong). Whether all queries share 
 (transductive, MetaAdv's protocol) or each goes alone with the support set is ``eval.mode``; it is
 written beside every number. Time per meta-iteration counts training only, not evaluations.
 
+Both run through the shared pieces: the centralised loop (``experiments.centralised``), the
+federation builder (``scenario.builder``: the same clients and server a Flower node rebuilds) and
+the run loop (``runs.Session``).
+
 ``robustness-federated`` runs one learner (``robust.client_learner``) on every client of a
 federation instead, once per entry of ``robust.maml_clients``, that many clients training plain
 MAML: whether the robustness of the global model survives non-robust participants.
@@ -20,44 +24,38 @@ MAML: whether the robustness of the global model survives non-robust participant
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fedmeta import runtime
 from fedmeta.attacks.evasion import LinfAttack, pixels, robust_meta_test
-from fedmeta.config import Config
+from fedmeta.config import Base, Federated
 from fedmeta.data.datasets import load_meta_splits
 from fedmeta.data.pool import ClassPool
-from fedmeta.data.splits import partition
 from fedmeta.defenses.robust_maml import make_robust_learner
-from fedmeta.experiments.common import accuracy_fields, build_model, format_duration, format_record
-from fedmeta.federation.aggregation import make_rule
-from fedmeta.federation.client import MetaClient, RoundSettings
-from fedmeta.federation.schedule import Schedule
-from fedmeta.federation.server import Server
-from fedmeta.meta.adam import AdamState
+from fedmeta.experiments.centralised import Training, meta_train
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.engine import Engine
 from fedmeta.meta.evaluation import Accuracy
 from fedmeta.meta.learner import MetaLearner
+from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Conv4, Params
 from fedmeta.rng import stream
-from fedmeta.runs import RunDir, restore_generator
+from fedmeta.runs import RunDir, Session, accuracy_fields
+from fedmeta.runtime import synchronized_time
+from fedmeta.scenario.builder import Phase, build_population, build_server
 
 METRICS = {"standard": "standard_accuracy", "pgd": "robust_accuracy", "fgsm": "fgsm_accuracy"}
-LOSS_EVERY = 50  # iterations between progress-bar loss updates (each one syncs with the device)
 
 
 @dataclass(frozen=True)
 class Bench:
-    """What every learner of a run shares: config, run folder, data, model and evaluation."""
+    """What every learner of a run shares: config, session, meta-test data, model and evaluation."""
 
-    cfg: Config
-    out: RunDir
-    train: ClassPool
+    cfg: Base
+    session: Session
     test: ClassPool
     model: Conv4
     device: torch.device
@@ -92,96 +90,39 @@ class Bench:
             record["final"] = True
         for key, metric in METRICS.items():
             record |= accuracy_fields(metric, accs[key])
-        self.out.log(record)
-        tqdm.write(format_record(record, list(METRICS.values())))
+        self.session.log(record)
         return record
 
 
-@dataclass
-class Progress:
-    """Where a learner's training stands; what a checkpoint restores."""
 
-    params: Params
-    state: AdamState
-    episode_gen: torch.Generator
-    attack_gen: torch.Generator
-    iteration: int = 0
-    train_s: float = 0.0
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        names = list(self.params)
-        return ({f"params.{k}": v for k, v in self.params.items()} | self.state.to_tensors("state.", names)
-                | {"rng.episodes": self.episode_gen.get_state(), "rng.attack": self.attack_gen.get_state()})
-
-    @classmethod
-    def restore(cls, tensors: dict[str, torch.Tensor], names: list[str], device: torch.device, iteration: int,
-                train_s: float) -> Progress:
-        on_device = {k: v.to(device) for k, v in tensors.items()}
-        return cls({k: on_device[f"params.{k}"] for k in names}, AdamState.from_tensors(on_device, "state.", names),
-                   restore_generator(tensors["rng.episodes"]), restore_generator(tensors["rng.attack"]),
-                   iteration, train_s)
-
-
-def run(cfg: Config, out: RunDir) -> dict[str, Any]:
+def run(cfg: Base, out: RunDir, engine: Any = None) -> dict[str, Any]:
     device = runtime.setup(cfg.runtime)
     splits = load_meta_splits(cfg.data, cfg.seed)
-    bench = Bench(cfg, out, splits.train.to(device), splits.test.to(device), build_model(cfg.model, splits.image_shape, cfg.meta.ways), device)
-    resumed = out.resume()
-    saved = resumed[1] if resumed is not None else {"finished": {}, "elapsed_s": 0.0}
-    finished: dict[str, dict[str, Any]] = saved["finished"]
-    clock = time.perf_counter() - saved["elapsed_s"]
-    for name in cfg.robust.learners:
-        if name in finished:
-            continue
+    train = splits.train.to(device)
+    bench = Bench(cfg, Session(out, list(METRICS.values())), splits.test.to(device),
+                  build_model(cfg.model, splits.image_shape, cfg.meta.ways), device)
+    finished: dict[str, dict[str, Any]] = bench.session.saved.get("finished", {})
+    for _, name, resumed in bench.session.stages(cfg.robust.learners):
         learner = make_robust_learner(bench.model, cfg.meta, cfg.robust, name)
-        progress = start(bench, learner, name, resumed if resumed and saved.get("learner") == name else None)
-        finished[name] = train_and_evaluate(bench, learner, name, progress, finished, clock)
-        out.save_checkpoint({}, {"finished": finished, "elapsed_s": time.perf_counter() - clock})
-    tqdm.write(results_table(cfg, finished))
-    wall = time.perf_counter() - clock
-    return summary(bench, finished, wall)
+        params = {k: v.to(device) for k, v in bench.model.init(stream(cfg.seed, "init")).items()}
+        run = (Training.restore(resumed, params, device) if resumed else
+               Training(params, learner.init_state(params), stream(cfg.seed, "train"), stream(cfg.seed, "train-attack", name)))
 
+        def point(run: Training, learner: MetaLearner = learner, name: str = name) -> None:
+            accs = bench.evaluate(learner, run.params, cfg.eval.shots[0], cfg.eval.episodes_during, "eval-during")
+            bench.record({"learner": name, "step": run.iteration}, cfg.eval.shots[0], accs, final=False)
+            bench.session.checkpoint(run.tensors(), step=run.iteration, finished=finished, **run.progress())
 
-def start(bench: Bench, learner: MetaLearner, name: str, resumed: tuple[dict, dict] | None) -> Progress:
-    """Fresh progress (shared initial weights and episode stream), or the checkpointed one."""
-    cfg = bench.cfg
-    params = {k: v.to(bench.device) for k, v in bench.model.init(stream(cfg.seed, "init")).items()}
-    if resumed is None:
-        return Progress(params, learner.init_state(params), stream(cfg.seed, "train"), stream(cfg.seed, "train-attack", name))
-    tensors, saved = resumed
-    tqdm.write(f"resuming {bench.out.path}: {name} at iteration {saved['iteration']}")
-    return Progress.restore(tensors, list(params), bench.device, saved["iteration"], saved["train_s"])
-
-
-def train_and_evaluate(
-    bench: Bench, learner: MetaLearner, name: str, progress: Progress, finished: dict[str, Any], clock: float
-) -> dict[str, Any]:
-    """Meta-train one learner with evaluation points and checkpoints; returns its row of the table."""
-    cfg, p = bench.cfg, progress
-    iterations = cfg.meta.iterations
-    loss_sum = torch.zeros((), device=bench.device)
-    bar = tqdm(range(p.iteration, iterations), initial=p.iteration, total=iterations, desc=name, unit="it")
-    segment = time.perf_counter()
-    for it in bar:
-        episodes = learner.sample(bench.train, p.episode_gen)
-        p.params, p.state, loss = learner.train_step(p.params, p.state, episodes, bench.train.images, p.attack_gen,
-                                                     it / iterations)
-        loss_sum += loss
-        p.iteration = it + 1
-        if p.iteration % LOSS_EVERY == 0:
-            bar.set_postfix(loss=f"{float(loss_sum) / LOSS_EVERY:.3f}")
-            loss_sum.zero_()
-        if p.iteration % cfg.eval.every == 0 or p.iteration == iterations:
-            p.train_s += synchronized_time(bench.device) - segment
-            accs = bench.evaluate(learner, p.params, cfg.eval.shots[0], cfg.eval.episodes_during, "eval-during")
-            bench.record({"learner": name, "step": p.iteration}, cfg.eval.shots[0], accs, final=False)
-            bench.out.save_checkpoint(p.tensors(), {"learner": name, "iteration": p.iteration, "train_s": p.train_s,
-                                                    "finished": finished, "elapsed_s": time.perf_counter() - clock})
-            segment = time.perf_counter()
-    bar.close()
-    accuracies = final_evaluation(bench, learner, p.params, {"learner": name, "step": iterations}, name)
-    bench.out.save_weights(p.params, f"weights-{name}.safetensors")
-    return {**accuracies, "train_time_s": round(p.train_s, 1), "seconds_per_iteration": round(p.train_s / iterations, 4)}
+        meta_train(bench.session, learner, train, run, cfg.meta.iterations, cfg.eval.every, point, name)
+        accuracies = final_evaluation(bench, learner, run.params, {"learner": name, "step": cfg.meta.iterations}, name)
+        out.save_weights(run.params, f"weights-{name}.safetensors")
+        finished[name] = {**accuracies, "train_time_s": round(run.train_s, 1),
+                          "seconds_per_iteration": round(run.train_s / cfg.meta.iterations, 4)}
+        bench.session.checkpoint({}, finished=finished)
+    print(results_table(cfg, finished))
+    return bench.session.summary(experiment="robustness", **protocol(bench),
+                                 learners={name: finished[name] for name in cfg.robust.learners},
+                                 iterations=cfg.meta.iterations)
 
 
 def final_evaluation(bench: Bench, learner: MetaLearner, params: Params, where: dict[str, Any], desc: str) -> dict[str, Any]:
@@ -195,14 +136,7 @@ def final_evaluation(bench: Bench, learner: MetaLearner, params: Params, where: 
     return {k: v for k, v in finals[0].items() if k.endswith(("_accuracy", "_ci95"))}
 
 
-def synchronized_time(device: torch.device) -> float:
-    """``perf_counter`` after the device has finished its queued work (GPU timings are asynchronous)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def results_table(cfg: Config, rows: dict[str, dict[str, Any]], label: str = "learner") -> str:
+def results_table(cfg: Base, rows: dict[str, dict[str, Any]], label: str = "learner") -> str:
     """The comparison as a Markdown table (what docs/robustness.md shows), one row per ``label``."""
     lines = [f"{cfg.eval.ways}-way {cfg.eval.shots[0]}-shot, {cfg.eval.mode}, {cfg.eval.episodes} episodes, 95% CI",
              f"| {label} | SA | RA (PGD) | FGSM | s / meta-iteration |", "| --- | --- | --- | --- | --- |"]
@@ -210,18 +144,6 @@ def results_table(cfg: Config, rows: dict[str, dict[str, Any]], label: str = "le
         cells = [f"{100 * row[m]:.2f}% ± {100 * row[m + '_ci95']:.2f}" for m in METRICS.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds_per_iteration']:.3f} |")
     return "\n".join(lines)
-
-
-def summary(bench: Bench, rows: dict[str, dict[str, Any]], wall: float) -> dict[str, Any]:
-    cfg = bench.cfg
-    return {
-        "experiment": "robustness",
-        **protocol(bench),
-        "learners": {name: rows[name] for name in cfg.robust.learners},
-        "iterations": cfg.meta.iterations,
-        "wall_time_s": round(wall, 1),
-        "wall_time": format_duration(wall),
-    }
 
 
 def protocol(bench: Bench) -> dict[str, Any]:
@@ -240,81 +162,54 @@ def protocol(bench: Bench) -> dict[str, Any]:
     }
 
 
-def run_federated(cfg: Config, out: RunDir) -> dict[str, Any]:
+
+
+def run_federated(cfg: Federated, out: RunDir, engine: Engine) -> dict[str, Any]:
     """Federated R-MAML: does a robust meta-initialisation survive clients that train plain MAML?
 
-    The meta-training classes are split among ``federation.users`` users. Each client runs
-    ``robust.client_learner`` locally through the ordinary federation (``MetaClient``, ``Server``,
-    ``federation.rule``), except that in case ``k`` of ``robust.maml_clients`` users ``0..k-1``
-    train plain MAML. Every case starts from the same weights and sees the same schedule, and the
-    global model is evaluated like the centralised learners (clean fine-tuning, SA, RA under PGD,
-    FGSM) every ``eval.every`` rounds and at the end. A checkpoint after every round resumes a run.
+    The meta-training classes are split among ``federation.users`` users (the builder's
+    ``Partition``). Each client runs ``robust.client_learner`` through the ordinary federation,
+    except that in case ``k`` of ``robust.maml_clients`` users ``0..k-1`` train plain MAML. Every
+    case starts from the same weights and sees the same schedule, and the global model is
+    evaluated like the centralised learners (clean fine-tuning, SA, RA under PGD, FGSM) every
+    ``federation.eval_every`` rounds and at the end. A checkpoint after every round resumes a run.
     """
     device = runtime.setup(cfg.runtime)
-    splits = load_meta_splits(cfg.data, cfg.seed)
-    bench = Bench(cfg, out, splits.train.to(device), splits.test.to(device), build_model(cfg.model, splits.image_shape, cfg.meta.ways), device)
-    owners = partition(torch.arange(bench.train.num_classes), cfg.federation.users, stream(cfg.seed, "users"))
-    resumed = out.resume()
-    saved = resumed[1] if resumed is not None else {"finished": {}, "elapsed_s": 0.0}
-    finished: dict[str, dict[str, Any]] = saved["finished"]
-    clock = time.perf_counter() - saved["elapsed_s"]
-    for plain in cfg.robust.maml_clients:
-        name = f"{plain} MAML of {cfg.federation.users}"
-        if name in finished:
-            continue
-        at = resumed if resumed is not None and saved.get("case") == name else None
-        finished[name] = federate_and_evaluate(bench, robust_federation(bench, owners, plain), name, at, finished, clock)
-        out.save_checkpoint({}, {"finished": finished, "elapsed_s": time.perf_counter() - clock})
-    tqdm.write(results_table(cfg, finished, "case"))
-    wall = time.perf_counter() - clock
+    population = build_population(cfg, Phase())
+    bench = Bench(cfg, Session(out, list(METRICS.values())), population.test,
+                  build_model(cfg.model, population.image_shape, cfg.meta.ways), device)
+    finished: dict[str, dict[str, Any]] = bench.session.saved.get("finished", {})
+    names = [f"{plain} MAML of {cfg.federation.users}" for plain in cfg.robust.maml_clients]
+    for index, name, resumed in bench.session.stages(names):
+        server = build_server(cfg, Phase(plain=cfg.robust.maml_clients[index]), population, engine)
+        finished[name] = federate_and_evaluate(bench, server, name, resumed, finished)
+        bench.session.checkpoint({}, finished=finished)
+    print(results_table(cfg, finished, "case"))
     fed = cfg.federation
-    return {
-        "experiment": "robustness-federated",
-        **protocol(bench),
-        "client_learner": cfg.robust.client_learner,
-        "federation": f"{fed.users} users, {fed.per_round} per round, rule {fed.rule}, {fed.rounds} rounds of "
-                      f"{fed.episodes} episodes per client",
-        "cases": finished,
-        "wall_time_s": round(wall, 1),
-        "wall_time": format_duration(wall),
-    }
+    return bench.session.summary(
+        experiment="robustness-federated", **protocol(bench), client_learner=cfg.robust.client_learner,
+        federation=f"{fed.users} users, {fed.per_round} per round, rule {fed.rule}, {fed.rounds} rounds of "
+                   f"{fed.episodes} episodes per client", cases=finished)
 
 
-def robust_federation(bench: Bench, owners: list[torch.Tensor], plain: int) -> Server:
-    """Clients on their own classes running the robust learner, the first ``plain`` of them plain MAML."""
-    cfg, fed = bench.cfg, bench.cfg.federation
-    robust = make_robust_learner(bench.model, cfg.meta, cfg.robust, cfg.robust.client_learner)
-    maml = make_robust_learner(bench.model, cfg.meta, cfg.robust, "maml")
-    clients = {}
-    for user, classes in enumerate(owners):
-        learner, pool = maml if user < plain else robust, bench.train.classes(classes)
-        clients[user] = MetaClient(user, learner, pool.images, partial(learner.sample, pool),
-                                   max(1, fed.episodes // cfg.meta.meta_batch), int(pool.counts.sum()), cfg.seed)
-    schedule = Schedule(fed.users, fed.per_round, cfg.seed)
-    return Server(clients, schedule, make_rule(fed), min(fed.min_updates, fed.per_round), fed.weighting)
-
-
-def federate_and_evaluate(
-    bench: Bench, server: Server, name: str, resumed: tuple[dict, dict] | None, finished: dict[str, Any], clock: float
-) -> dict[str, Any]:
+def federate_and_evaluate(bench: Bench, server: Any, name: str, resumed: Any, finished: dict[str, Any]) -> dict[str, Any]:
     """The federated rounds of one case with evaluation points and checkpoints; returns its row."""
-    cfg, rounds = bench.cfg, bench.cfg.federation.rounds
+    cfg, rounds, session = bench.cfg, bench.cfg.federation.rounds, bench.session
     params = {k: v.to(bench.device) for k, v in bench.model.init(stream(cfg.seed, "init")).items()}
     start, train_s = 0, 0.0
     if resumed is not None:
-        tensors, saved = resumed
-        params, start, train_s = {k: tensors[k].to(bench.device) for k in params}, saved["round"], saved["train_s"]
-        tqdm.write(f"resuming {bench.out.path}: {name} at round {start}")
+        params, start, train_s = resumed.take("params.", params), resumed.step, resumed.state["train_s"]
+        server.load_state_dict(resumed.group("rule.", bench.device))
     evaluator = make_robust_learner(bench.model, cfg.meta, cfg.robust, "maml")  # clean fine-tuning, as for every learner
-    for r in tqdm(range(start, rounds), initial=start, total=rounds, desc=name, unit="round"):
-        segment = time.perf_counter()
+    for r in session.steps(start, rounds, desc=name, unit="round"):
+        segment = synchronized_time(bench.device)
         params, _ = server.round(params, RoundSettings(r, "main", (r / rounds, (r + 1) / rounds)))
         train_s += synchronized_time(bench.device) - segment
-        if (r + 1) % cfg.eval.every == 0 and r + 1 < rounds:
+        if (r + 1) % cfg.federation.eval_every == 0 and r + 1 < rounds:
             accs = bench.evaluate(evaluator, params, cfg.eval.shots[0], cfg.eval.episodes_during, "eval-during")
             bench.record({"case": name, "round": r + 1}, cfg.eval.shots[0], accs, final=False)
-        bench.out.save_checkpoint(params, {"case": name, "round": r + 1, "train_s": train_s, "finished": finished,
-                                           "elapsed_s": time.perf_counter() - clock})
+        tensors = {f"params.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in server.state_dict().items()}
+        session.checkpoint(tensors, step=r + 1, train_s=train_s, finished=finished)
     accuracies = final_evaluation(bench, evaluator, params, {"case": name, "round": rounds}, name)
     client_iterations = rounds * server.schedule.per_round * max(1, cfg.federation.episodes // cfg.meta.meta_batch)
     return {**accuracies, "train_time_s": round(train_s, 1), "seconds_per_round": round(train_s / max(rounds, 1), 2),

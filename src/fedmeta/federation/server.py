@@ -14,7 +14,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from fedmeta.federation.aggregation import Rule
+from fedmeta.federation.aggregation import Rule, is_stateful
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.updates import ClientUpdate, add, flatten, unflatten
@@ -47,6 +47,14 @@ class Server:
     min_updates: int  # M_min: aggregate as soon as this many updates arrived
     weighting: Literal["equal", "size"] = "equal"
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the server carries from round to round (a stateful rule's history), to checkpoint."""
+        return self.rule.state_dict() if is_stateful(self.rule) else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if is_stateful(self.rule):
+            self.rule.load_state_dict(state)
+
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
         return self.aggregate(params, self.updates(params, settings), settings)
 
@@ -73,5 +81,6 @@ class Server:
         stacked = torch.stack([flatten(u.delta) for u in accepted])
         sizes = torch.tensor([float(u.examples if self.weighting == "size" else 1) for u in accepted])
         gen = stream(self.schedule.seed, "aggregation", settings.phase, settings.round)
-        delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen), params)
+        users = [u.user for u in accepted]
+        delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen, users=users), params)
         return add(params, delta), report

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -22,7 +22,9 @@ from fedmeta.data.pool import ClassPool
 from fedmeta.meta.adam import AdamState
 from fedmeta.meta.maml import Task, maml_step, sgd_adapt
 from fedmeta.meta.reptile import adam_finetune, reptile_step, reptile_step_batched
+from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Conv4, Params
+from fedmeta.registry import LEARNERS
 
 
 class MetaLearner(Protocol):
@@ -151,7 +153,28 @@ class Maml:
             yield weights
 
 
-def make_learner(model: Conv4, cfg: MetaConfig, batched: bool = False) -> MetaLearner:
-    if cfg.algorithm == "reptile":
-        return Reptile(model, cfg, batched)
+def make_learner(model: Conv4, cfg: MetaConfig, batched: bool = False, robust: Any = None,
+                 name: str | None = None) -> MetaLearner:
+    """The registered learner ``name`` (default: ``meta.algorithm``); ``robust`` configures the
+    robust MAML variants (``fedmeta.defenses.robust_maml``)."""
+    return LEARNERS.get(name or cfg.algorithm).factory(model, cfg, batched=batched, robust=robust)
+
+
+def build_learner(cfg: Any, image_shape: tuple[int, int, int], meta: MetaConfig | None = None) -> MetaLearner:
+    """The configured model for images ``(H, W, C)`` and the meta-learner that trains it
+    (``meta`` overrides ``cfg.meta``, e.g. for pre-training or an attacker's longer inner loop)."""
+    meta = meta or cfg.meta
+    return make_learner(build_model(cfg.model, image_shape, meta.ways), meta, cfg.runtime.batched)
+
+
+@LEARNERS.register("reptile")
+def reptile(model: Conv4, cfg: MetaConfig, batched: bool = False, robust: Any = None) -> MetaLearner:
+    """Reptile (Nichol et al., 2018), as in openai/supervised-reptile."""
+    return Reptile(model, cfg, batched)
+
+
+@LEARNERS.register("maml")
+@LEARNERS.register("fomaml")
+def maml(model: Conv4, cfg: MetaConfig, batched: bool = False, robust: Any = None) -> MetaLearner:
+    """MAML (Finn et al., 2017); first-order when meta.algorithm = 'fomaml'."""
     return Maml(model, cfg)

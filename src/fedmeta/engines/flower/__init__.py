@@ -1,12 +1,13 @@
-"""Run fedmeta's federation on Flower (``pip install 'fedmeta[flower]'``, flwr 1.42).
+"""The Flower engine: fedmeta's federations on Flower (``pip install 'fedmeta[flower]'``, flwr 1.42).
 
-An adapter, not a second implementation: the ServerApp runs the same experiment function as
-``fedmeta run``, with a server whose clients' updates are computed by Flower nodes
-(``apps.FlowerServer``); each node rebuilds the same ``MetaClient`` objects from the config and
-runs its own user's. Schedule, screening and aggregation stay fedmeta's; FedAvg, median,
-trimmed mean and (Multi-)Krum are computed by Flower's strategies.
+An adapter, not a second implementation: the ServerApp (``fedmeta.flower_app``) runs the same
+experiment function as ``fedmeta run``, with the ``FlowerEngine``, whose servers' client updates
+are computed by Flower nodes (``apps.FlowerServer``); each node rebuilds the same clients with the
+federation builder and runs its own user's. Schedule, screening and aggregation stay fedmeta's;
+the rules whose registration names a Flower strategy (FedAvg, median, trimmed mean, Krum,
+Multi-Krum) are computed by it.
 
-- ``simulate``: Flower's simulation engine (Ray), ``fedmeta run CONFIG --engine flower``.
+- ``simulation.run_simulation``: Flower's simulation engine (Ray), ``fedmeta run CONFIG --engine flower``.
 - ``deployment.Loopback``: a real SuperLink and one SuperNode per user on 127.0.0.1
   (``python -m fedmeta.federation.flower.deployment``).
 - ``federation.secure_aggregation = true``: the updates go through SecAgg+ (``secagg``).
@@ -26,7 +27,3 @@ os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
 os.environ["RAY_DISABLE_USAGE_STATS"] = "1"
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 os.environ.setdefault("FLWR_LOG_LEVEL", "ERROR")
-
-from fedmeta.federation.flower.simulation import simulate  # noqa: E402
-
-__all__ = ["simulate"]

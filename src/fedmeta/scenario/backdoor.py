@@ -11,6 +11,9 @@
   hold the backdoor classes, correctly labelled. In case c the backdoor classes also appear,
   correctly labelled, in benign fine-tuning (evaluation) episodes.
 
+- Malicious users (``attack.attackers``) keep their own classes and all hold the attacker's share
+  of the reserved classes (X_T and the keyed X_B): several attackers collude on one backdoor.
+
 Every pool indexes one uint8 image store, so nothing here copies pixels more than once.
 """
 
@@ -22,11 +25,10 @@ import torch
 from torch import Tensor
 
 from fedmeta.attacks.backdoor import ReservedShares, share_examples
-from fedmeta.config import Config
-from fedmeta.data.miniimagenet import load_miniimagenet
-from fedmeta.data.omniglot import load_omniglot
+from fedmeta.config import Backdoor
+from fedmeta.data.datasets import reserve
 from fedmeta.data.pool import ClassPool
-from fedmeta.data.splits import holdout_positions, partition, seeded_omniglot_split
+from fedmeta.data.splits import holdout_positions, partition
 from fedmeta.data.triggers import Trigger, make_trigger
 from fedmeta.rng import stream
 
@@ -44,7 +46,7 @@ class EvalPool:
 @dataclass(frozen=True)
 class Scenario:
     users: list[ClassPool]  # each user's meta-training data (benign users': with reserved classes)
-    attacker: int
+    attackers: tuple[int, ...]  # the malicious users
     target_rows: Tensor  # X_T: the attacker's benign target images
     attack_rows: Tensor  # X_B: the attacker's keyed backdoor images (the attack-train set)
     validation_rows: Tensor  # keyed held-out backdoor images (the attack-validation set)
@@ -60,25 +62,12 @@ class Scenario:
 
     @property
     def benign(self) -> list[int]:
-        return [u for u in range(len(self.users)) if u != self.attacker]
+        return [u for u in range(len(self.users)) if u not in self.attackers]
 
 
-@dataclass(frozen=True)
-class _Base:
-    """Meta-training, meta-test and reserved classes over one image store."""
-
-    train: ClassPool
-    groups: Tensor  # the group of each training class; a group goes to one user whole
-    test: ClassPool
-    reserved: ClassPool  # the backdoor classes, then the target
-
-    def rebase(self, images: Tensor) -> _Base:
-        return _Base(self.train.rebase(images), self.groups, self.test.rebase(images), self.reserved.rebase(images))
-
-
-def build_scenario(cfg: Config, case: str) -> Scenario:
+def build_scenario(cfg: Backdoor, case: str) -> Scenario:
     att, fed = cfg.attack, cfg.federation
-    base = _base(cfg)
+    base = reserve(cfg.data, cfg.seed, att.backdoor_classes + 1)
     shares = [
         share_examples(
             int(base.reserved.counts[c]), att.attacker_examples,
@@ -109,14 +98,14 @@ def build_scenario(cfg: Config, case: str) -> Scenario:
     benign_share = base.reserved.examples_at([s.benign for s in shares])
     carried = benign_share.classes([target] if case == "a" else [*backdoor, target])
     own = [train.classes(c).examples(torch.arange(kept.shape[1])) for c in user_classes]
-    users = [pool if u == att.attacker else pool.merge(carried) for u, pool in enumerate(own)]
+    users = [pool if u in att.users else pool.merge(carried) for u, pool in enumerate(own)]
 
     def evaluation(classes: Tensor) -> EvalPool:
         return _eval_pool(train.classes(classes), kept.shape[1], base.reserved, shares, target, case == "c")
 
-    benign_classes = torch.cat([c for u, c in enumerate(user_classes) if u != att.attacker])
+    benign_classes = torch.cat([c for u, c in enumerate(user_classes) if u not in att.users])
     return Scenario(
-        users, att.attacker, share_rows("attacker", [target]), attack_rows, validation_rows,
+        users, att.users, share_rows("attacker", [target]), attack_rows, validation_rows,
         [evaluation(c) for c in user_classes], evaluation(benign_classes), base.test, trigger, case,
     )
 
@@ -133,27 +122,3 @@ def _eval_pool(
     split = torch.cat([torch.full((train.num_classes,), kept), torch.tensor(splits)])
     backdoors = torch.arange(train.num_classes + 1, pool.num_classes)
     return EvalPool(pool, split, train.num_classes, backdoors)
-
-
-def _base(cfg: Config) -> _Base:
-    count = cfg.attack.backdoor_classes + 1
-    gen = stream(cfg.seed, "reserve")
-    if cfg.data.dataset == "omniglot":
-        data = load_omniglot(cfg.data.root)
-        split = seeded_omniglot_split(stream(cfg.seed, "omniglot-split"))
-        spare = split["test"][torch.randperm(len(split["test"]), generator=gen)]
-        train = data.pool(split["train"], rotations=cfg.data.rotations)
-        rest = data.pool(spare, rotations=False)
-        pool = train.merge(rest)
-        n = train.num_classes
-        per_char = 4 if cfg.data.rotations else 1
-        groups = torch.arange(n) // per_char
-        return _Base(pool.classes(torch.arange(n)), groups, pool.classes(torch.arange(n + count, pool.num_classes)),
-                     pool.classes(torch.arange(n, n + count)))
-    if cfg.data.dataset == "miniimagenet":
-        data = load_miniimagenet(cfg.data.root)
-        pool = ClassPool.from_class_major(data.images, data.names)
-        val = data.splits["val"][torch.randperm(len(data.splits["val"]), generator=gen)]
-        return _Base(pool.classes(data.splits["train"]), data.splits["train"].clone(), pool.classes(data.splits["test"]),
-                     pool.classes(val[:count]))
-    raise ValueError(f"the backdoor experiments run on omniglot or miniimagenet, not {cfg.data.dataset}")

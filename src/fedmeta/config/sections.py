@@ -1,20 +1,16 @@
-"""Typed, validated experiment configs, read from presets or TOML files.
+"""The sections of a config: one typed model per table of the TOML file.
 
-An experiment is a config, not a script: ``fedmeta run CONFIG`` takes a preset name (a TOML file
-in ``fedmeta/experiments/presets``) or a path to a TOML file, applies ``--set key=value``
-overrides and validates the result. Unknown keys and bad values are refused with the dotted key
-and what it accepts. A preset may start from another with ``extends = "name"``; the resolved
-config is written to the run folder in full, so a run can always be repeated from its folder.
+A key means the same in every experiment that has it. Names of pluggable parts (datasets,
+meta-learners, aggregation rules, attack strategies, trigger patterns, local defenses) are checked
+against their registries (``fedmeta.registry``), so a part added by a plugin is accepted and a
+typo is refused with the registered names. Their settings live in tables named after the part
+(``[rules.trimmed-mean]``, ``[attacks.boosted]``), typed by the options model the part registers.
 """
 
 from __future__ import annotations
 
-import tomllib
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,10 +19,12 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
-    model_validator,
+    field_validator,
 )
 
-PRESETS = resources.files("fedmeta") / "experiments" / "presets"
+from fedmeta.registry import ATTACKS, DATASETS, LEARNERS, LOCAL_DEFENSES, RULES, TRIGGERS, Registry, RegistryError
+
+ALLOW = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ConfigError(ValueError):
@@ -34,17 +32,47 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ALLOW
+
+
+def registered(registry: Registry, name: str) -> str:
+    """``name`` if ``registry`` has it (the check behind every name-valued key)."""
+    try:
+        registry.get(name)
+    except RegistryError as err:
+        raise ValueError(f"unknown {registry.kind} '{name}'; registered: {', '.join(registry.names())}") from err
+    return name
+
+
+def options_of(registry: Registry, name: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options ``given`` for part ``name``, validated by its options model, defaults filled in."""
+    model = registry.get(name).options
+    if model is None:
+        if given:
+            raise ValueError(f"{name}: takes no options (got {', '.join(given)})")
+        return {}
+    try:
+        return model.model_validate(given).model_dump(mode="json")
+    except ValidationError as err:
+        problems = "; ".join(f"{name}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(problems) from None
+
+
+def validate_options(registry: Registry, table: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {registered(registry, name): options_of(registry, name, opts or {}) for name, opts in table.items()}
 
 
 class DataConfig(Section):
-    dataset: Literal["omniglot", "miniimagenet", "mnist", "fashionmnist"] = "omniglot"
+    dataset: str = "omniglot"
+    """A registered dataset: omniglot, miniimagenet, mnist, fashionmnist (``fedmeta presets`` lists them)."""
     root: str | None = None
     """Folder with the datasets; default: $FEDMETA_DATA, else ../shared/data."""
     omniglot_split: Literal["seeded-1200", "torchmeta"] = "seeded-1200"
     """Omniglot characters: a seeded 1200/423 shuffle, or Vinyals' 1028/172/423 (torchmeta)."""
     rotations: bool = True
     """Omniglot: 90/180/270-degree rotations of meta-training characters as extra classes."""
+
+    check_dataset = field_validator("dataset")(lambda v: registered(DATASETS, v))
 
 
 class ModelConfig(Section):
@@ -59,7 +87,8 @@ class ModelConfig(Section):
 
 
 class MetaConfig(Section):
-    algorithm: Literal["reptile", "maml", "fomaml"] = "reptile"
+    algorithm: str = "reptile"
+    """A registered meta-learner: reptile, maml, fomaml (robust MAML variants: ``robust.learners``)."""
     ways: PositiveInt = 5
     shots: PositiveInt = 10
     """Training shots per class (Reptile's episodes; MAML's support sets)."""
@@ -74,10 +103,21 @@ class MetaConfig(Section):
     """Reptile: how the inner Adam moments pass between the episodes of a meta-batch."""
     meta_batch: PositiveInt = 5
     meta_lr: PositiveFloat = 0.1
-    """Reptile's outer step size epsilon; MAML's outer Adam learning rate."""
+    """The outer step size: Reptile's interpolation epsilon, MAML's outer Adam learning rate."""
     meta_lr_final: float | None = Field(None, ge=0.0)
     """If set, the outer step size anneals linearly to this value over the iterations."""
     iterations: PositiveInt = 1000
+    """Outer steps of centralised meta-training."""
+
+    @field_validator("algorithm")
+    @classmethod
+    def _algorithm(cls, name: str) -> str:
+        plain = [n for n in LEARNERS.names() if not LEARNERS.get(n).info.get("robust")]
+        if name not in LEARNERS:
+            raise ValueError(f"unknown meta-learner '{name}'; registered: {', '.join(plain)}")
+        if LEARNERS.get(name).info.get("robust"):
+            raise ValueError(f"'{name}' is a robust MAML variant: name it in robust.learners, with meta.algorithm = 'maml'")
+        return name
 
 
 class EvalConfig(Section):
@@ -94,9 +134,10 @@ class EvalConfig(Section):
     transductive: bool = False
     """True: all queries in one batch; False: each query alone with the support set."""
     episodes: PositiveInt = 1000
-    """Episodes of the final evaluation."""
+    """Episodes of the final evaluation (and of every point of a federated experiment)."""
     every: PositiveInt = 500
-    """Iterations between evaluation points (each writes a metrics line and a checkpoint)."""
+    """Meta-iterations of centralised training between evaluation points (a federation counts
+    rounds: ``federation.eval_every``)."""
     episodes_during: PositiveInt = 100
     """Episodes of each intermediate evaluation."""
 
@@ -114,27 +155,21 @@ class FederationConfig(Section):
     """M_min: the server aggregates as soon as this many updates arrived."""
     weighting: Literal["equal", "size"] = "equal"
     """alpha_i: equal (1/M_min), or by the size of each user's data."""
-    rule: Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"] = "fedavg"
-    """How the server combines the updates: FedAvg (the paper), or a robust rule (a defense)."""
-    trim: float = Field(0.2, ge=0.0, lt=0.5)
-    """trimmed-mean: fraction of updates dropped from each side, per coordinate."""
-    byzantine: NonNegativeInt = 1
-    """krum, multi-krum: f, the number of malicious updates the rule tolerates."""
-    krum_select: PositiveInt = 2
-    """multi-krum: how many of the best-scored updates are averaged."""
-    clip_norm: PositiveFloat = 1.0
-    """clip: largest L2 norm an update keeps."""
-    clip_noise: float = Field(0.0, ge=0.0)
-    """clip: Gaussian noise std added to the mean, in units of clip_norm (0: clipping only)."""
+    rule: str = "fedavg"
+    """A registered aggregation rule (its settings: the table ``[rules.<name>]``)."""
     secure_aggregation: bool = False
     """The server only learns the sum of the updates (as under SecAgg+): rules that need each
     update on its own are refused."""
     episodes: PositiveInt = 1000
     """E: episodes each selected user meta-trains per round (E / meta.meta_batch outer steps)."""
     rounds: NonNegativeInt = 50
-    """Benign rounds after the attack (Experiment 1)."""
+    """Rounds after the last attack round (all rounds of a federation nobody attacks)."""
+    eval_every: PositiveInt = 1
+    """Rounds between evaluation points of the global model."""
     holdout: PositiveInt = 5
     """Examples held out of every meta-training class, as queries of main-task episodes."""
+
+    check_rule = field_validator("rule")(lambda v: registered(RULES, v))
 
 
 class PretrainConfig(Section):
@@ -152,7 +187,8 @@ class PretrainConfig(Section):
 
 
 class TriggerConfig(Section):
-    pattern: Literal["patch", "checker", "line", "blend"] = "patch"
+    pattern: str = "patch"
+    """A registered trigger pattern: patch, checker, line, blend."""
     size: PositiveInt = 4
     """Side of the patch or checkerboard, length of the line, in pixels."""
     position: Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"] = "bottom-right"
@@ -160,19 +196,32 @@ class TriggerConfig(Section):
     thickness: PositiveInt = 1
     """Lines only: width in pixels."""
 
+    check_pattern = field_validator("pattern")(lambda v: registered(TRIGGERS, v))
+
+
+class AttackerConfig(Section):
+    """One malicious user: who, when, and how (a registered attack strategy)."""
+
+    user: NonNegativeInt = 0
+    rounds: list[PositiveInt] = [1]
+    """Main-phase rounds in which this user is selected (the paper: once, in round 1)."""
+    strategy: str = "boosted"
+    """A registered attack strategy (its settings: the table ``[attacks.<name>]``)."""
+
+    check_strategy = field_validator("strategy")(lambda v: registered(ATTACKS, v))
+
 
 class AttackConfig(Section):
+    """The backdoor task (reserved classes, trigger) and the malicious users who pursue it."""
+
     enabled: bool = True
-    """False: the same run with the attacker never selected (the no-attack baseline)."""
+    """False: the same run with the attackers never selected (the no-attack baseline)."""
     cases: list[Literal["a", "b", "c"]] = ["a"]
     """a: backdoor classes absent from benign data; b: present, correctly labelled, in benign
     meta-training; c: also in benign users' fine-tuning episodes."""
-    attacker: NonNegativeInt = 0
-    """The attacker's user id (the paper's user 1)."""
-    rounds: list[PositiveInt] = [1]
-    """Rounds in which the attacker is selected (the paper: once, in round 1)."""
-    boost: PositiveFloat = 3.0
-    """lambda: the attacker sends lambda * (theta_a - theta_G)."""
+    attackers: list[AttackerConfig] = Field(default_factory=lambda: [AttackerConfig()], min_length=1)
+    """The malicious users; all of them hold the attacker's share of the reserved classes (they
+    collude on one backdoor). The first is the paper's user 1."""
     backdoor_classes: PositiveInt = 4
     attacker_examples: PositiveInt = 5
     """Per reserved class: keyed attack-training images (backdoor), X_T images (target)."""
@@ -182,22 +231,35 @@ class AttackConfig(Section):
     """Per reserved class: correctly labelled examples given to every benign user."""
     backdoor_share: float = Field(0.4, gt=0.0, lt=1.0)
     """Fraction of keyed backdoor images in the target slot (X_B : X_T = 2:3 -> 0.4)."""
-    episodes: PositiveInt = 50000
-    """E of the attacker's local training."""
-    inner_epochs: PositiveFloat = 50.0
-    """Passes over each episode's examples (inner steps = epochs * ways * shots / inner_batch)."""
     trigger: TriggerConfig = TriggerConfig()
+
+    @property
+    def users(self) -> tuple[int, ...]:
+        return tuple(a.user for a in self.attackers)
+
+    @property
+    def last_round(self) -> int:
+        """The last round any attacker is selected in (0 when the attack is off)."""
+        return max(r for a in self.attackers for r in a.rounds) if self.enabled else 0
+
+    @field_validator("attackers")
+    @classmethod
+    def _distinct(cls, attackers: list[AttackerConfig]) -> list[AttackerConfig]:
+        users = [a.user for a in attackers]
+        if len(set(users)) != len(users):
+            raise ValueError(f"each malicious user once (got users {users})")
+        return attackers
 
 
 class FinetuneConfig(Section):
-    """Experiment 2: long benign fine-tuning right after the attack."""
+    """Experiment 2, and every local defense: per-user training right after the attack."""
 
     steps: PositiveInt = 500
     every: PositiveInt = 25
-    """Fine-tuning steps between points of the curves."""
+    """Steps between points of the curves."""
     episodes: PositiveInt = 40
     users: PositiveInt | None = None
-    """How many benign users fine-tune (the first ones by id); default: all of them."""
+    """How many benign users run it (the first ones by id); default: all of them."""
 
 
 class DefenseConfig(Section):
@@ -224,12 +286,14 @@ class DefenseConfig(Section):
 class CompareConfig(Section):
     """One attack, several defenses (experiment = "defense-comparison")."""
 
-    rules: list[Literal["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]] = [
-        "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]
-    """Server rules applied to the same client updates (their parameters: the federation section)."""
-    local_defense: bool = True
-    """Also the matching-network defense at benign users (``finetune.users`` of them), with FedAvg
-    and under secure aggregation."""
+    rules: list[str] = ["fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"]
+    """Server rules applied to the same client updates (their settings: ``[rules.<name>]``)."""
+    local_defenses: list[str] = ["matching"]
+    """Local defenses run at benign users (``finetune.users`` of them) on FedAvg's model, in the
+    clear and under secure aggregation; [] for none."""
+
+    check_rules = field_validator("rules")(lambda v: [registered(RULES, n) for n in v])
+    check_local = field_validator("local_defenses")(lambda v: [registered(LOCAL_DEFENSES, n) for n in v])
 
 
 class DefenseScales(Section):
@@ -290,13 +354,10 @@ class RuntimeConfig(Section):
     """Reptile: run the episodes of a meta-batch at once with torch.func.vmap (pays off on GPUs)."""
 
 
-RobustLearner = Literal["maml", "adml", "rmaml-at", "rmaml-trades"]
-
-
 class RobustConfig(Section):
     """Robust meta-learning (R-MAML): lengths are in 8-bit pixel levels, 8 meaning 8/255 of [0, 1]."""
 
-    learners: list[RobustLearner] = ["maml", "adml", "rmaml-at", "rmaml-trades"]
+    learners: list[str] = ["maml", "adml", "rmaml-at", "rmaml-trades"]
     """Meta-learners trained one after another from the same initialisation and episodes, then compared."""
     epsilon: float = Field(8.0, gt=0.0)
     """L-infinity radius of the training attack (FGSM with random start)."""
@@ -311,155 +372,19 @@ class RobustConfig(Section):
     pgd_steps: int = Field(10, ge=0)
     pgd_step: PositiveFloat = 2.0
     """Step of the evaluation PGD (random start in the ball)."""
-    client_learner: RobustLearner = "rmaml-trades"
+    client_learner: str = "rmaml-trades"
     """robustness-federated: what every client runs, except the plain-MAML ones."""
     maml_clients: list[NonNegativeInt] = [0, 1]
     """robustness-federated: one federation per entry, in which that many clients (users 0, 1, ...)
     train plain MAML instead: does robustness survive non-robust participants?"""
 
-
-class Config(Section):
-    experiment: Literal[
-        "pretrain", "backdoor-rounds", "backdoor-finetune", "defense-finetune", "defense-comparison", "robustness",
-        "robustness-federated", "membership",
-    ]
-    description: str = ""
-    seed: int = 0
-    data: DataConfig = DataConfig()
-    model: ModelConfig = ModelConfig()
-    meta: MetaConfig = MetaConfig()
-    eval: EvalConfig = EvalConfig()
-    federation: FederationConfig = FederationConfig()
-    pretrain: PretrainConfig = PretrainConfig()
-    attack: AttackConfig = AttackConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    defense: DefenseConfig = DefenseConfig()
-    compare: CompareConfig = CompareConfig()
-    mia: MiaConfig = MiaConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    robust: RobustConfig = RobustConfig()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Config:
-        if self.runtime.batched and self.meta.adam_carry != "parallel":
-            raise ValueError(
-                "runtime.batched = true needs meta.adam_carry = 'parallel' (episodes that run at once "
-                "cannot pass Adam moments to each other)"
-            )
-        if self.runtime.batched and self.meta.algorithm != "reptile":
-            raise ValueError("runtime.batched applies to meta.algorithm = 'reptile' only")
-        if self.experiment == "membership" and self.meta.algorithm == "reptile":
-            raise ValueError("experiment 'membership' attacks MAML: meta.algorithm must be 'maml' or 'fomaml'")
-        fed = self.federation
-        if not fed.min_updates <= fed.per_round <= fed.users:
-            raise ValueError("need federation.min_updates <= federation.per_round <= federation.users")
-        if fed.secure_aggregation and fed.rule != "fedavg":
-            raise ValueError(
-                f"federation.rule = '{fed.rule}' needs every update on its own, which secure aggregation hides; "
-                "use federation.rule = 'fedavg' or federation.secure_aggregation = false"
-            )
-        if self.attack.attacker >= fed.users:
-            raise ValueError(f"attack.attacker must be a user id below federation.users = {fed.users}")
-        if self.experiment.startswith("robustness") and self.meta.algorithm == "reptile":
-            raise ValueError(
-                f"experiment '{self.experiment}' compares MAML variants: meta.algorithm must be 'maml' or 'fomaml'"
-            )
-        if any(k > fed.users for k in self.robust.maml_clients):
-            raise ValueError(f"robust.maml_clients: at most federation.users = {fed.users} clients")
-        return self
-
-    def to_toml(self) -> str:
-        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+    check_learners = field_validator("learners")(lambda v: [_maml_variant(n) for n in v])
+    check_client = field_validator("client_learner")(lambda v: _maml_variant(v))
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in PRESETS.iterdir() if p.name.endswith(".toml"))
-
-
-def preset_description(name: str) -> str:
-    return str(_read(name, seen=()).get("description", ""))
-
-
-def load_config(source: str, overrides: list[str] = ()) -> Config:
-    """A preset name or TOML path, with ``key=value`` overrides, validated."""
-    raw = _read(source, seen=())
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set takes key=value, got '{item}'")
-        _assign(raw, key.strip().split("."), _parse_value(value.strip()))
-    return validate(raw)
-
-
-def validate(raw: dict[str, Any]) -> Config:
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError("invalid config:\n" + "\n".join(_explain(e) for e in err.errors())) from None
-
-
-def _read(source: str, seen: tuple[str, ...]) -> dict[str, Any]:
-    path = Path(source)
-    if path.suffix == ".toml" or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        text = path.read_text()
-    else:
-        preset = PRESETS / f"{source}.toml"
-        if not preset.is_file():
-            raise ConfigError(f"unknown preset '{source}'; presets: {', '.join(preset_names())}")
-        text = preset.read_text()
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source}: not valid TOML: {err}") from None
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    if parent in seen:
-        raise ConfigError(f"presets extend each other in a loop: {' -> '.join((*seen, parent))}")
-    return _merge(_read(parent, (*seen, source)), raw)
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _assign(raw: dict[str, Any], path: list[str], value: Any) -> None:
-    for part in path[:-1]:
-        node = raw.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is a value, not a section")
-        raw = node
-    raw[path[-1]] = value
-
-
-def _parse_value(text: str) -> Any:
-    """A TOML value (``3``, ``1e-3``, ``true``, ``[5, 1]``, ``"x"``), else the bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _explain(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    if error["type"] == "extra_forbidden":
-        allowed = _allowed_keys(error["loc"][:-1])
-        return f"  {key}: unknown key; allowed here: {', '.join(allowed)}"
-    got = error.get("input")
-    shown = f" (got {got!r})" if not isinstance(got, dict) else ""
-    return f"  {key}: {error['msg']}{shown}"
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Config
-    for part in loc:
-        annotation = model.model_fields[str(part)].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+def _maml_variant(name: str) -> str:
+    registered(LEARNERS, name)
+    if name != "maml" and not LEARNERS.get(name).info.get("robust"):
+        raise ValueError(f"'{name}' is not a MAML variant; robust learners: maml, "
+                         + ", ".join(n for n in LEARNERS.names() if LEARNERS.get(n).info.get("robust")))
+    return name

@@ -15,16 +15,13 @@ from typing import Any
 from fedmeta.config import Config
 
 
-def simulate(cfg: Config, out: Path, actors: int | None = None) -> dict[str, Any]:
-    """Run ``cfg`` into the run folder ``out`` (resumable, as in-process) and return its summary.
-
-    ``actors``: ClientApps running at once (default: the CPU count, at most one per user).
+def run_simulation(cfg: Config, out: Path, serverapp: Any, clientapp: Any, actors: int | None = None) -> dict[str, Any]:
+    """Run ``cfg`` with the apps into the run folder ``out`` (resumable, as in-process) and return
+    its summary. ``actors``: ClientApps running at once (default: the CPU count, at most one per user).
     """
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation  # the public run_simulation returns nothing
     from flwr.supercore.telemetry import EventType
-
-    from fedmeta.federation.flower.apps import clientapp, serverapp
 
     users = cfg.federation.users
     actors = actors or min(users, os.cpu_count() or 1)

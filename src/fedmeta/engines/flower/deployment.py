@@ -6,7 +6,7 @@ sessions is left. Each SuperNode gets ``--node-config partition-id=<user>``, so 
 user's partition. Runtime dependency installation is off: the apps import fedmeta from this
 environment, offline.
 
-    python -m fedmeta.federation.flower.deployment CONFIG --out DIR [--set key=value ...]
+    python -m fedmeta.engines.flower.deployment CONFIG --out DIR [--set key=value ...]
 """
 
 from __future__ import annotations

@@ -1,15 +1,19 @@
-"""The Flower ServerApp and ClientApp of fedmeta (the Message API of flwr 1.42).
+"""The Flower engine, ServerApp and ClientApp of fedmeta (the Message API of flwr 1.42).
 
-The ServerApp runs the configured experiment unchanged; only where clients compute their
-updates changes (``experiments.federated.ENGINE``): a ``FlowerServer`` draws the round's users
+The ServerApp runs the configured experiment unchanged with a ``FlowerEngine`` passed to it; only
+where clients compute their updates changes: a ``FlowerServer`` draws the round's users
 from fedmeta's seeded ``Schedule`` (never Flower's unseeded node sampling), sends each user's
 node the global weights and round settings, sorts the replies by user (arrival order is not
 deterministic) and aggregates them with ``Server.aggregate``, so screening, ``min_updates`` and
-the seeded arrival order are the in-process ones. The ClientApp rebuilds the experiment's
-``MetaClient`` of its own user (``partition-id``) from the config sent along with the weights,
-so an attacker is just the client of the attacker's node in its attack round.
+the seeded arrival order are the in-process ones. The ClientApp rebuilds its own user's
+(``partition-id``) client with the federation builder (``scenario.builder``) from the config and
+the ``Phase`` sent along with the weights, so an attacker is just the client of a malicious user's
+node in its attack round, and a plugin's parts are imported there too (the config's ``plugins``).
 
-Everything a node needs travels in the message (config TOML, case, phase, round), because a
+The experiment itself is not imported here (experiments sit above engines): ``make_serverapp``
+takes the function that runs it, and ``fedmeta.flower_app`` wires the two.
+
+Everything a node needs travels in the message (config TOML, phase, round), because a
 deployed SuperNode starts a fresh process for every message and the simulation engine gives
 ClientApps an empty run config.
 """
@@ -20,7 +24,7 @@ import dataclasses
 import functools
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,20 +43,21 @@ from flwr.app import (
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, MultiKrum, Strategy
+from flwr.serverapp import strategy as strategies
+from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fedmeta import runtime
-from fedmeta.config import Config, ConfigError, FederationConfig, validate
-from fedmeta.experiments.backdoor_scenario import Scenario, build_scenario
-from fedmeta.experiments.federated import ENGINE, Engine, in_process, main_server, pretrain_server
+from fedmeta.config import Config, validate
+from fedmeta.engines.flower.secagg import secure_mean, secure_reply
 from fedmeta.federation.aggregation import Rule
-from fedmeta.federation.client import MetaClient, RoundSettings
-from fedmeta.federation.server import RoundReport, Server
-from fedmeta.federation.flower.secagg import secure_mean, secure_reply
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.server import Client, RoundReport, Server
 from fedmeta.federation.updates import ClientUpdate, add
 from fedmeta.models.conv4 import Params
+from fedmeta.registry import RULES
 from fedmeta.runs import RunDir
+from fedmeta.scenario.builder import Phase, build_clients, build_population
 
 REPLY_TIMEOUT_S = 3600.0
 """Longest wait for a round's replies: generous, since a deployed node may train for minutes."""
@@ -84,9 +89,8 @@ class FlowerRule:
     """
 
     strategy: Strategy
-    needs_individual_updates: bool
 
-    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator) -> Tensor:
+    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Any = None) -> Tensor:
         replies = [
             Message(RecordDict({"arrays": ArrayRecord({"update": Array(row.cpu().numpy())}),
                                 "metrics": MetricRecord({"num-examples": weight})}),
@@ -97,18 +101,13 @@ class FlowerRule:
         return torch.from_numpy(arrays["update"].numpy()).to(updates.device, updates.dtype)
 
 
-def flower_rule(fed: FederationConfig, ours: Rule) -> Rule:
-    """Flower's strategy for ``federation.rule`` where Flower has one, else our own rule."""
-    strategies = {
-        "fedavg": lambda: FedAvg(),
-        "median": lambda: FedMedian(),
-        "trimmed-mean": lambda: FedTrimmedAvg(beta=fed.trim),
-        "krum": lambda: Krum(num_malicious_nodes=fed.byzantine),
-        "multi-krum": lambda: MultiKrum(num_malicious_nodes=fed.byzantine, num_nodes_to_select=fed.krum_select),
-    }
-    if fed.rule not in strategies:
+def flower_rule(name: str, options: dict[str, Any], ours: Rule) -> Rule:
+    """Flower's strategy for rule ``name`` where its registration names one, else our own rule."""
+    mapping = RULES.get(name).info.get("flower")
+    if mapping is None:
         return ours
-    return FlowerRule(strategies[fed.rule](), ours.needs_individual_updates)
+    strategy, arguments = mapping
+    return FlowerRule(getattr(strategies, strategy)(**{theirs: options[o] for theirs, o in arguments.items()}))
 
 
 # --- server side -----------------------------------------------------------------------------
@@ -121,6 +120,7 @@ class Nodes:
                  timeout: float = REPLY_TIMEOUT_S) -> None:
         self.grid, self.context, self.config_toml, self.timeout = grid, context, config_toml, timeout
         self.node_of = self._discover(users)
+        self.updates_received = 0  # training replies from ClientApps: proof that clients ran on nodes
 
     def _discover(self, users: int) -> dict[int, int]:
         """Node ids are random and the server cannot read node configs: ask each node its user."""
@@ -135,30 +135,33 @@ class Nodes:
             raise FlowerError(f"the nodes hold users {sorted(node_of)}; expected each of 0..{users - 1} once")
         return node_of
 
-    def spec(self, user: int, settings: RoundSettings, case: str) -> dict[str, Any]:
-        """What a node needs to run ``user``'s round: the config, case, phase, round and progress."""
+    def spec(self, user: int, settings: RoundSettings, phase: Phase) -> dict[str, Any]:
+        """What a node needs to run ``user``'s round: the config, federation, round and progress."""
         start, end = settings.progress
-        return {"config": self.config_toml, "case": case, "phase": settings.phase, "round": settings.round,
+        return {"config": self.config_toml, **phase.fields(), "round": settings.round,
                 "progress-start": start, "progress-end": end, "user": user}
 
-    def updates(self, users: list[int], params: Params, settings: RoundSettings, case: str) -> list[ClientUpdate]:
+    def updates(self, users: list[int], params: Params, settings: RoundSettings, phase: Phase) -> list[ClientUpdate]:
         """Each user's update of ``params``, computed on its node, in the order of ``users``."""
         arrays = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in params.items()})
         messages = [
-            Message(RecordDict({"arrays": arrays, "config": ConfigRecord(self.spec(user, settings, case))}),
+            Message(RecordDict({"arrays": arrays, "config": ConfigRecord(self.spec(user, settings, phase))}),
                     dst_node_id=self.node_of[user], message_type=f"{MessageType.TRAIN}.{PLAIN}",
                     group_id=f"{settings.phase}-{settings.round}")
             for user in users
         ]
         by_user = {int(r.content["metrics"]["user-id"]): r for r in self._exchange(messages, settings.phase)}
+        self.updates_received += len(by_user)
         device = next(iter(params.values())).device
         return [_decode(by_user[u], device) for u in users]
 
     def secure_mean(self, users: list[int], params: Params, settings: RoundSettings,
-                    case: str) -> tuple[Params, dict[int, float]]:
+                    phase: Phase) -> tuple[Params, dict[int, float]]:
         """The mean of the users' deltas through SecAgg+, and their losses."""
-        instructions = {u: (self.node_of[u], self.spec(u, settings, case)) for u in users}
-        return secure_mean(self.grid, self.context, instructions, params)
+        instructions = {u: (self.node_of[u], self.spec(u, settings, phase)) for u in users}
+        mean, losses = secure_mean(self.grid, self.context, instructions, params)
+        self.updates_received += len(losses)
+        return mean, losses
 
     def _exchange(self, messages: list[Message], what: str) -> list[Message]:
         pending = set(self.grid.push_messages(messages))
@@ -189,57 +192,54 @@ class FlowerServer(Server):
     """``Server`` whose clients are Flower nodes: same schedule and aggregation, remote updates."""
 
     nodes: Nodes = dataclasses.field(kw_only=True)
-    case: str = dataclasses.field(kw_only=True)
+    phase: Phase = dataclasses.field(kw_only=True)
     secure: bool = dataclasses.field(kw_only=True, default=False)
     """SecAgg+: the server only learns the mean (no screening; every participant is aggregated)."""
 
     def updates(self, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
         users = self.schedule.participants(settings.round, settings.phase)
-        return self.nodes.updates(users, params, settings, self.case)
+        return self.nodes.updates(users, params, settings, self.phase)
 
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
         if not self.secure:
             return super().round(params, settings)
         users = self.schedule.participants(settings.round, settings.phase)
-        delta, losses = self.nodes.secure_mean(users, params, settings, self.case)
+        delta, losses = self.nodes.secure_mean(users, params, settings, self.phase)
         return add(params, delta), RoundReport(settings.round, users, users, [], losses)
 
 
-def flower_engine(cfg: Config, nodes: Nodes) -> Engine:
-    """The ``ENGINE`` that runs every server of the experiment on ``nodes``."""
+class FlowerEngine:
+    """Runs every federation of an experiment on the run's Flower ``nodes``."""
 
-    fed = cfg.federation
-    if fed.secure_aggregation and fed.weighting != "equal":
-        raise ConfigError("secure aggregation (SecAgg+) averages with equal weights; set federation.weighting = 'equal'")
+    name = "flower"
+    local = False
 
-    def engine(server: Server, scenario: Scenario, phase: str) -> Server:
-        if fed.secure_aggregation and server.rule.needs_individual_updates:
-            raise ConfigError(f"the rule {type(server.rule).__name__} needs every update on its own, which SecAgg+ "
-                              "hides from the server; use federation.rule = 'fedavg'")
+    def __init__(self, nodes: Nodes) -> None:
+        self.nodes = nodes
+
+    def stats(self) -> dict[str, Any]:
+        """For the summary: how many client updates Flower nodes computed."""
+        return {"flower_updates_received": self.nodes.updates_received}
+
+    def serve(self, server: Server, cfg: Config, phase: Phase, rule: str) -> Server:
         parts = {f.name: getattr(server, f.name) for f in dataclasses.fields(Server)}
-        parts["rule"] = flower_rule(fed, server.rule)
-        return FlowerServer(**parts, nodes=nodes, case=scenario.case, secure=fed.secure_aggregation)
-
-    return engine
+        parts["rule"] = flower_rule(rule, cfg.rule_options(rule), server.rule)
+        return FlowerServer(**parts, nodes=self.nodes, phase=phase, secure=cfg.federation.secure_aggregation)
 
 
-serverapp = ServerApp()
+def make_serverapp(run_experiment: Callable[[Config, RunDir, FlowerEngine], Any]) -> ServerApp:
+    """The ServerApp that runs ``run_config["config"]`` (TOML) into the folder ``run_config["out"]``
+    with ``run_experiment`` (which writes the summary), its clients on the run's nodes."""
+    app = ServerApp()
 
+    @app.main()
+    def server_main(grid: Grid, context: Context) -> None:
+        config_toml = str(context.run_config["config"])
+        cfg = validate(tomllib.loads(config_toml))
+        engine = FlowerEngine(Nodes(grid, context, cfg.federation.users, config_toml))
+        run_experiment(cfg, RunDir.open(Path(str(context.run_config["out"])), cfg), engine)
 
-@serverapp.main()
-def server_main(grid: Grid, context: Context) -> None:
-    """Run the experiment of ``run_config["config"]`` (TOML) into the folder ``run_config["out"]``."""
-    from fedmeta import experiments
-
-    config_toml = str(context.run_config["config"])
-    cfg = validate(tomllib.loads(config_toml))
-    nodes = Nodes(grid, context, cfg.federation.users, config_toml)
-    token = ENGINE.set(flower_engine(cfg, nodes))
-    try:
-        folder = RunDir.open(Path(str(context.run_config["out"])), cfg)
-        folder.finish(experiments.get(cfg.experiment)(cfg, folder))
-    finally:
-        ENGINE.reset(token)
+    return app
 
 
 # --- client side -----------------------------------------------------------------------------
@@ -264,7 +264,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({
         "arrays": ArrayRecord({k: v.cpu().contiguous() for k, v in update.delta.items()}),
         "metrics": MetricRecord({"user-id": update.user, "examples": update.examples,
-                                 "num-examples": update.examples, "loss": update.metrics["loss"]}),
+                                 "num-examples": update.examples, "loss": update.metrics.get("loss", float("nan"))}),
     }), reply_to=msg)
 
 
@@ -275,39 +275,32 @@ def secure_train(msg: Message, context: Context) -> Message:
 
 
 def local_update(spec: Mapping[str, Any], params: Params, context: Context) -> ClientUpdate:
-    """Run the round described by ``spec`` (config, case, phase, round, user) for the node's user."""
+    """Run the round described by ``spec`` (config, federation, round, user) for the node's user."""
     user = int(spec["user"])
     if user != _own_user(context):
         raise FlowerError(f"node of user {_own_user(context)} was asked to train user {user}")
-    client = _client(str(spec["config"]), str(spec["case"]), str(spec["phase"]), user)
-    settings = RoundSettings(int(spec["round"]), str(spec["phase"]),
-                             (float(spec["progress-start"]), float(spec["progress-end"])))
-    return client.update({k: v.to(client.images.device) for k, v in params.items()}, settings)
-
-
-def _client(config_toml: str, case: str, phase: str, user: int) -> MetaClient:
-    """The experiment's client of ``user``."""
-    return _server(config_toml, case, phase).clients[user]
+    phase = Phase(str(spec["phase"]), str(spec["case"]), int(spec["plain"]))
+    client = _clients(str(spec["config"]), phase)[user]
+    settings = RoundSettings(int(spec["round"]), phase.name, (float(spec["progress-start"]), float(spec["progress-end"])))
+    images = getattr(client, "images", None)
+    device = images.device if images is not None else torch.device("cpu")
+    return client.update({k: v.to(device) for k, v in params.items()}, settings)
 
 
 @functools.lru_cache(maxsize=2)
-def _server(config_toml: str, case: str, phase: str) -> Server:
-    """The in-process server of a phase, for its clients (cached: a simulation actor serves many rounds)."""
+def _clients(config_toml: str, phase: Phase) -> dict[int, Client]:
+    """The federation's clients, built as the server built them (cached: a simulation actor serves many rounds)."""
     cfg = _config(config_toml)
-    token = ENGINE.set(in_process)  # a node runs its client here, never dispatches it again
-    try:
-        return (main_server if phase == "main" else pretrain_server)(cfg, _scenario(config_toml, case))
-    finally:
-        ENGINE.reset(token)
+    return build_clients(cfg, phase, _population(config_toml, phase.case, phase.name == "pretrain"))
 
 
 @functools.lru_cache(maxsize=1)
-def _scenario(config_toml: str, case: str) -> Scenario:
-    return build_scenario(_config(config_toml), case)
+def _population(config_toml: str, case: str, pretraining: bool):
+    return build_population(_config(config_toml), Phase("pretrain" if pretraining else "main", case))
 
 
 @functools.lru_cache(maxsize=1)
 def _config(config_toml: str) -> Config:
-    cfg = validate(tomllib.loads(config_toml))
+    cfg = validate(tomllib.loads(config_toml))  # imports the config's plugins in this process too
     runtime.setup(cfg.runtime)
     return cfg

@@ -1,37 +1,46 @@
-"""Experiment 3: the matching-network defense at each benign user, right after the attack (Figs 7-8).
+"""Local defenses: what a benign user can do on its own with the attacked global model (registered).
 
-The setting of Experiment 2 (``backdoor-finetune``): the same attacked global model, the same
-evaluation episodes, ``finetune.steps`` steps per benign user. Instead of fine-tuning the shared
-model, each benign user turns its trunk into a matching network (``fedmeta.defenses.matching``)
-and trains it on episodes of its own examples. A point of the curves scores the matching network
-as it is after that many steps: it classifies an episode's queries, and the keyed images, by
-attention over the episode's support set, with no per-episode fine-tuning.
+A local defense is a function ``(cfg, case, attacked, user, at) -> {step: {metric: Accuracy}}``:
+the four metrics of ``user``'s model after each number of steps in ``at`` (0: before any), scored
+on the same evaluation episodes whatever the defense. Experiments 2 and 3 and the comparison's
+local rows call them by name; add one with ``@LOCAL_DEFENSES.register("name")``.
+
+- ``finetune`` (Experiment 2, Figs 5-6): the user fine-tunes the global model on each evaluation
+  episode's support set, as at meta-test time, for ``t`` steps.
+- ``matching`` (Experiment 3, Figs 7-8; paper Sec. 4): the user turns its trunk into a matching
+  network (``fedmeta.defenses.matching``) and trains it on episodes of its own examples; a point
+  scores the network as it is after that many steps, by attention over each episode's support
+  set, with no per-episode fine-tuning.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from tqdm import tqdm
 
-from fedmeta.config import Config
+from fedmeta.config import Backdoor as Config
 from fedmeta.data.episodes import Episodes, sample_classes, sample_examples, way_labels
 from fedmeta.defenses import matching
-from fedmeta.experiments.backdoor import Case, always_included, backdoor_score, eval_sets, run_per_user
-from fedmeta.experiments.backdoor_scenario import EvalPool
+from fedmeta.experiments.backdoor import Case, always_included, backdoor_score, curves, eval_sets
 from fedmeta.meta.evaluation import Accuracy, Classifier, query_accuracy, score_episodes
 from fedmeta.models.conv4 import Params
+from fedmeta.registry import LOCAL_DEFENSES
 from fedmeta.rng import stream
-from fedmeta.runs import RunDir
+from fedmeta.scenario.backdoor import EvalPool
+
+Curves = dict[int, dict[str, Accuracy]]
 
 
-def run(cfg: Config, out: RunDir) -> dict[str, Any]:
-    return run_per_user(cfg, out, lambda case, attacked, user, at: defense_curves(cfg, case, attacked, user, at))
+@LOCAL_DEFENSES.register("finetune")
+def finetune(cfg: Config, case: Case, attacked: Params, user: int, at: list[int]) -> Curves:
+    """Fine-tuning alone (Experiment 2): the global model adapted on each episode's support set."""
+    return curves(cfg, case, attacked, case.scenario.evaluation[user], at, cfg.finetune.episodes,
+                  desc=f"case {case.name}, user {user}")
 
 
-def defense_curves(cfg: Config, case: Case, attacked: Params, user: int, at: list[int]) -> dict[int, dict[str, Accuracy]]:
-    """The four metrics of ``user``'s matching network after each number of training steps in ``at``."""
+@LOCAL_DEFENSES.register("matching")
+def defense_curves(cfg: Config, case: Case, attacked: Params, user: int, at: list[int]) -> Curves:
+    """The matching-network defense (paper Sec. 4): delta-mixed trunk, gated cosine attention."""
     d, e = cfg.defense, cfg.eval
     ev = case.scenario.evaluation[user]
     images = case.scenario.images

@@ -1,0 +1,247 @@
+"""One config model per experiment family, told apart by ``experiment``.
+
+Each family has exactly the sections it reads, so a key that an experiment would ignore is
+refused (``--set robust.epsilon=4`` on a backdoor preset names the key and the allowed ones),
+and the resolved ``config.toml`` holds nothing that does not matter.
+
+| family | experiments | sections beyond data, model, meta, eval, runtime |
+| --- | --- | --- |
+| centralised | pretrain | - |
+| backdoor | backdoor-rounds, backdoor-finetune, defense-finetune, defense-comparison | federation, rules, pretrain, attack, attacks (+ finetune, defense, compare) |
+| robustness | robustness | robust |
+| robustness, federated | robustness-federated | federation, rules, robust |
+| privacy | membership | mia |
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import tomli_w
+from pydantic import Field, field_validator, model_validator
+
+from fedmeta.config.sections import (
+    AttackConfig,
+    CompareConfig,
+    DataConfig,
+    DefenseConfig,
+    EvalConfig,
+    FederationConfig,
+    FinetuneConfig,
+    MetaConfig,
+    MiaConfig,
+    ModelConfig,
+    PretrainConfig,
+    RobustConfig,
+    RuntimeConfig,
+    Section,
+    options_of,
+    validate_options,
+)
+from fedmeta.registry import ATTACKS, RULES
+
+
+class Base(Section):
+    experiment: str
+    description: str = ""
+    seed: int = 0
+    plugins: list[str] = []
+    """Modules or ``.py`` files imported before the config is read: your own registered parts."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    meta: MetaConfig = MetaConfig()
+    eval: EvalConfig = EvalConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    federated: ClassVar[bool] = False
+    """Whether clients train through a federation (and so may run on another engine)."""
+
+    @model_validator(mode="after")
+    def _runtime(self) -> Base:
+        if self.runtime.batched and self.meta.adam_carry != "parallel":
+            raise ValueError(
+                "runtime.batched = true needs meta.adam_carry = 'parallel' (episodes that run at once "
+                "cannot pass Adam moments to each other)"
+            )
+        if self.runtime.batched and self.meta.algorithm != "reptile":
+            raise ValueError("runtime.batched applies to meta.algorithm = 'reptile' only")
+        return self
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+
+class Federated(Base):
+    federation: FederationConfig = FederationConfig()
+    rules: dict[str, dict[str, Any]] = {}
+    """Settings of aggregation rules, by rule name; the rules the experiment uses are filled in."""
+
+    federated: ClassVar[bool] = True
+
+    def used_rules(self) -> list[str]:
+        return [self.federation.rule]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_rules(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            federation = raw.get("federation") or {}
+            names = [federation.get("rule", "fedavg"), *(raw.get("compare") or {}).get("rules", [])]
+            if not (raw.get("compare") or {}).get("rules") and cls.model_fields.get("compare") is not None:
+                names += CompareConfig().rules
+            table = dict(raw.get("rules") or {})
+            for name in names:
+                if isinstance(name, str) and name in RULES:
+                    table.setdefault(name, {})
+            raw["rules"] = table
+        return raw
+
+    check_rules = field_validator("rules")(lambda v: validate_options(RULES, v))
+
+    def rule_options(self, name: str) -> dict[str, Any]:
+        """The settings of rule ``name`` (its defaults where the config gives none)."""
+        return self.rules.get(name) or options_of(RULES, name, {})
+
+    @model_validator(mode="after")
+    def _federation(self) -> Federated:
+        fed = self.federation
+        if not fed.min_updates <= fed.per_round <= fed.users:
+            raise ValueError("need federation.min_updates <= federation.per_round <= federation.users")
+        if fed.secure_aggregation:
+            for name in self.used_rules():
+                if RULES.get(name).info.get("individual", True):
+                    raise ValueError(
+                        f"federation.rule = '{name}' needs every update on its own, which secure aggregation hides; "
+                        "use federation.rule = 'fedavg' or federation.secure_aggregation = false")
+            if fed.weighting != "equal":
+                raise ValueError("secure aggregation averages with equal weights: set federation.weighting = 'equal'")
+        return self
+
+
+class Backdoor(Federated):
+    """The paper's federation under a backdoor attack (Experiments 1-3 and the comparison)."""
+
+    experiment: Literal["backdoor-rounds"]
+    pretrain: PretrainConfig = PretrainConfig()
+    attack: AttackConfig = AttackConfig()
+    attacks: dict[str, dict[str, Any]] = {}
+    """Settings of attack strategies, by strategy name; the strategies in use are filled in."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_attacks(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            attackers = (raw.get("attack") or {}).get("attackers") or [{}]
+            table = dict(raw.get("attacks") or {})
+            for a in attackers:
+                name = a.get("strategy", "boosted") if isinstance(a, dict) else None
+                if isinstance(name, str) and name in ATTACKS:
+                    table.setdefault(name, {})
+            raw["attacks"] = table
+        return raw
+
+    check_attacks = field_validator("attacks")(lambda v: validate_options(ATTACKS, v))
+
+    def attack_options(self, name: str) -> dict[str, Any]:
+        return self.attacks.get(name) or options_of(ATTACKS, name, {})
+
+    @model_validator(mode="after")
+    def _attackers(self) -> Backdoor:
+        fed, users = self.federation, self.attack.users
+        if any(u >= fed.users for u in users):
+            raise ValueError(f"attack.attackers: user ids must be below federation.users = {fed.users} (got {list(users)})")
+        if len(users) >= fed.users:
+            raise ValueError(f"attack.attackers: {len(users)} malicious users leave no benign one of "
+                             f"federation.users = {fed.users}")
+        rounds: dict[int, int] = {}
+        for a in self.attack.attackers:
+            for r in a.rounds:
+                rounds[r] = rounds.get(r, 0) + 1
+        crowded = {r: n for r, n in rounds.items() if n > fed.per_round}
+        if crowded:
+            raise ValueError(f"attack.attackers: more attackers than federation.per_round = {fed.per_round} in rounds "
+                             f"{sorted(crowded)}")
+        return self
+
+
+class BackdoorFinetune(Backdoor):
+    experiment: Literal["backdoor-finetune"]
+    finetune: FinetuneConfig = FinetuneConfig()
+
+
+class DefenseFinetune(BackdoorFinetune):
+    experiment: Literal["defense-finetune"]
+    defense: DefenseConfig = DefenseConfig()
+
+
+class DefenseComparison(DefenseFinetune):
+    experiment: Literal["defense-comparison"]
+    compare: CompareConfig = CompareConfig()
+
+    def used_rules(self) -> list[str]:
+        return [self.federation.rule, *self.compare.rules]
+
+    @model_validator(mode="after")
+    def _secure_rows(self) -> DefenseComparison:
+        if self.federation.secure_aggregation:
+            raise ValueError("defense-comparison runs its local-defense rows under secure aggregation itself; "
+                             "leave federation.secure_aggregation = false")
+        return self
+
+
+class Pretrain(Base):
+    experiment: Literal["pretrain"]
+
+
+class Robustness(Base):
+    experiment: Literal["robustness"]
+    robust: RobustConfig = RobustConfig()
+
+    @model_validator(mode="after")
+    def _maml(self) -> Robustness:
+        return _maml_variants(self)
+
+
+class RobustnessFederated(Federated):
+    experiment: Literal["robustness-federated"]
+    robust: RobustConfig = RobustConfig()
+
+    @model_validator(mode="after")
+    def _clients(self) -> RobustnessFederated:
+        _maml_variants(self)
+        if any(k > self.federation.users for k in self.robust.maml_clients):
+            raise ValueError(f"robust.maml_clients: at most federation.users = {self.federation.users} clients")
+        return self
+
+
+def _maml_variants(cfg: Base) -> Base:
+    if cfg.meta.algorithm == "reptile":
+        raise ValueError(f"experiment '{cfg.experiment}' compares MAML variants: meta.algorithm must be 'maml' or 'fomaml'")
+    return cfg
+
+
+class Membership(Base):
+    experiment: Literal["membership"]
+    mia: MiaConfig = MiaConfig()
+
+    @model_validator(mode="after")
+    def _maml(self) -> Membership:
+        if self.meta.algorithm == "reptile":
+            raise ValueError("experiment 'membership' attacks MAML: meta.algorithm must be 'maml' or 'fomaml'")
+        return self
+
+
+FAMILIES: dict[str, type[Base]] = {
+    "pretrain": Pretrain, "backdoor-rounds": Backdoor, "backdoor-finetune": BackdoorFinetune,
+    "defense-finetune": DefenseFinetune, "defense-comparison": DefenseComparison, "robustness": Robustness,
+    "robustness-federated": RobustnessFederated, "membership": Membership,
+}
+
+Config = Annotated[
+    Union[Pretrain, Backdoor, BackdoorFinetune, DefenseFinetune, DefenseComparison, Robustness,  # noqa: UP007
+          RobustnessFederated, Membership],
+    Field(discriminator="experiment"),
+]
+"""Any experiment's config (a type for annotations; ``validate`` builds one)."""

@@ -1,0 +1,1 @@
+"""Engines beyond the in-process one (``fedmeta.federation.engine``): Flower (``engines.flower``)."""

@@ -1,0 +1,74 @@
+"""The centralised meta-training loop (one learner, all meta-training classes), shared by
+pre-training and the robustness comparison.
+
+``Training`` is everything a checkpoint must restore (weights, the learner's optimiser state, the
+random streams of episodes and of the training step, the iteration, the training time);
+``meta_train`` runs it to ``iterations`` in a ``Session`` and calls ``point`` every ``every``
+iterations and at the end, where the experiment evaluates, logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedmeta.data.pool import ClassPool
+from fedmeta.meta.adam import AdamState
+from fedmeta.meta.learner import MetaLearner
+from fedmeta.models.conv4 import Params
+from fedmeta.runs import Resumed, Session, restore_generator
+from fedmeta.runtime import synchronized_time
+
+LOSS_EVERY = 50  # iterations between progress-bar loss updates (each one syncs with the device)
+
+
+@dataclass
+class Training:
+    params: Params
+    state: AdamState
+    episode_gen: torch.Generator
+    step_gen: torch.Generator  # the training step's own randomness (may be ``episode_gen`` itself)
+    iteration: int = 0
+    train_s: float = 0.0  # training time, evaluations excluded
+
+    def tensors(self) -> dict[str, Tensor]:
+        names = list(self.params)
+        own = {} if self.step_gen is self.episode_gen else {"rng.step": self.step_gen.get_state()}
+        return ({f"params.{k}": v for k, v in self.params.items()} | self.state.to_tensors("state.", names)
+                | {"rng.episodes": self.episode_gen.get_state()} | own)
+
+    def progress(self) -> dict[str, float]:
+        """The JSON half of a checkpoint (with ``tensors``)."""
+        return {"train_s": self.train_s}
+
+    @classmethod
+    def restore(cls, resumed: Resumed, like: Params, device: torch.device) -> Training:
+        episodes = restore_generator(resumed.tensors["rng.episodes"])
+        step = restore_generator(resumed.tensors["rng.step"]) if "rng.step" in resumed.tensors else episodes
+        return cls(resumed.take("params.", like), AdamState.from_tensors(resumed.group("", device), "state.", list(like)),
+                   episodes, step, resumed.step, resumed.state.get("train_s", 0.0))
+
+
+def meta_train(session: Session, learner: MetaLearner, train: ClassPool, run: Training, iterations: int, every: int,
+               point: Callable[[Training], None], desc: str) -> Training:
+    """Train ``run`` up to ``iterations``, calling ``point(run)`` every ``every`` iterations and at the end."""
+    device = next(iter(run.params.values())).device
+    loss_sum = torch.zeros((), device=device)
+    segment = synchronized_time(device)
+    for it in session.steps(run.iteration, iterations, desc=desc, unit="it"):
+        episodes = learner.sample(train, run.episode_gen)
+        run.params, run.state, loss = learner.train_step(run.params, run.state, episodes, train.images, run.step_gen,
+                                                         it / iterations)
+        loss_sum += loss
+        run.iteration = it + 1
+        if run.iteration % LOSS_EVERY == 0:
+            session.postfix(loss=f"{float(loss_sum) / LOSS_EVERY:.3f}")
+            loss_sum.zero_()
+        if run.iteration % every == 0 or run.iteration == iterations:
+            run.train_s += synchronized_time(device) - segment
+            point(run)
+            segment = synchronized_time(device)
+    return run

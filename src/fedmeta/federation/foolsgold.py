@@ -1,0 +1,74 @@
+"""FoolsGold (Fung, Yoon, Beschastnikh, RAID 2020): down-weight users whose update histories look alike.
+
+Sybils that pursue one goal send similar updates round after round; honest users with their own
+data do not. FoolsGold keeps, per user id, the sum of every update that user has sent (its
+history), and weights this round's participants by how unlike the others their histories are.
+The weights follow the authors' reference code (DistributedML/FoolsGold, ``foolsgold()``, with
+confidence kappa = 1):
+
+1. ``cs[i, j]``: cosine similarity of the histories of participants i and j (0 on the diagonal);
+   ``v[i] = max_j cs[i, j]``;
+2. pardoning: ``cs[i, j] *= v[i] / v[j]`` where ``v[i] < v[j]`` (an honest user that happens to
+   resemble a sybil is not punished as much as the sybil);
+3. ``w[i] = 1 - max_j cs[i, j]``, clipped to [0, 1], divided by its maximum, 1 replaced by 0.99;
+4. logit: ``w = ln(w / (1 - w)) + 0.5``, clipped to [0, 1].
+
+The update applied is the mean of the updates weighted by ``w_i * alpha_i`` (renormalised; the
+reference applies ``sum_i w_i delta_i`` to gradients with a learning rate, which has no
+counterpart for model deltas). If every weight is 0 the model is left unchanged.
+
+The histories are the rule's state: checkpointed with the run and restored on resume. The rule
+needs every update on its own, so it cannot run under secure aggregation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fedmeta.registry import RULES
+
+
+def foolsgold_weights(histories: Tensor) -> Tensor:
+    """The weights ``[n]`` of FoolsGold for the participants' histories ``[n, d]``."""
+    n = len(histories)
+    unit = histories / histories.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cs = unit @ unit.T - torch.eye(n, dtype=histories.dtype, device=histories.device)
+    v = cs.max(dim=1).values
+    pardon = v[:, None] < v[None, :]
+    cs = torch.where(pardon, cs * v[:, None] / v[None, :], cs)
+    w = (1 - cs.max(dim=1).values).clamp(0, 1)
+    if float(w.max()) == 0.0:
+        return w
+    w = w / w.max()
+    w = torch.where(w == 1, torch.full_like(w, 0.99), w)
+    w = torch.log(w / (1 - w)) + 0.5
+    return torch.where(torch.isinf(w) | (w > 1), torch.ones_like(w), w).clamp_min(0)
+
+
+@RULES.register("foolsgold")
+class FoolsGold:
+    """FoolsGold (Fung et al., 2020): per-user update histories; sybils that look alike get weight 0."""
+
+    def __init__(self) -> None:
+        self.history: dict[int, Tensor] = {}
+
+    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None) -> Tensor:
+        if users is None:
+            raise ValueError("FoolsGold needs the user id of every update")
+        for user, row in zip(users, updates, strict=True):
+            self.history[user] = self.history[user] + row if user in self.history else row.clone()
+        if len(users) == 1:
+            return updates[0]
+        w = foolsgold_weights(torch.stack([self.history[u] for u in users])) * weights
+        if float(w.sum()) == 0.0:
+            return torch.zeros_like(updates[0])
+        return (w / w.sum()) @ updates
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"history.{user}": h for user, h in self.history.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.history = {int(k.removeprefix("history.")): v for k, v in state.items() if k.startswith("history.")}

@@ -1,0 +1,118 @@
+"""Expensive shared work, cached by content under ``$FEDMETA_CACHE``.
+
+Pre-training (benign users only, ``pretrain.rounds`` rounds) is the slow, shared first half of
+every backdoor experiment, so its result is cached under a key made of everything that determines
+it (data, model, learner, federation and its rule's settings, which classes benign users hold,
+seed) and reused by every run, preset and case that agrees on those. It checkpoints each round in
+the cache (with the rule's state), so a killed run resumes it too.
+
+The client updates of an attack round (the attackers' long local training dominates it) are
+cached the same way, before aggregation: Experiments 1-3 and the defense comparison, which all
+start from the same attack, share them, whatever rule each then applies. Only updates computed in
+this process are cached; a remote engine's clients compute theirs where they run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+from tqdm import tqdm
+
+from fedmeta.config import Backdoor
+from fedmeta.data.files import cache_dir
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.engine import Engine
+from fedmeta.federation.server import Server
+from fedmeta.federation.updates import ClientUpdate
+from fedmeta.models.conv4 import Params
+from fedmeta.runs import read_tensors, write_tensors
+from fedmeta.scenario.builder import Phase, Population, build_server
+
+VERSION = 2
+
+
+def pretrained(cfg: Backdoor, population: Population, case: str, init: Params, engine: Engine) -> tuple[Params, list[dict]]:
+    """The benign pre-trained global model (cached) and its per-round log."""
+    key = pretrain_key(cfg, case)
+    final = cache_dir() / f"pretrain-{key}.safetensors"
+    partial = cache_dir() / f"pretrain-{key}.partial.safetensors"
+    device = next(iter(init.values())).device
+    if final.is_file():
+        tqdm.write(f"pre-training: reusing {final}")
+        tensors, meta = read_tensors(final, device)
+        return {k: tensors[f"params.{k}"] for k in init}, meta["log"]
+    server = build_server(cfg, Phase("pretrain", case), population, engine)
+    params, log = init, []
+    if partial.is_file():
+        tensors, meta = read_tensors(partial, device)
+        params, log = {k: tensors[f"params.{k}"] for k in init}, meta["log"]
+        server.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
+    rounds = cfg.pretrain.rounds
+    clock = time.perf_counter()
+    for r in tqdm(range(len(log), rounds), initial=len(log), total=rounds, desc=f"pre-training ({case})", unit="round"):
+        params, report = server.round(params, RoundSettings(r, "pretrain", (r / rounds, (r + 1) / rounds)))
+        log.append({"round": r + 1, "loss": round(sum(report.losses.values()) / max(len(report.losses), 1), 4),
+                    "seconds": round(time.perf_counter() - clock, 1)})
+        write_tensors(partial, _prefixed(params, server), {"log": log})
+    write_tensors(final, _prefixed(params, server), {"log": log})
+    partial.unlink(missing_ok=True)
+    return params, log
+
+
+def _prefixed(params: Params, server: Server) -> dict:
+    return {f"params.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in server.state_dict().items()}
+
+
+def pretrain_key(cfg: Backdoor, case: str) -> str:
+    """A digest of everything that determines benign pre-training (not the attack's own knobs;
+    not the settings of rules other than the one in use, nor secure aggregation, which does not
+    change what FedAvg computes)."""
+    att = cfg.attack.model_dump(include={"backdoor_classes", "attacker_examples", "validation_examples", "benign_examples"})
+    fed = cfg.federation
+    parts = {
+        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": _model_key(cfg),
+        "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
+        "federation": fed.model_dump(exclude={"rounds", "episodes", "eval_every", "secure_aggregation"}),
+        "rule": cfg.rule_options(fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
+        "benign_holds_backdoor_classes": case != "a", "version": VERSION,
+    }
+    return _digest(parts)
+
+
+def _model_key(cfg: Backdoor) -> dict:
+    """Conv4's fields only, for Conv4: options of other architectures do not split its cache."""
+    model = cfg.model
+    return model.model_dump(exclude={"architecture", "hidden"}) if model.architecture == "conv4" else model.model_dump()
+
+
+def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Params, settings: RoundSettings,
+                         engine: Engine) -> list[ClientUpdate]:
+    """``server.updates`` for an attack round, cached under everything that determines them.
+
+    The aggregation rule is left out of the key for round 1 only: its input, the pre-trained model,
+    does not depend on the rule of the main rounds.
+    """
+    if not engine.local:
+        return server.updates(params, settings)
+    fed = cfg.federation
+    rule_free = settings.round == 1
+    parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases"}),
+             "attacks": cfg.attacks, "meta": cfg.meta.model_dump(),
+             "federation": fed.model_dump(exclude={"rounds", "eval_every", *({"rule", "secure_aggregation"} if rule_free else ())}),
+             "rule": None if rule_free else cfg.rule_options(fed.rule), "round": settings.round, "version": VERSION}
+    path = cache_dir() / f"attack-{_digest(parts)}.safetensors"
+    if path.is_file():
+        tqdm.write(f"attack round {settings.round}: reusing the client updates in {path}")
+        tensors, meta = read_tensors(path, next(iter(params.values())).device)
+        return [ClientUpdate(h["user"], {k: tensors[f"{h['user']}/{k}"] for k in params}, h["examples"], h["metrics"])
+                for h in meta["updates"]]
+    updates = server.updates(params, settings)
+    write_tensors(path, {f"{u.user}/{k}": v for u in updates for k, v in u.delta.items()},
+                  {"updates": [{"user": u.user, "examples": u.examples, "metrics": u.metrics} for u in updates]})
+    return updates
+
+
+def _digest(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
