@@ -113,25 +113,71 @@ def test_secure_aggregation_refuses_rules_that_need_each_update(tmp_path):
 
 
 def test_flower_rules_match_ours():
-    """Where Flower has the rule, its strategy's aggregate is ours (Krum: equal weights)."""
+    """Where a rule's registration names a Flower strategy, that strategy computes our rule, with
+    unequal weights (Flower's Multi-Krum weights the chosen updates by num-examples, as ours does)."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedmeta.config import FederationConfig
-    from fedmeta.federation.aggregation import make_rule
     from fedmeta.engines.flower.apps import FlowerRule, flower_rule
+    from fedmeta.federation.aggregation import make_rule
+    from fedmeta.registry import RULES
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a Flower runtime sets
     updates = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
     updates[0] += 10.0  # an outlier
-    weights = torch.full((5,), 0.2)
-    for rule in ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "clip"):
-        fed = FederationConfig(rule=rule)
-        ours = make_rule(fed)
-        theirs = flower_rule(fed, ours)
-        assert isinstance(theirs, FlowerRule) == (rule != "clip")
-        gen = torch.Generator().manual_seed(1)
-        torch.testing.assert_close(theirs(updates, weights, gen), ours(updates, weights, torch.Generator().manual_seed(1)),
-                                   rtol=1e-5, atol=1e-5)
+    weights = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.15])
+    options = {"trimmed-mean": {"trim": 0.2}, "krum": {"byzantine": 1}, "multi-krum": {"byzantine": 1, "select": 3}}
+    mapped = [name for name in RULES.names() if RULES.get(name).info.get("flower")]
+    assert mapped == ["fedavg", "median", "trimmed-mean", "multi-krum", "krum"]
+    for name in RULES.names():
+        ours = make_rule(name, options.get(name, {}))
+        theirs = flower_rule(name, options.get(name, {}), ours)
+        assert isinstance(theirs, FlowerRule) == (name in mapped)
+        if name in mapped:
+            torch.testing.assert_close(theirs(updates, weights, torch.Generator()), ours(updates, weights, torch.Generator()),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_experiments_without_a_federation_refuse_the_flower_engine(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    result = CliRunner().invoke(app, ["run", "omniglot-pretrain-quick", "--engine", "flower", "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "runs on the in-process engine only" in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_toy_rule_and_attack_from_a_plugin_file_run_on_flower_as_in_process(tmp_path, omniglot, monkeypatch):
+    """A rule and an attack registered in tests/plugins/toy.py alone: the Flower nodes (Ray actors)
+    import the plugin from the config and give the in-process metrics."""
+    from test_registries import TOY_SETTINGS
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("omniglot-exp1a-quick", TINY + TOY_SETTINGS + ["federation.rounds=1"])
+    local = RunDir.open(tmp_path / "local", cfg)
+    run(cfg, local)
+    summary = flower.simulate(cfg, tmp_path / "flower", actors=2)
+    assert summary["flower_updates_received"] == 3 + 3 * 2  # pre-training round; attack round and one benign round
+    records, expected = RunDir(tmp_path / "flower").records(), local.records()
+    assert 0 in records[1]["participants"]
+    for ours, theirs in zip(expected, records, strict=True):
+        for name in ("meta_test_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
+            assert theirs[name] == pytest.approx(ours[name], abs=1e-6)
+
+
+@pytest.mark.parametrize(("preset", "overrides", "updates"), [
+    ("omniglot-exp2-quick", ["finetune.steps=2", "finetune.every=2", "finetune.episodes=2", "finetune.users=1"], 3 + 3),
+    ("omniglot-compare-quick", ["compare.rules=['fedavg', 'median']", "compare.local_defenses=[]", "finetune.users=1"],
+     3 + 3 + 3),  # pre-training, the attack round, the same round without the attacker
+    ("omniglot-rmaml-federated-quick", ["federation.rounds=1", "federation.episodes=2", "robust.maml_clients=[1]"], 4),
+])
+def test_every_federated_experiment_runs_its_clients_on_flower_nodes(tmp_path, omniglot, monkeypatch, preset, overrides,
+                                                                      updates):
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    tiny = [o for o in TINY if not o.startswith(("attacks.", "pretrain.", "federation.rounds"))] if "rmaml" in preset else TINY
+    cfg = load_config(preset, tiny + overrides)
+    summary = flower.simulate(cfg, tmp_path / "run", actors=2)
+    assert summary["engine"] == "flower" and summary["flower_updates_received"] == updates
 
 
 def test_loopback_deployment_equals_in_process_and_leaves_no_process(tmp_path, omniglot, monkeypatch):

@@ -127,15 +127,13 @@ def test_robustness_run_resumes_after_a_kill_with_identical_metrics(tmp_path, om
     assert _run(tmp_path / "killed", overrides).records() == reference.records()
 
 
-FEDERATED = TINY + ["federation.rounds=2", "federation.episodes=2", "eval.every=1", "robust.maml_clients=[0, 4]"]
+FEDERATED = TINY + ["federation.rounds=2", "federation.episodes=2", "federation.eval_every=1", "robust.maml_clients=[0, 4]"]
 
 
 def _run_federated(path, overrides=()):
     cfg = load_config("omniglot-rmaml-federated-quick", FEDERATED + list(overrides))
     folder = RunDir.open(path, cfg)
-    summary = run(cfg, folder)
-    folder.finish(summary)
-    return folder, summary
+    return folder, run(cfg, folder)
 
 
 def test_federated_run_evaluates_each_case_of_plain_maml_clients(tmp_path, omniglot):

@@ -102,3 +102,7 @@ def summary_table(summary: dict) -> str:
         rows.append((key, str(value)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+if __name__ == "__main__":
+    app()

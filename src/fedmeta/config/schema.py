@@ -71,6 +71,16 @@ class Base(Section):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
+def _with_defaults(raw: dict[str, Any], table: str, names: list[Any], registry: Any) -> dict[str, Any]:
+    """``raw`` with an (empty, to be filled with defaults) entry in ``[table]`` for each registered
+    name in use, so the resolved config shows every setting that matters."""
+    entries = dict(raw.get(table) or {})
+    for name in names:
+        if isinstance(name, str) and name in registry:
+            entries.setdefault(name, {})
+    return {**raw, table: entries}
+
+
 class Federated(Base):
     federation: FederationConfig = FederationConfig()
     rules: dict[str, dict[str, Any]] = {}
@@ -85,16 +95,11 @@ class Federated(Base):
     @classmethod
     def _fill_rules(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
-            raw = dict(raw)
             federation = raw.get("federation") or {}
             names = [federation.get("rule", "fedavg"), *(raw.get("compare") or {}).get("rules", [])]
             if not (raw.get("compare") or {}).get("rules") and cls.model_fields.get("compare") is not None:
                 names += CompareConfig().rules
-            table = dict(raw.get("rules") or {})
-            for name in names:
-                if isinstance(name, str) and name in RULES:
-                    table.setdefault(name, {})
-            raw["rules"] = table
+            raw = _with_defaults(raw, "rules", names, RULES)
         return raw
 
     check_rules = field_validator("rules")(lambda v: validate_options(RULES, v))
@@ -132,14 +137,9 @@ class Backdoor(Federated):
     @classmethod
     def _fill_attacks(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
-            raw = dict(raw)
             attackers = (raw.get("attack") or {}).get("attackers") or [{}]
-            table = dict(raw.get("attacks") or {})
-            for a in attackers:
-                name = a.get("strategy", "boosted") if isinstance(a, dict) else None
-                if isinstance(name, str) and name in ATTACKS:
-                    table.setdefault(name, {})
-            raw["attacks"] = table
+            names = [a.get("strategy", "boosted") if isinstance(a, dict) else None for a in attackers]
+            raw = _with_defaults(raw, "attacks", names, ATTACKS)
         return raw
 
     check_attacks = field_validator("attacks")(lambda v: validate_options(ATTACKS, v))
@@ -155,6 +155,9 @@ class Backdoor(Federated):
         if len(users) >= fed.users:
             raise ValueError(f"attack.attackers: {len(users)} malicious users leave no benign one of "
                              f"federation.users = {fed.users}")
+        if fed.per_round > fed.users - len(users):
+            raise ValueError(f"federation.per_round = {fed.per_round} is more than the {fed.users - len(users)} benign "
+                             "users a benign round can pick; add users or lower per_round")
         rounds: dict[int, int] = {}
         for a in self.attack.attackers:
             for r in a.rounds:
