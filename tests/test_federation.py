@@ -16,7 +16,7 @@ from fedmeta.federation.aggregation import ClipNoise, FedAvg, Krum, Median, Trim
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
-from fedmeta.federation.updates import ClientUpdate, flatten
+from fedmeta.federation.updates import ClientUpdate
 from fedmeta.runs import RunDir
 
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import brief_fomaml
 
 from fedmeta.config import EvalConfig, MetaConfig
-from fedmeta.data.episodes import gather, sample_episodes
+from fedmeta.data.episodes import gather
 from fedmeta.meta.adam import AdamState
 from fedmeta.meta.evaluation import meta_test, predict
 from fedmeta.meta.learner import Reptile

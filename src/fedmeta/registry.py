@@ -43,8 +43,9 @@ class Entry(Generic[T]):
 
     @property
     def doc(self) -> str:
+        """The first paragraph of the factory's docstring, on one line."""
         text = (getattr(self.factory, "__doc__", None) or "").strip()
-        return text.splitlines()[0] if text else ""
+        return " ".join(text.split("\n\n")[0].split())
 
 
 class Registry(Generic[T]):

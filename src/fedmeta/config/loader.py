@@ -138,7 +138,7 @@ def _explain(error: dict[str, Any], family: type[BaseModel]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     got = error.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict | list) and error["type"] != "value_error" else ""
-    return f"  {key}: {message}{shown}"
+    return f"  {message}" if not loc else f"  {key}: {message}{shown}"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -41,7 +41,7 @@ def check_engine(cfg: Config, engine: Engine) -> None:
 def run(cfg: Config, out: RunDir, engine: Engine = IN_PROCESS) -> dict[str, Any]:
     """Run ``cfg`` into ``out`` with its clients on ``engine``; returns the summary (also written)."""
     check_engine(cfg, engine)
-    stats = getattr(engine, "stats", dict)()
-    summary = get(cfg.experiment)(cfg, out, engine) | {"engine": engine.name, **stats}
+    summary = get(cfg.experiment)(cfg, out, engine)
+    summary |= {"engine": engine.name, **getattr(engine, "stats", dict)()}
     out.finish(summary)
     return summary

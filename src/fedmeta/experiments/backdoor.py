@@ -1,13 +1,17 @@
-"""Experiments 1 and 2 of "Backdoor Attacks on Federated Meta-Learning" (Sec. 3).
+"""Experiments 1-3 of "Backdoor Attacks on Federated Meta-Learning" (Sec. 3-4).
 
-Both start, for each case (a, b, c), from the cached benign pre-training; round 0 is the
-pre-trained model, and the attacker is selected in ``attack.rounds`` (round 1).
+All start, for each case (a, b, c), from the cached benign pre-training; round 0 is the
+pre-trained model, and each malicious user of ``attack.attackers`` is selected in its own rounds
+(the paper: one attacker, in round 1). The federation comes from the builder
+(``scenario.builder``), on the engine passed in.
 
-- ``backdoor-rounds`` (Experiment 1): federated rounds go on after the attack (benign users only
-  after round 1); every round is evaluated.
-- ``backdoor-finetune`` (Experiment 2): right after the attack round, each benign user fine-tunes
-  the global model for ``finetune.steps`` steps on episodes of its own classes (always with the
-  target class; with a backdoor class in case c), and the four accuracies are followed along.
+- ``backdoor-rounds`` (Experiment 1): federated rounds go on after the last attack round (benign
+  users only), evaluated every ``federation.eval_every`` rounds.
+- ``backdoor-finetune`` (Experiment 2) and ``defense-finetune`` (Experiment 3): right after the
+  attack, each benign user runs a local defense (``experiments.local_defenses``: fine-tuning for
+  Experiment 2, the matching network for Experiment 3) for ``finetune.steps`` steps on episodes of
+  its own classes (always with the target class; with a backdoor class in case c), and the four
+  accuracies are followed along.
 
 Metrics (fractions in [0, 1], each with a ``_ci95`` half-width over episodes):
 ``meta_test_accuracy`` on episodes of unseen classes; ``main_task_accuracy`` on the queries of
@@ -159,7 +163,7 @@ def run_rounds(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     session = Session(out, METRICS)
     last_round = cfg.attack.last_round + cfg.federation.rounds
     seconds: dict[str, dict[int, float]] = session.saved.get("round_seconds", {})  # evaluation excluded
-    for index, name, resumed in session.stages(cfg.attack.cases):
+    for _, name, resumed in session.stages(cfg.attack.cases):
         case = prepare(cfg, name, device, engine)
         evaluate = lambda p: fields(curves(cfg, case, p, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps])  # noqa: E731
         server = main_server(cfg, case, engine)
@@ -205,7 +209,7 @@ def run_per_user(cfg: Backdoor, out: RunDir, engine: Engine, defense: str) -> di
     user_curves = LOCAL_DEFENSES.get(defense).factory
     ft = cfg.finetune
     at = list(range(0, ft.steps + 1, ft.every))
-    for index, name, resumed in session.stages(cfg.attack.cases):
+    for _, name, resumed in session.stages(cfg.attack.cases):
         case = prepare(cfg, name, device, engine)
         attacked, users_done = _attacked(cfg, case, engine, resumed)
         if not resumed:

@@ -29,14 +29,14 @@ def run(cfg: Base, out: RunDir, engine: Any = None) -> dict[str, Any]:
 
     params = {k: v.to(device) for k, v in learner.model.init(stream(cfg.seed, "init")).items()}
     if (resumed := session.resumed()) is not None:
-        run = Training.restore(resumed, params, device)
+        progress = Training.restore(resumed, params, device)
     else:
         gen = stream(cfg.seed, "train")
-        run = Training(params, learner.init_state(params), gen, gen)
+        progress = Training(params, learner.init_state(params), gen, gen)
 
     def evaluate(shots: int, episodes: int, stream_name: str, desc: str | None = None):
         return meta_test(
-            learner, run.params, test, cfg.eval, shots=shots, episodes=episodes, lr=eval_lr,
+            learner, progress.params, test, cfg.eval, shots=shots, episodes=episodes, lr=eval_lr,
             gen=stream(cfg.seed, stream_name, shots), desc=desc,
         )
 
@@ -48,8 +48,8 @@ def run(cfg: Base, out: RunDir, engine: Any = None) -> dict[str, Any]:
         session.log(record(run.iteration, cfg.eval.shots[0], evaluate(cfg.eval.shots[0], cfg.eval.episodes_during, "eval-during")))
         session.checkpoint(run.tensors(), step=run.iteration, **run.progress())
 
-    meta_train(session, learner, train, run, iterations, cfg.eval.every, point, "meta-training")
-    params, train_time = run.params, run.train_s
+    meta_train(session, learner, train, progress, iterations, cfg.eval.every, point, "meta-training")
+    params, train_time = progress.params, progress.train_s
 
     by_shots = {}
     for shots in cfg.eval.shots:

@@ -94,7 +94,6 @@ class Bench:
         return record
 
 
-
 def run(cfg: Base, out: RunDir, engine: Any = None) -> dict[str, Any]:
     device = runtime.setup(cfg.runtime)
     splits = load_meta_splits(cfg.data, cfg.seed)
@@ -105,7 +104,7 @@ def run(cfg: Base, out: RunDir, engine: Any = None) -> dict[str, Any]:
     for _, name, resumed in bench.session.stages(cfg.robust.learners):
         learner = make_robust_learner(bench.model, cfg.meta, cfg.robust, name)
         params = {k: v.to(device) for k, v in bench.model.init(stream(cfg.seed, "init")).items()}
-        run = (Training.restore(resumed, params, device) if resumed else
+        progress = (Training.restore(resumed, params, device) if resumed else
                Training(params, learner.init_state(params), stream(cfg.seed, "train"), stream(cfg.seed, "train-attack", name)))
 
         def point(run: Training, learner: MetaLearner = learner, name: str = name) -> None:
@@ -113,11 +112,11 @@ def run(cfg: Base, out: RunDir, engine: Any = None) -> dict[str, Any]:
             bench.record({"learner": name, "step": run.iteration}, cfg.eval.shots[0], accs, final=False)
             bench.session.checkpoint(run.tensors(), step=run.iteration, finished=finished, **run.progress())
 
-        meta_train(bench.session, learner, train, run, cfg.meta.iterations, cfg.eval.every, point, name)
-        accuracies = final_evaluation(bench, learner, run.params, {"learner": name, "step": cfg.meta.iterations}, name)
-        out.save_weights(run.params, f"weights-{name}.safetensors")
-        finished[name] = {**accuracies, "train_time_s": round(run.train_s, 1),
-                          "seconds_per_iteration": round(run.train_s / cfg.meta.iterations, 4)}
+        meta_train(bench.session, learner, train, progress, cfg.meta.iterations, cfg.eval.every, point, name)
+        accuracies = final_evaluation(bench, learner, progress.params, {"learner": name, "step": cfg.meta.iterations}, name)
+        out.save_weights(progress.params, f"weights-{name}.safetensors")
+        finished[name] = {**accuracies, "train_time_s": round(progress.train_s, 1),
+                          "seconds_per_iteration": round(progress.train_s / cfg.meta.iterations, 4)}
         bench.session.checkpoint({}, finished=finished)
     print(results_table(cfg, finished))
     return bench.session.summary(experiment="robustness", **protocol(bench),

@@ -3,8 +3,9 @@
 Pre-training (benign users only, ``pretrain.rounds`` rounds) is the slow, shared first half of
 every backdoor experiment, so its result is cached under a key made of everything that determines
 it (data, model, learner, federation and its rule's settings, which classes benign users hold,
-seed) and reused by every run, preset and case that agrees on those. It checkpoints each round in
-the cache (with the rule's state), so a killed run resumes it too.
+seed) and reused by every run, preset and case that agrees on those. It runs in the run loop
+(``runs.Session``) with its own folder in the cache, checkpointing each round (with the rule's
+state), so a killed run resumes it too.
 
 The client updates of an attack round (the attackers' long local training dominates it) are
 cached the same way, before aggregation: Experiments 1-3 and the defense comparison, which all
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+import shutil
 
 from tqdm import tqdm
 
@@ -27,37 +28,42 @@ from fedmeta.federation.engine import Engine
 from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.models.conv4 import Params
-from fedmeta.runs import read_tensors, write_tensors
+from fedmeta.runs import RunDir, Session, read_tensors, write_tensors
 from fedmeta.scenario.builder import Phase, Population, build_server
 
 VERSION = 2
 
 
 def pretrained(cfg: Backdoor, population: Population, case: str, init: Params, engine: Engine) -> tuple[Params, list[dict]]:
-    """The benign pre-trained global model (cached) and its per-round log."""
+    """The benign pre-trained global model (cached) and its per-round log.
+
+    While it trains, the entry is a run folder of its own (``pretrain-KEY.partial/``: the run
+    loop's checkpoints and one line per round), so a killed run resumes it exactly; when done, it
+    becomes one tensor file and the folder goes."""
     key = pretrain_key(cfg, case)
     final = cache_dir() / f"pretrain-{key}.safetensors"
-    partial = cache_dir() / f"pretrain-{key}.partial.safetensors"
     device = next(iter(init.values())).device
     if final.is_file():
         tqdm.write(f"pre-training: reusing {final}")
         tensors, meta = read_tensors(final, device)
         return {k: tensors[f"params.{k}"] for k in init}, meta["log"]
+    folder = RunDir(cache_dir() / f"pretrain-{key}.partial")
+    folder.path.mkdir(parents=True, exist_ok=True)
+    session = Session(folder, [])
     server = build_server(cfg, Phase("pretrain", case), population, engine)
-    params, log = init, []
-    if partial.is_file():
-        tensors, meta = read_tensors(partial, device)
-        params, log = {k: tensors[f"params.{k}"] for k in init}, meta["log"]
-        server.load_state_dict({k.removeprefix("rule."): v for k, v in tensors.items() if k.startswith("rule.")})
+    params, start = init, 0
+    if (resumed := session.resumed()) is not None:
+        params, start = resumed.take("params.", init), resumed.step
+        server.load_state_dict(resumed.group("rule.", device))
     rounds = cfg.pretrain.rounds
-    clock = time.perf_counter()
-    for r in tqdm(range(len(log), rounds), initial=len(log), total=rounds, desc=f"pre-training ({case})", unit="round"):
+    for r in session.steps(start, rounds, desc=f"pre-training ({case})", unit="round"):
         params, report = server.round(params, RoundSettings(r, "pretrain", (r / rounds, (r + 1) / rounds)))
-        log.append({"round": r + 1, "loss": round(sum(report.losses.values()) / max(len(report.losses), 1), 4),
-                    "seconds": round(time.perf_counter() - clock, 1)})
-        write_tensors(partial, _prefixed(params, server), {"log": log})
+        loss = round(sum(report.losses.values()) / max(len(report.losses), 1), 4)
+        session.log({"round": r + 1, "loss": loss, "seconds": round(session.elapsed, 1)}, quiet=True)
+        session.checkpoint(_prefixed(params, server), step=r + 1)
+    log = folder.records()
     write_tensors(final, _prefixed(params, server), {"log": log})
-    partial.unlink(missing_ok=True)
+    shutil.rmtree(folder.path)
     return params, log
 
 
