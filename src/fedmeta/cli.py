@@ -35,7 +35,7 @@ def run(
     try:
         cfg = load_config(config, overrides or [])
         if engine == "flower":
-            experiments.check_engine(cfg, _FlowerName())
+            experiments.check_engine(cfg, "flower")
             summary = _flower().simulate(cfg, out)
         elif engine == "local":
             summary = experiments.run(cfg, RunDir.open(out, cfg), IN_PROCESS)
@@ -74,12 +74,6 @@ def plot(
         typer.secho(f"error: no metrics.jsonl in {', '.join(missing)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
-
-
-class _FlowerName:
-    """The Flower engine as ``check_engine`` sees it, before Flower is imported."""
-
-    name = "flower"
 
 
 def _flower():

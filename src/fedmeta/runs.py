@@ -186,6 +186,7 @@ class Session:
             tqdm.write(f"resuming {out.path} at stage {self.saved.get('stage', 0)}, step {self.saved.get('step', '-')}")
         self.clock = time.perf_counter() - self.saved.get("elapsed_s", 0.0)
         self.stage = 0
+        self._bar: tqdm | None = None
 
     @property
     def elapsed(self) -> float:

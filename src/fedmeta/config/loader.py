@@ -75,7 +75,8 @@ def validate(raw: dict[str, Any]) -> Config:
         return _ADAPTER.validate_python(raw)
     except ValidationError as err:
         family = FAMILIES[raw["experiment"]]
-        raise ConfigError("invalid config:\n" + "\n".join(_explain(e, family) for e in err.errors())) from None
+        lines = [_explain(e, family, raw["experiment"]) for e in err.errors()]
+        raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
 
 
 def _read(source: str, seen: tuple[str, ...]) -> dict[str, Any]:
@@ -128,10 +129,10 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _explain(error: dict[str, Any], family: type[BaseModel]) -> str:
+def _explain(error: dict[str, Any], family: type[BaseModel], tag: str) -> str:
     loc = tuple(error["loc"])
-    if loc and loc[0] == family.model_fields["experiment"].annotation.__args__[0]:
-        loc = loc[1:]  # the discriminator's tag
+    if loc and loc[0] == tag:
+        loc = loc[1:]  # the discriminated union puts the experiment's name first
     key = ".".join(str(p) for p in loc) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"  {key}: unknown key; allowed here: {', '.join(_allowed_keys(family, loc[:-1]))}"

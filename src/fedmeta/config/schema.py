@@ -95,10 +95,9 @@ class Federated(Base):
     @classmethod
     def _fill_rules(cls, raw: Any) -> Any:
         if isinstance(raw, dict):
-            federation = raw.get("federation") or {}
-            names = [federation.get("rule", "fedavg"), *(raw.get("compare") or {}).get("rules", [])]
-            if not (raw.get("compare") or {}).get("rules") and cls.model_fields.get("compare") is not None:
-                names += CompareConfig().rules
+            names = [(raw.get("federation") or {}).get("rule", "fedavg")]
+            if "compare" in cls.model_fields:
+                names += (raw.get("compare") or {}).get("rules", CompareConfig().rules)
             raw = _with_defaults(raw, "rules", names, RULES)
         return raw
 

@@ -30,17 +30,18 @@ def get(name: str) -> Experiment:
     return getattr(importlib.import_module(module), function)
 
 
-def check_engine(cfg: Config, engine: Engine) -> None:
-    """Refuse, before any work, an engine the experiment cannot use: only federations have
-    clients to place elsewhere (membership's distributed MAML does not run through the federation yet)."""
-    if engine.name != IN_PROCESS.name and not cfg.federated:
+def check_engine(cfg: Config, engine: str) -> None:
+    """Refuse, before any work, an engine (by name) the experiment cannot use: only federations
+    have clients to place elsewhere (membership's distributed MAML does not run through the
+    federation yet)."""
+    if engine != IN_PROCESS.name and not cfg.federated:
         raise ConfigError(f"experiment '{cfg.experiment}' has no federation to distribute: it runs on the in-process "
-                          f"engine only (got --engine {engine.name})")
+                          f"engine only (got --engine {engine})")
 
 
 def run(cfg: Config, out: RunDir, engine: Engine = IN_PROCESS) -> dict[str, Any]:
     """Run ``cfg`` into ``out`` with its clients on ``engine``; returns the summary (also written)."""
-    check_engine(cfg, engine)
+    check_engine(cfg, engine.name)
     summary = get(cfg.experiment)(cfg, out, engine)
     summary |= {"engine": engine.name, **getattr(engine, "stats", dict)()}
     out.finish(summary)

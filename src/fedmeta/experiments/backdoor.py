@@ -168,12 +168,11 @@ def run_rounds(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
         evaluate = lambda p: fields(curves(cfg, case, p, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps])  # noqa: E731
         server = main_server(cfg, case, engine)
         if resumed:
-            params, start = resumed.take("params.", case.pretrained), resumed.step
-            server.load_state_dict(resumed.group("rule.", device))
+            params, start = server.restore(resumed.tensors, case.pretrained), resumed.step
         else:
             params, start = case.pretrained, 0
             session.log({"case": name, "round": 0, **evaluate(params)})
-            session.checkpoint(_tensors(params, server), step=0, round_seconds=seconds)
+            session.checkpoint(server.snapshot(params), step=0, round_seconds=seconds)
         for r in session.steps(start + 1, last_round + 1, desc=f"case {name}", unit="round"):
             clock = session.elapsed
             params, report = play_round(cfg, server, name, params, r, engine)
@@ -181,13 +180,9 @@ def run_rounds(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
             if r % cfg.federation.eval_every == 0 or r in (cfg.attack.last_round, last_round):
                 info = {"participants": report.participants, "aggregated": report.aggregated, "rejected": report.rejected}
                 session.log({"case": name, "round": r, **info, **evaluate(params)}, f"round {seconds[name][str(r)]:.1f} s")
-            session.checkpoint(_tensors(params, server), step=r, round_seconds=seconds)
+            session.checkpoint(server.snapshot(params), step=r, round_seconds=seconds)
         out.save_weights(params, f"weights-case-{name}.safetensors")
     return _summary(cfg, out, session, "round") | {"round_seconds": seconds}
-
-
-def _tensors(params: Params, server: Server) -> dict[str, Tensor]:
-    return {f"params.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in server.state_dict().items()}
 
 
 def run_finetune(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:

@@ -43,7 +43,8 @@ from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Conv4, Params
 from fedmeta.rng import stream
-from fedmeta.runs import RunDir, Session, accuracy_fields
+from fedmeta.federation.server import Server
+from fedmeta.runs import Resumed, RunDir, Session, accuracy_fields
 from fedmeta.runtime import synchronized_time
 from fedmeta.scenario.builder import Phase, build_population, build_server
 
@@ -191,14 +192,14 @@ def run_federated(cfg: Federated, out: RunDir, engine: Engine) -> dict[str, Any]
                    f"{fed.episodes} episodes per client", cases=finished)
 
 
-def federate_and_evaluate(bench: Bench, server: Any, name: str, resumed: Any, finished: dict[str, Any]) -> dict[str, Any]:
+def federate_and_evaluate(bench: Bench, server: Server, name: str, resumed: Resumed | None,
+                          finished: dict[str, Any]) -> dict[str, Any]:
     """The federated rounds of one case with evaluation points and checkpoints; returns its row."""
     cfg, rounds, session = bench.cfg, bench.cfg.federation.rounds, bench.session
     params = {k: v.to(bench.device) for k, v in bench.model.init(stream(cfg.seed, "init")).items()}
     start, train_s = 0, 0.0
     if resumed is not None:
-        params, start, train_s = resumed.take("params.", params), resumed.step, resumed.state["train_s"]
-        server.load_state_dict(resumed.group("rule.", bench.device))
+        params, start, train_s = server.restore(resumed.tensors, params), resumed.step, resumed.state["train_s"]
     evaluator = make_robust_learner(bench.model, cfg.meta, cfg.robust, "maml")  # clean fine-tuning, as for every learner
     for r in session.steps(start, rounds, desc=name, unit="round"):
         segment = synchronized_time(bench.device)
@@ -207,8 +208,7 @@ def federate_and_evaluate(bench: Bench, server: Any, name: str, resumed: Any, fi
         if (r + 1) % cfg.federation.eval_every == 0 and r + 1 < rounds:
             accs = bench.evaluate(evaluator, params, cfg.eval.shots[0], cfg.eval.episodes_during, "eval-during")
             bench.record({"case": name, "round": r + 1}, cfg.eval.shots[0], accs, final=False)
-        tensors = {f"params.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in server.state_dict().items()}
-        session.checkpoint(tensors, step=r + 1, train_s=train_s, finished=finished)
+        session.checkpoint(server.snapshot(params), step=r + 1, train_s=train_s, finished=finished)
     accuracies = final_evaluation(bench, evaluator, params, {"case": name, "round": rounds}, name)
     client_iterations = rounds * server.schedule.per_round * max(1, cfg.federation.episodes // cfg.meta.meta_batch)
     return {**accuracies, "train_time_s": round(train_s, 1), "seconds_per_round": round(train_s / max(rounds, 1), 2),

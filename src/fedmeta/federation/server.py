@@ -47,13 +47,19 @@ class Server:
     min_updates: int  # M_min: aggregate as soon as this many updates arrived
     weighting: Literal["equal", "size"] = "equal"
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """What the server carries from round to round (a stateful rule's history), to checkpoint."""
-        return self.rule.state_dict() if is_stateful(self.rule) else {}
+    def snapshot(self, params: Params) -> dict[str, torch.Tensor]:
+        """What a checkpoint of the federation holds: the global weights (``params.*``) and what the
+        server carries from round to round (a stateful rule's state, ``rule.*``)."""
+        rule = self.rule.state_dict() if is_stateful(self.rule) else {}
+        return {f"params.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in rule.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def restore(self, tensors: dict[str, torch.Tensor], like: Params) -> Params:
+        """Load the rule's state from a ``snapshot`` and return its global weights (on ``like``'s devices)."""
         if is_stateful(self.rule):
-            self.rule.load_state_dict(state)
+            device = next(iter(like.values())).device
+            self.rule.load_state_dict({k.removeprefix("rule."): v.to(device) for k, v in tensors.items()
+                                       if k.startswith("rule.")})
+        return {k: tensors[f"params.{k}"].to(v.device) for k, v in like.items()}
 
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
         return self.aggregate(params, self.updates(params, settings), settings)

@@ -53,22 +53,17 @@ def pretrained(cfg: Backdoor, population: Population, case: str, init: Params, e
     server = build_server(cfg, Phase("pretrain", case), population, engine)
     params, start = init, 0
     if (resumed := session.resumed()) is not None:
-        params, start = resumed.take("params.", init), resumed.step
-        server.load_state_dict(resumed.group("rule.", device))
+        params, start = server.restore(resumed.tensors, init), resumed.step
     rounds = cfg.pretrain.rounds
     for r in session.steps(start, rounds, desc=f"pre-training ({case})", unit="round"):
         params, report = server.round(params, RoundSettings(r, "pretrain", (r / rounds, (r + 1) / rounds)))
         loss = round(sum(report.losses.values()) / max(len(report.losses), 1), 4)
         session.log({"round": r + 1, "loss": loss, "seconds": round(session.elapsed, 1)}, quiet=True)
-        session.checkpoint(_prefixed(params, server), step=r + 1)
+        session.checkpoint(server.snapshot(params), step=r + 1)
     log = folder.records()
-    write_tensors(final, _prefixed(params, server), {"log": log})
+    write_tensors(final, server.snapshot(params), {"log": log})
     shutil.rmtree(folder.path)
     return params, log
-
-
-def _prefixed(params: Params, server: Server) -> dict:
-    return {f"params.{k}": v for k, v in params.items()} | {f"rule.{k}": v for k, v in server.state_dict().items()}
 
 
 def pretrain_key(cfg: Backdoor, case: str) -> str:

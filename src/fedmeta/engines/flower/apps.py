@@ -57,7 +57,7 @@ from fedmeta.federation.updates import ClientUpdate, add
 from fedmeta.models.conv4 import Params
 from fedmeta.registry import RULES
 from fedmeta.runs import RunDir
-from fedmeta.scenario.builder import Phase, build_clients, build_population
+from fedmeta.scenario.builder import Phase, Population, build_clients, build_population
 
 REPLY_TIMEOUT_S = 3600.0
 """Longest wait for a round's replies: generous, since a deployed node may train for minutes."""
@@ -291,12 +291,13 @@ def local_update(spec: Mapping[str, Any], params: Params, context: Context) -> C
 def _clients(config_toml: str, phase: Phase) -> dict[int, Client]:
     """The federation's clients, built as the server built them (cached: a simulation actor serves many rounds)."""
     cfg = _config(config_toml)
-    return build_clients(cfg, phase, _population(config_toml, phase.case, phase.name == "pretrain"))
+    return build_clients(cfg, phase, _population(config_toml, phase.case))
 
 
 @functools.lru_cache(maxsize=1)
-def _population(config_toml: str, case: str, pretraining: bool):
-    return build_population(_config(config_toml), Phase("pretrain" if pretraining else "main", case))
+def _population(config_toml: str, case: str) -> Population:
+    """Who holds which data (the same for every phase of a case: built once per actor)."""
+    return build_population(_config(config_toml), Phase(case=case))
 
 
 @functools.lru_cache(maxsize=1)
