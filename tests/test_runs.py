@@ -60,6 +60,6 @@ def test_finished_or_different_run_folder_is_refused(tmp_path, omniglot):
         RunDir.open(tmp_path / "a", load_config("omniglot-pretrain-quick", TINY))
     cfg = load_config("omniglot-pretrain-quick", TINY)
     (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "config.toml").write_text("seed = 5\n")
-    with pytest.raises(RunError, match="different config"):
+    (tmp_path / "b" / "config.toml").write_text(load_config("omniglot-pretrain-quick", [*TINY, "seed=5"]).to_toml())
+    with pytest.raises(RunError, match=r"different config \(seed differ\)"):
         RunDir.open(tmp_path / "b", cfg)

@@ -14,69 +14,33 @@ resuming truncates ``metrics.jsonl`` to that count and replays from the checkpoi
 random stream is in the checkpoint, the replayed lines are identical to those an uninterrupted
 run writes, and no line is lost or doubled.
 
-Every tensor file fedmeta writes (checkpoints, caches, weights) is safetensors with JSON metadata,
-written atomically (a unique temporary file, ``fsync``, then rename): nothing is unpickled, and a
-kill leaves the old file or the new one, never half of one.
+Every tensor file (``fedmeta.storage``) is written atomically and carries a content hash checked
+when it is read: a corrupt checkpoint is named, never resumed from. A running process locks its
+folder (``DIR/.lock`` names it), so two runs never write one folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
+
+from fedmeta.config import ConfigError, validate
+from fedmeta.storage import CorruptFile, Locked, acquire, atomic_write, read_tensors, write_tensors
 
 T = TypeVar("T")
 
 
 class RunError(RuntimeError):
     """The run folder cannot be used as asked."""
-
-
-# --- tensor files -------------------------------------------------------------------------------
-
-
-def write_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> None:
-    """Atomically write ``tensors`` with JSON-able ``meta`` (each value stored as JSON)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
-        _fsync_replace(Path(tmp), path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_tensors(path: Path, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The tensors and the JSON metadata of a file ``write_tensors`` wrote."""
-    with safe_open(str(path), "pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-    return load_file(str(path), device=str(device)), meta
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    _fsync_replace(Path(tmp), path)
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with tmp.open("rb+") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def restore_generator(state: Tensor) -> torch.Generator:
@@ -87,6 +51,15 @@ def restore_generator(state: Tensor) -> torch.Generator:
 
 # --- the run folder -----------------------------------------------------------------------------
 
+FREE_KEYS = ("description", "data.root", "runtime.threads", "eval.", "federation.reply_timeout")
+"""Keys a run may be resumed with changed: they do not change what was already computed (the
+data files are checked against their checksums wherever they are; threads change float
+round-off only; evaluation settings apply to the points still to come). ``resumes.jsonl`` records
+each change and the metric line it took effect at."""
+
+_HELD: dict[Path, int] = {}
+"""Run folders this process holds the lock of (a process may open its own folder again)."""
+
 
 class RunDir:
     CONFIG = "config.toml"
@@ -94,28 +67,68 @@ class RunDir:
     SUMMARY = "summary.json"
     CHECKPOINT = "checkpoint.safetensors"
     WEIGHTS = "weights.safetensors"
+    LOCK = ".lock"
+    RESUMES = "resumes.jsonl"
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._changes: dict[str, list[Any]] = {}
 
     @classmethod
     def open(cls, path: Path, config: Any) -> RunDir:
-        """A new run folder, or an unfinished one with the same config (to resume)."""
+        """A new run folder, or an unfinished one of the same run (to resume), locked by this
+        process until it finishes. Refused: a folder another process is writing, a finished run,
+        another run, a folder with files fedmeta did not write."""
         run = cls(path)
-        text = config.to_toml()
-        existing = path / cls.CONFIG
-        if existing.is_file():
-            if (path / cls.SUMMARY).is_file():
-                raise RunError(f"{path} holds a finished run; choose another --out or delete it")
-            if existing.read_text() != text:
-                raise RunError(
-                    f"{path} holds an unfinished run with a different config; resume it with the same "
-                    f"config (fedmeta run {existing} --out {path}) or choose another --out"
-                )
-        else:
-            path.mkdir(parents=True, exist_ok=True)
-            atomic_write(existing, text.encode())
+        try:
+            run._claim()
+            existing = path / cls.CONFIG
+            if existing.is_file():
+                run._check_same_run(existing, config)
+            atomic_write(existing, config.to_toml().encode())
+        except OSError as err:
+            raise RunError(f"cannot use --out {path}: {err.strerror or err}") from None
         return run
+
+    def _claim(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"--out {self.path} is a file, not a folder")
+        if self.path.is_dir():
+            foreign = sorted(p.name for p in self.path.iterdir() if not _ours(p.name))
+            if foreign:
+                raise RunError(f"--out {self.path} holds files fedmeta did not write ({', '.join(foreign[:5])}"
+                               f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new folder")
+        key = self.path.resolve()
+        if key not in _HELD:
+            self.path.mkdir(parents=True, exist_ok=True)
+            try:
+                _HELD[key] = acquire(self.path / self.LOCK, str(self.path))
+            except Locked as err:
+                raise RunError(f"{err}; wait for it to finish or choose another --out") from None
+        for tmp in self.path.glob(".*.tmp"):  # a killed writer's leftovers (ours: the folder is locked)
+            tmp.unlink(missing_ok=True)
+
+    def _check_same_run(self, existing: Path, config: Any) -> None:
+        if (self.path / self.SUMMARY).is_file():
+            raise RunError(f"{self.path} holds a finished run; choose another --out or delete it")
+        try:
+            old = _flat(validate(tomllib.loads(existing.read_text())).model_dump(mode="json"))
+        except (ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise RunError(f"{existing} is not a config this fedmeta can resume ({err})") from None
+        new = _flat(config.model_dump(mode="json"))
+        changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+        fixed = [k for k in changed if not _free(k)]
+        if fixed:
+            raise RunError(
+                f"{self.path} holds an unfinished run with a different config ({', '.join(fixed[:5])} differ); resume it "
+                f"with the same config (fedmeta run {existing} --out {self.path}) or choose another --out")
+        self._changes = changed
+
+    def close(self) -> None:
+        """Release the folder's lock (a finished run's, or one this process gives up)."""
+        fd = _HELD.pop(self.path.resolve(), None)
+        if fd is not None:
+            os.close(fd)
 
     # metrics ---------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
@@ -130,16 +143,24 @@ class RunDir:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    def _truncate_metrics(self, count: int) -> None:
+    def _lines(self) -> list[str]:
         path = self.path / self.METRICS
-        if path.is_file():
-            lines = path.read_text().splitlines(keepends=True)
-            atomic_write(path, "".join(lines[:count]).encode())
+        return path.read_text().splitlines(keepends=True) if path.is_file() else []
+
+    def _truncate_metrics(self, count: int) -> None:
+        lines = self._lines()
+        if len(lines) != count:
+            atomic_write(self.path / self.METRICS, "".join(lines[:count]).encode())
+        if self._changes:
+            with (self.path / self.RESUMES).open("a") as f:
+                f.write(json.dumps({"from_metric_line": count, "changed": self._changes}, sort_keys=True) + "\n")
+            tqdm.write(f"resuming with changed {', '.join(self._changes)} (metric lines from {count} on)")
+            self._changes = {}
 
     # checkpoints -----------------------------------------------------------------------------
     def save_checkpoint(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         """Atomically replace the checkpoint; ``state`` is JSON-able progress (stage, step, ...)."""
-        write_tensors(self.path / self.CHECKPOINT, tensors, {"state": state, "metric_lines": len(self.records())})
+        write_tensors(self.path / self.CHECKPOINT, tensors, {"state": state, "metric_lines": len(self._lines())})
 
     def resume(self) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
         """The last checkpoint (tensors, state), with metrics truncated to match; None if fresh."""
@@ -147,7 +168,10 @@ class RunDir:
         if not path.is_file():
             self._truncate_metrics(0)
             return None
-        tensors, meta = read_tensors(path)
+        try:
+            tensors, meta = read_tensors(path)
+        except CorruptFile as err:
+            raise RunError(f"corrupt checkpoint {err}; delete {self.path} to start the run again") from None
         self._truncate_metrics(int(meta["metric_lines"]))
         return tensors, meta["state"]
 
@@ -158,6 +182,28 @@ class RunDir:
     def finish(self, summary: dict[str, Any]) -> None:
         atomic_write(self.path / self.SUMMARY, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
         (self.path / self.CHECKPOINT).unlink(missing_ok=True)
+        self.close()
+
+
+def _ours(name: str) -> bool:
+    """Whether a run folder's entry is one fedmeta writes (results, figures, lock, temporary files)."""
+    fixed = {RunDir.CONFIG, RunDir.METRICS, RunDir.SUMMARY, RunDir.LOCK, RunDir.RESUMES}
+    return name in fixed or name.endswith((".safetensors", ".png")) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _free(key: str) -> bool:
+    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_KEYS)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for every leaf of a nested dict."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 # --- the run loop -------------------------------------------------------------------------------
@@ -185,6 +231,7 @@ class Session:
         if resumed is not None:
             tqdm.write(f"resuming {out.path} at stage {self.saved.get('stage', 0)}, step {self.saved.get('step', '-')}")
         self.clock = time.perf_counter() - self.saved.get("elapsed_s", 0.0)
+        self.federation: dict[str, dict[str, int]] = self.saved.get("federation", {})
         self.stage = 0
         self._bar: tqdm | None = None
 
@@ -224,13 +271,46 @@ class Session:
     def checkpoint(self, tensors: dict[str, Tensor], step: int | None = None, **state: Any) -> None:
         """Checkpoint the current stage at ``step`` (steps done); ``step=None``: the stage is done."""
         self.saved = {"stage": self.stage if step is not None else self.stage + 1, **state,
-                      "elapsed_s": self.elapsed, **({"step": step} if step is not None else {})}
+                      "elapsed_s": self.elapsed, **({"step": step} if step is not None else {}),
+                      **({"federation": self.federation} if self.federation else {})}
         self.out.save_checkpoint(tensors, self.saved)
 
+    def count(self, phase: str, report: Any) -> None:
+        """Add a federation round (a ``RoundReport``) to the tally of ``phase`` (e.g. ``main/a``)."""
+        tally = self.federation.setdefault(phase, dict.fromkeys(TALLY, 0))
+        for key, value in _round_tally(report.fields()).items():
+            tally[key] += value
+
+    def count_log(self, phase: str, lines: list[dict[str, Any]]) -> None:
+        """The tally of ``phase`` from its per-round log lines (pre-training's, kept in its cache)."""
+        self.federation[phase] = dict.fromkeys(TALLY, 0)
+        for line in lines:
+            for key, value in _round_tally(line).items():
+                self.federation[phase][key] += value
+
     def summary(self, **fields: Any) -> dict[str, Any]:
-        """``fields`` with the wall time of the whole run (resumed parts included)."""
+        """``fields`` with the wall time of the whole run (resumed parts included) and, for a
+        federation, what happened to the updates of each phase."""
         wall = self.elapsed
-        return {**fields, "wall_time_s": round(wall, 1), "wall_time": format_duration(wall)}
+        tally = {"federation": self.federation,
+                 "rejected": {p: t["rejected"] for p, t in self.federation.items()}} if self.federation else {}
+        return {**fields, **tally, "wall_time_s": round(wall, 1), "wall_time": format_duration(wall)}
+
+
+TALLY = ("rounds", "empty_rounds", "updates", "aggregated", "rejected", "missing")
+"""What a run's summary counts per federation phase: rounds, rounds that applied no update, and
+the selected users' updates: applied, rejected (non-finite), never arrived."""
+
+
+def _round_tally(fields: dict[str, Any]) -> dict[str, int]:
+    aggregated = len(fields["aggregated"])
+    return {"rounds": 1, "empty_rounds": int(aggregated == 0), "updates": len(fields["participants"]),
+            "aggregated": aggregated, "rejected": len(fields["rejected"]), "missing": len(fields.get("missing", []))}
+
+
+def empty_phases(summary: dict[str, Any]) -> list[str]:
+    """The federation phases of a summary in which no round applied any update."""
+    return [p for p, t in summary.get("federation", {}).items() if t["rounds"] and t["empty_rounds"] == t["rounds"]]
 
 
 class Resumed:

@@ -53,3 +53,15 @@ def synchronized_time(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or weights: the run stops instead of finishing at chance."""
+
+
+def check_finite(params: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ``Diverged`` naming ``where`` if any weight is NaN or infinite (one device sync)."""
+    bad = [k for k, v in params.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise Diverged(f"{where}: weights {', '.join(bad[:3])} are not finite; lower the learning rates "
+                       "(meta.inner_lr, meta.meta_lr) and start a new run")

@@ -2,8 +2,8 @@
 
 ``fedmeta run CONFIG`` takes a preset name (a TOML file in ``fedmeta/experiments/presets``) or a
 path to a TOML file, applies ``key=value`` overrides and validates the result against the
-experiment's family (``schema``). Unknown keys and bad values are refused with the dotted key and
-what it accepts; keys that moved in a redesign are refused with their new name. A preset may start
+experiment's family (``schema``), then against its dataset's sizes and this machine's memory
+(``limits``). Unknown keys and bad values are refused with the dotted key and what it accepts; keys that moved in a redesign are refused with their new name. A preset may start
 from another with ``extends = "name"``; the resolved config is written to the run folder in full,
 so a run can always be repeated from its folder.
 """
@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from fedmeta.config.limits import problems
 from fedmeta.config.schema import FAMILIES, Config
 from fedmeta.config.sections import ConfigError
 from fedmeta.registry import RegistryError, load_plugins
@@ -72,11 +73,14 @@ def validate(raw: dict[str, Any]) -> Config:
         got = raw.get("experiment")
         raise ConfigError(f"invalid config:\n  experiment: one of {', '.join(FAMILIES)} (got {got!r})")
     try:
-        return _ADAPTER.validate_python(raw)
+        cfg = _ADAPTER.validate_python(raw)
     except ValidationError as err:
         family = FAMILIES[raw["experiment"]]
         lines = [_explain(e, family, raw["experiment"]) for e in err.errors()]
         raise ConfigError("invalid config:\n" + "\n".join(lines)) from None
+    if found := problems(cfg):
+        raise ConfigError("impossible config:\n" + "\n".join(f"  {line}" for line in found))
+    return cfg
 
 
 def _read(source: str, seen: tuple[str, ...]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ typo is refused with the registered names. Their settings live in tables named a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -31,8 +31,25 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the key and what it accepts."""
 
 
+MAGNITUDE = 2.0**32
+"""No number in a config is larger than this: counts beyond it are not runs, and a value like
+1e38 would overflow float32 arithmetic (seeds up to 2^32 still fit)."""
+
+Rate = Annotated[float, Field(gt=0.0, le=10.0)]
+"""A learning rate or step size: positive, at most 10 (beyond that every step overflows)."""
+
+
 class Section(BaseModel):
     model_config = ALLOW
+
+    @field_validator("*")
+    @classmethod
+    def _sane_magnitude(cls, value: Any) -> Any:
+        """Refuse absurd numbers anywhere (inf and NaN are refused by ``allow_inf_nan=False``)."""
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, int | float) and not isinstance(item, bool) and abs(item) > MAGNITUDE:
+                raise ValueError(f"{item:g} is beyond any sensible setting (at most {MAGNITUDE:.0f} in magnitude)")
+        return value
 
 
 def registered(registry: Registry, name: str) -> str:
@@ -97,14 +114,14 @@ class MetaConfig(Section):
     inner_steps: PositiveInt = 10
     inner_batch: PositiveInt = 10
     """Reptile only: mini-batch size of the inner Adam steps (MAML adapts on the full support)."""
-    inner_lr: PositiveFloat = 1e-3
+    inner_lr: Rate = 1e-3
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
     adam_carry: Literal["sequential", "parallel"] = "sequential"
     """Reptile: how the inner Adam moments pass between the episodes of a meta-batch."""
     meta_batch: PositiveInt = 5
-    meta_lr: PositiveFloat = 0.1
+    meta_lr: Rate = 0.1
     """The outer step size: Reptile's interpolation epsilon, MAML's outer Adam learning rate."""
-    meta_lr_final: float | None = Field(None, ge=0.0)
+    meta_lr_final: float | None = Field(None, ge=0.0, le=10.0)
     """If set, the outer step size anneals linearly to this value over the iterations."""
     iterations: PositiveInt = 1000
     """Outer steps of centralised meta-training."""
@@ -129,7 +146,7 @@ class EvalConfig(Section):
     steps: PositiveInt = 50
     batch: PositiveInt = 10
     """Mini-batch of the fine-tuning steps (Reptile; MAML fine-tunes on the full support)."""
-    lr: PositiveFloat | None = None
+    lr: Rate | None = None
     """Fine-tuning learning rate; default: meta.inner_lr."""
     transductive: bool = False
     """True: all queries in one batch; False: each query alone with the support set."""
@@ -154,7 +171,10 @@ class FederationConfig(Section):
     min_updates: PositiveInt = 3
     """M_min: the server aggregates as soon as this many updates arrived."""
     weighting: Literal["equal", "size"] = "equal"
-    """alpha_i: equal (1/M_min), or by the size of each user's data."""
+    """alpha_i: equal, or by the size of each user's data; the weights of the updates applied in a
+    round sum to one. Equal is 1/M_min when M_min updates pass; when fewer arrive (a straggler on
+    Flower) or pass screening (a non-finite one), it is 1 over those that did, so a round
+    averages what it has instead of shrinking towards the old model."""
     rule: str = "fedavg"
     """A registered aggregation rule (its settings: the table ``[rules.<name>]``)."""
     secure_aggregation: bool = False
@@ -168,6 +188,10 @@ class FederationConfig(Section):
     """Rounds between evaluation points of the global model."""
     holdout: PositiveInt = 5
     """Examples held out of every meta-training class, as queries of main-task episodes."""
+    reply_timeout: float = Field(3600.0, gt=0.0, le=7 * 24 * 3600.0)
+    """Seconds a round on remote nodes (Flower) waits for its users' updates; then it goes on with
+    the updates that arrived if there are at least min_updates of them (the others are recorded
+    as ``missing``), and fails otherwise. In-process rounds never wait."""
 
     check_rule = field_validator("rule")(lambda v: registered(RULES, v))
 
@@ -180,9 +204,9 @@ class PretrainConfig(Section):
     """E per user per pre-training round."""
     inner_steps: PositiveInt | None = None
     """Overrides meta.inner_steps during pre-training."""
-    meta_lr: PositiveFloat | None = None
+    meta_lr: Rate | None = None
     """Overrides meta.meta_lr during pre-training."""
-    meta_lr_final: float | None = Field(None, ge=0.0)
+    meta_lr_final: float | None = Field(None, ge=0.0, le=10.0)
     """Anneals the outer step size over all pre-training rounds."""
 
 
@@ -273,7 +297,7 @@ class DefenseConfig(Section):
     """Learn gates alpha and scales beta; false: plain cosine attention (alpha = 1, beta = 1), an ablation."""
     scale: PositiveFloat = 10.0
     """Initial beta (cosines lie in [-1, 1]; a larger scale sharpens the attention)."""
-    lr: PositiveFloat = 1e-3
+    lr: Rate = 1e-3
     """eta of both phases (Adam), as in the backdoor experiments."""
     shots: PositiveInt = 4
     """Support examples per class in a training episode."""
@@ -321,7 +345,7 @@ class MiaConfig(Section):
     """Tasks attacked in the main stage; each gives one member and one non-member of each kind."""
     iterations: NonNegativeInt = 100
     """Inversion steps in the main stage; 0: only the zero-iteration scores."""
-    lr: PositiveFloat = 0.01
+    lr: Rate = 0.01
     """Adam step on the image, in pixel units."""
     distance: Literal["cos", "l2"] = "cos"
     """Gradient-matching loss of the inversion."""

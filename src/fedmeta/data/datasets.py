@@ -8,7 +8,9 @@ A dataset (``DATASETS.register(name)`` on a class with no constructor arguments)
   (with the group each belongs to: a group goes to one user whole), meta-test classes, and
   ``count`` reserved classes outside both (the backdoor classes, then the target).
 
-A dataset that cannot host the backdoor experiments leaves ``reserve`` out.
+A dataset that cannot host the backdoor experiments leaves ``reserve`` out. ``sizes(cfg)`` (without
+loading anything) gives the class and example counts a config is checked against before any work
+starts (``fedmeta.config.limits``); a dataset without it is checked when it is loaded.
 """
 
 from __future__ import annotations
@@ -54,6 +56,22 @@ class Reserved:
         return Reserved(self.train.rebase(images), self.groups, self.test.rebase(images), self.reserved.rebase(images))
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """What a dataset holds, for checking a config against it before loading it."""
+
+    image_shape: tuple[int, int, int]
+    train_classes: int  # meta-training classes (rotations included)
+    test_classes: int  # meta-test classes
+    train_examples: int  # examples of the smallest meta-training class
+    test_examples: int  # ... of the smallest meta-test class
+    groups: int = 0  # backdoor layout: groups of training classes (each goes whole to one user); 0: no backdoor layout
+    group_size: int = 1  # classes per group
+    reservable: int = 0  # classes the backdoor layout can reserve
+    reserve_from_test: bool = False  # reserved classes are taken out of the meta-test classes
+    reserved_examples: int = 0  # examples of a reservable class
+
+
 def load_meta_splits(cfg: DataConfig, seed: int) -> MetaSplits:
     return DATASETS.get(cfg.dataset).factory().meta_splits(cfg, seed)
 
@@ -93,6 +111,13 @@ class OmniglotData:
         return Reserved(pool.classes(torch.arange(n)), groups, pool.classes(torch.arange(n + count, pool.num_classes)),
                         pool.classes(torch.arange(n, n + count)))
 
+    @staticmethod
+    def sizes(cfg: DataConfig) -> Sizes:
+        train, test = (1200, 423) if cfg.omniglot_split == "seeded-1200" else (1028, 423)
+        turns = 4 if cfg.rotations else 1
+        return Sizes((28, 28, 1), train * turns, test, 20, 20, groups=1200, group_size=turns, reservable=423,
+                     reserve_from_test=True, reserved_examples=20)
+
 
 @DATASETS.register("miniimagenet")
 class MiniImageNetData:
@@ -112,15 +137,24 @@ class MiniImageNetData:
         return Reserved(pool.classes(data.splits["train"]), data.splits["train"].clone(), pool.classes(data.splits["test"]),
                         pool.classes(val[:count]))
 
+    @staticmethod
+    def sizes(cfg: DataConfig) -> Sizes:
+        return Sizes((84, 84, 3), 64, 20, 600, 600, groups=64, reservable=16, reserved_examples=600)
+
 
 class _IdxData:
     """MNIST-like sets have 10 classes: tasks differ by examples, so meta-training draws from the
     official train part and meta-test from t10k."""
 
     name = ""
+    smallest = (0, 0)  # examples of the rarest class in train and in t10k
 
     def meta_splits(self, cfg: DataConfig, seed: int) -> MetaSplits:
         return MetaSplits(load_idx_dataset(self.name, "train", cfg.root), None, load_idx_dataset(self.name, "t10k", cfg.root))
+
+    @classmethod
+    def sizes(cls, cfg: DataConfig) -> Sizes:
+        return Sizes((28, 28, 1), 10, 10, *cls.smallest)
 
 
 @DATASETS.register("mnist")
@@ -128,6 +162,7 @@ class MnistData(_IdxData):
     """MNIST: 10 digits, 28x28 gray (train / t10k)."""
 
     name = "mnist"
+    smallest = (5421, 892)  # the digit 5
 
 
 @DATASETS.register("fashionmnist")
@@ -135,3 +170,4 @@ class FashionMnistData(_IdxData):
     """Fashion-MNIST: 10 kinds of clothing, 28x28 gray (train / t10k)."""
 
     name = "fashionmnist"
+    smallest = (6000, 1000)

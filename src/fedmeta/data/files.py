@@ -5,9 +5,10 @@ Nothing is downloaded: datasets are read from a data root (``data.root`` in the 
 checkout). Every file is checked against the SHA-256 listed in ``SHA256SUMS`` beside this module, so
 a truncated copy fails loudly, naming the file and the checksum it should have.
 
-Decoding (JPEG, LANCZOS resizing) is slow, so decoded arrays are cached as ``.npy`` files keyed by
+Decoding (JPEG, LANCZOS resizing) is slow, so decoded arrays are cached, keyed by
 the checksums of their inputs and the processing parameters (``FEDMETA_CACHE``, default
-``~/.cache/fedmeta``). ``.npy`` is read with ``allow_pickle=False``: nothing cached is unpickled.
+``~/.cache/fedmeta``), as safetensors with a content hash (``fedmeta.storage``): nothing cached is
+unpickled, and a corrupt entry is rebuilt.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from fedmeta.storage import cached, read_arrays, write_arrays
 
 _MANIFEST = Path(__file__).with_name("SHA256SUMS")
 _CHUNK = 1 << 22
@@ -87,25 +90,28 @@ def verified(root: Path, name: str) -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEDMETA_CACHE", Path.home() / ".cache" / "fedmeta"))
+    """The cache folder (``FEDMETA_CACHE``, default ``~/.cache/fedmeta``), created if need be."""
+    path = Path(os.environ.get("FEDMETA_CACHE", Path.home() / ".cache" / "fedmeta"))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot use the cache folder {path} (FEDMETA_CACHE): {err.strerror or err}") from None
+    return path
 
 
 def cached_array(key_parts: list[str], build: Callable[[], np.ndarray], name: str) -> np.ndarray:
     """Load the array cached under a key made of ``key_parts``, or build and cache it.
 
     The key must cover every input that determines the array (file checksums, sizes, options):
-    a change in any of them builds a new cache entry instead of silently reusing a stale one.
+    a change in any of them builds a new cache entry instead of silently reusing a stale one. The
+    entry carries a content hash: a corrupt one is rebuilt; runs sharing the cache decode once.
     """
     key = hashlib.sha256("\n".join(key_parts).encode()).hexdigest()[:16]
-    path = cache_dir() / f"{name}-{key}.npy"
-    if path.is_file():
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # a torn write from a killed run: rebuild it
-    array = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, array, allow_pickle=False)
-    tmp.replace(path)
-    return array
+    path = cache_dir() / f"{name}-{key}.safetensors"
+
+    def build_and_write() -> np.ndarray:
+        array = build()
+        write_arrays(path, {"array": array})
+        return array
+
+    return cached(path, f"{name} cache {path.name}", lambda p: read_arrays(p)["array"], build_and_write)

@@ -8,7 +8,7 @@ from typing import Any
 
 from fedmeta.config import Config, ConfigError
 from fedmeta.federation.engine import IN_PROCESS, Engine
-from fedmeta.runs import RunDir
+from fedmeta.runs import RunDir, RunError, empty_phases
 
 Experiment = Callable[[Config, RunDir, Engine], dict[str, Any]]
 
@@ -45,4 +45,7 @@ def run(cfg: Config, out: RunDir, engine: Engine = IN_PROCESS) -> dict[str, Any]
     summary = get(cfg.experiment)(cfg, out, engine)
     summary |= {"engine": engine.name, **getattr(engine, "stats", dict)()}
     out.finish(summary)
+    if empty := empty_phases(summary):
+        raise RunError(f"no round of {', '.join(empty)} applied any update (every update rejected as non-finite, or "
+                       f"missing): its model never trained; the counts are in {out.path / RunDir.SUMMARY}")
     return summary

@@ -57,12 +57,13 @@ class Case:
     pretrain_log: list[dict]
 
 
-def prepare(cfg: Backdoor, case: str, device: torch.device, engine: Engine) -> Case:
-    """The case's data layout and its (cached) benign pre-trained model."""
+def prepare(cfg: Backdoor, case: str, device: torch.device, engine: Engine, session: Session) -> Case:
+    """The case's data layout and its (cached) benign pre-trained model (its rounds tallied in ``session``)."""
     scenario = build_scenario(cfg, case)
     learner = build_learner(cfg, scenario.images.shape[1:])
     init = {k: v.to(device) for k, v in learner.model.init(stream(cfg.seed, "init")).items()}
     params, log = pretrained(cfg, scenario, case, init, engine)
+    session.count_log(f"pretrain/{case}", log)
     return Case(case, scenario, learner, params, log)
 
 
@@ -70,20 +71,24 @@ def main_server(cfg: Backdoor, case: Case, engine: Engine, rule: str | None = No
     return build_server(cfg, Phase("main", case.name), case.scenario, engine, rule)
 
 
-def play_round(cfg: Backdoor, server: Server, case: str, params: Params, r: int, engine: Engine) -> tuple[Params, RoundReport]:
-    """One main-phase round; an attack round's client updates come from the cache when they can
-    (not under secure aggregation, where the server never holds them one by one)."""
+def play_round(cfg: Backdoor, server: Server, case: str, params: Params, r: int, engine: Engine,
+               session: Session) -> tuple[Params, RoundReport]:
+    """One main-phase round, tallied in ``session``; an attack round's client updates come from the
+    cache when they can (not under secure aggregation, where the server never holds them one by one)."""
     settings = RoundSettings(r, "main")
     if server.schedule.attacking(r) and not cfg.federation.secure_aggregation:
-        return server.aggregate(params, attack_round_updates(cfg, server, case, params, settings, engine), settings)
-    return server.round(params, settings)
+        params, report = server.aggregate(params, attack_round_updates(cfg, server, case, params, settings, engine), settings)
+    else:
+        params, report = server.round(params, settings)
+    session.count(f"main/{case}", report)
+    return params, report
 
 
-def attacked_model(cfg: Backdoor, case: Case, engine: Engine) -> Params:
+def attacked_model(cfg: Backdoor, case: Case, engine: Engine, session: Session) -> Params:
     """The global model right after the last attack round (Experiments 2, 3 and the comparison)."""
     server, params = main_server(cfg, case, engine), case.pretrained
     for r in range(1, cfg.attack.last_round + 1):
-        params, _ = play_round(cfg, server, case.name, params, r, engine)
+        params, _ = play_round(cfg, server, case.name, params, r, engine, session)
     return params
 
 
@@ -164,8 +169,8 @@ def run_rounds(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     last_round = cfg.attack.last_round + cfg.federation.rounds
     seconds: dict[str, dict[int, float]] = session.saved.get("round_seconds", {})  # evaluation excluded
     for _, name, resumed in session.stages(cfg.attack.cases):
-        case = prepare(cfg, name, device, engine)
-        evaluate = lambda p: fields(curves(cfg, case, p, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps])  # noqa: E731
+        case = prepare(cfg, name, device, engine, session)
+        evaluate = lambda p: fields(curves(cfg, case, p, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps])
         server = main_server(cfg, case, engine)
         if resumed:
             params, start = server.restore(resumed.tensors, case.pretrained), resumed.step
@@ -175,11 +180,11 @@ def run_rounds(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
             session.checkpoint(server.snapshot(params), step=0, round_seconds=seconds)
         for r in session.steps(start + 1, last_round + 1, desc=f"case {name}", unit="round"):
             clock = session.elapsed
-            params, report = play_round(cfg, server, name, params, r, engine)
+            params, report = play_round(cfg, server, name, params, r, engine, session)
             seconds.setdefault(name, {})[str(r)] = round(session.elapsed - clock, 2)
             if r % cfg.federation.eval_every == 0 or r in (cfg.attack.last_round, last_round):
-                info = {"participants": report.participants, "aggregated": report.aggregated, "rejected": report.rejected}
-                session.log({"case": name, "round": r, **info, **evaluate(params)}, f"round {seconds[name][str(r)]:.1f} s")
+                session.log({"case": name, "round": r, **report.fields(), **evaluate(params)},
+                            f"round {seconds[name][str(r)]:.1f} s")
             session.checkpoint(server.snapshot(params), step=r, round_seconds=seconds)
         out.save_weights(params, f"weights-case-{name}.safetensors")
     return _summary(cfg, out, session, "round") | {"round_seconds": seconds}
@@ -205,8 +210,8 @@ def run_per_user(cfg: Backdoor, out: RunDir, engine: Engine, defense: str) -> di
     ft = cfg.finetune
     at = list(range(0, ft.steps + 1, ft.every))
     for _, name, resumed in session.stages(cfg.attack.cases):
-        case = prepare(cfg, name, device, engine)
-        attacked, users_done = _attacked(cfg, case, engine, resumed)
+        case = prepare(cfg, name, device, engine, session)
+        attacked, users_done = _attacked(cfg, case, engine, session, resumed)
         if not resumed:
             session.checkpoint(_params(attacked), step=0)
         for k, user in enumerate(case.scenario.benign[: ft.users]):
@@ -219,10 +224,10 @@ def run_per_user(cfg: Backdoor, out: RunDir, engine: Engine, defense: str) -> di
     return _summary(cfg, out, session, "step")
 
 
-def _attacked(cfg: Backdoor, case: Case, engine: Engine, resumed: Resumed | None) -> tuple[Params, int]:
+def _attacked(cfg: Backdoor, case: Case, engine: Engine, session: Session, resumed: Resumed | None) -> tuple[Params, int]:
     if resumed:
         return resumed.take("params.", case.pretrained), resumed.step
-    return attacked_model(cfg, case, engine), 0
+    return attacked_model(cfg, case, engine, session), 0
 
 
 def _params(params: Params) -> dict[str, Tensor]:
@@ -236,7 +241,7 @@ def _summary(cfg: Backdoor, out: RunDir, session: Session, axis: str) -> dict[st
     for name in cfg.attack.cases:
         rows = [r for r in records if r["case"] == name]
         points = sorted({r[axis] for r in rows})
-        pick = lambda x: _mean_over_users([r for r in rows if r[axis] == x])  # noqa: E731
+        pick = lambda x: _mean_over_users([r for r in rows if r[axis] == x])
         if axis == "round":
             by_case[name] = {"before_attack": pick(0), "after_attack": pick(cfg.attack.last_round), "final": pick(points[-1]),
                              "rounds": points[-1]}

@@ -4,7 +4,9 @@ pre-training and the robustness comparison.
 ``Training`` is everything a checkpoint must restore (weights, the learner's optimiser state, the
 random streams of episodes and of the training step, the iteration, the training time);
 ``meta_train`` runs it to ``iterations`` in a ``Session`` and calls ``point`` every ``every``
-iterations and at the end, where the experiment evaluates, logs and checkpoints.
+iterations and at the end, where the experiment evaluates, logs and checkpoints. A non-finite loss
+or weight stops it with ``Diverged`` naming the iteration, before anything non-finite is
+evaluated or checkpointed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fedmeta.meta.adam import AdamState
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Params
 from fedmeta.runs import Resumed, Session, restore_generator
-from fedmeta.runtime import synchronized_time
+from fedmeta.runtime import Diverged, check_finite, synchronized_time
 
 LOSS_EVERY = 50  # iterations between progress-bar loss updates (each one syncs with the device)
 
@@ -57,18 +59,30 @@ def meta_train(session: Session, learner: MetaLearner, train: ClassPool, run: Tr
     """Train ``run`` up to ``iterations``, calling ``point(run)`` every ``every`` iterations and at the end."""
     device = next(iter(run.params.values())).device
     loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device)  # the first iteration with a non-finite loss, on the device: no sync
     segment = synchronized_time(device)
     for it in session.steps(run.iteration, iterations, desc=desc, unit="it"):
         episodes = learner.sample(train, run.episode_gen)
         run.params, run.state, loss = learner.train_step(run.params, run.state, episodes, train.images, run.step_gen,
                                                          it / iterations)
         loss_sum += loss
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it + 1, first_bad)
         run.iteration = it + 1
         if run.iteration % LOSS_EVERY == 0:
-            session.postfix(loss=f"{float(loss_sum) / LOSS_EVERY:.3f}")
+            mean_loss, bad = (t.item() for t in (loss_sum / LOSS_EVERY, first_bad))
+            _stop_if_diverged(int(bad), desc)
+            session.postfix(loss=f"{mean_loss:.3f}")
             loss_sum.zero_()
         if run.iteration % every == 0 or run.iteration == iterations:
+            _stop_if_diverged(int(first_bad), desc)
+            check_finite(run.params, f"{desc}: iteration {run.iteration}")  # before it is evaluated or checkpointed
             run.train_s += synchronized_time(device) - segment
             point(run)
             segment = synchronized_time(device)
     return run
+
+
+def _stop_if_diverged(iteration: int, desc: str) -> None:
+    if iteration >= 0:
+        raise Diverged(f"{desc}: the loss is not finite at iteration {iteration}; lower the learning rates "
+                       "(meta.inner_lr, meta.meta_lr) and start a new run (the folder keeps the last good checkpoint)")

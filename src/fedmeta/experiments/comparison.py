@@ -52,7 +52,7 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     session = Session(out, ["clean_meta_test_accuracy", *METRICS])
     resumed = session.resumed()
     name = cfg.attack.cases[0]
-    case = prepare(cfg, name, device, engine)
+    case = prepare(cfg, name, device, engine, session)
     settings = RoundSettings(1, "main")
     attacked = attack_round_updates(cfg, main_server(cfg, case, engine), name, case.pretrained, settings, engine)
     no_attack = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
@@ -75,7 +75,7 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
     server = main_server(cfg, case, engine, rule)
     if secure:
         attacked, clean = [_sum_only(attacked)], [_sum_only(clean)]
-    after_attack, _ = server.aggregate(case.pretrained, attacked, settings)
+    after_attack, report = server.aggregate(case.pretrained, attacked, settings)
     after_clean, _ = server.aggregate(case.pretrained, clean, settings)
     if local:
         defend = LOCAL_DEFENSES.get(local).factory
@@ -83,9 +83,11 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
         steps = [cfg.finetune.steps]
         attack = _mean([defend(cfg, case, after_attack, u, steps)[steps[0]] for u in users])
         clean_test = _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])
-        return {**accuracy_fields("clean_meta_test_accuracy", clean_test["meta_test_accuracy"]), **fields(attack)}
+        return {**accuracy_fields("clean_meta_test_accuracy", clean_test["meta_test_accuracy"]), **fields(attack),
+                "rejected": report.rejected}
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
-    return {**accuracy_fields("clean_meta_test_accuracy", _meta_test(cfg, case, after_clean)), **fields(scores)}
+    return {**accuracy_fields("clean_meta_test_accuracy", _meta_test(cfg, case, after_clean)), **fields(scores),
+            "rejected": report.rejected}
 
 
 def _sum_only(updates: list[ClientUpdate]) -> ClientUpdate:

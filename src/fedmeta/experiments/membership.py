@@ -181,6 +181,7 @@ def meta_train(ctx: Context, ways: int, noise: Noise | None, name: str) -> Param
         mean = [torch.stack([g[k] for g in grads]).mean(0) for k in params]
         with torch.no_grad():
             adam_step_(list(params.values()), mean, state, lr=outer_rate(cfg.meta, it / iterations), beta1=0.9, beta2=0.999)
+    runtime.check_finite(params, f"meta-training {name}")
     return params
 
 

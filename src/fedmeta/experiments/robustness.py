@@ -38,12 +38,12 @@ from fedmeta.defenses.robust_maml import make_robust_learner
 from fedmeta.experiments.centralised import Training, meta_train
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import Engine
+from fedmeta.federation.server import Server
 from fedmeta.meta.evaluation import Accuracy
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Conv4, Params
 from fedmeta.rng import stream
-from fedmeta.federation.server import Server
 from fedmeta.runs import Resumed, RunDir, Session, accuracy_fields
 from fedmeta.runtime import synchronized_time
 from fedmeta.scenario.builder import Phase, build_population, build_server
@@ -203,7 +203,8 @@ def federate_and_evaluate(bench: Bench, server: Server, name: str, resumed: Resu
     evaluator = make_robust_learner(bench.model, cfg.meta, cfg.robust, "maml")  # clean fine-tuning, as for every learner
     for r in session.steps(start, rounds, desc=name, unit="round"):
         segment = synchronized_time(bench.device)
-        params, _ = server.round(params, RoundSettings(r, "main", (r / rounds, (r + 1) / rounds)))
+        params, report = server.round(params, RoundSettings(r, "main", (r / rounds, (r + 1) / rounds)))
+        session.count(f"main/{name}", report)
         train_s += synchronized_time(bench.device) - segment
         if (r + 1) % cfg.federation.eval_every == 0 and r + 1 < rounds:
             accs = bench.evaluate(evaluator, params, cfg.eval.shots[0], cfg.eval.episodes_during, "eval-during")

@@ -37,6 +37,12 @@ class RoundReport:
     aggregated: list[int]  # whose updates were applied
     rejected: list[int] = field(default_factory=list)  # non-finite updates
     losses: dict[int, float] = field(default_factory=dict)
+    missing: list[int] = field(default_factory=list)  # selected users whose update never arrived (remote engines)
+
+    def fields(self) -> dict[str, list[int]]:
+        """Who took part, whose update was applied, rejected or never arrived: for metric lines."""
+        return {"participants": self.participants, "aggregated": self.aggregated, "rejected": self.rejected,
+                "missing": self.missing}
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,8 @@ class Server:
         return [self.clients[u].update(params, settings) for u in self.schedule.participants(settings.round, settings.phase)]
 
     def aggregate(self, params: Params, updates: list[ClientUpdate], settings: RoundSettings) -> tuple[Params, RoundReport]:
-        """Apply the first ``min_updates`` finite updates to arrive (arrival order: seeded)."""
+        """Apply the first ``min_updates`` finite updates to arrive (arrival order: seeded), their
+        weights normalised to sum to one over the updates applied (``federation.weighting``)."""
         order = torch.randperm(len(updates), generator=stream(self.schedule.seed, "arrival", settings.phase, settings.round))
         arrived = [updates[i] for i in order.tolist()]
         rejected = [u.user for u in arrived if not u.is_finite()]

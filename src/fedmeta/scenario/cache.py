@@ -11,6 +11,9 @@ The client updates of an attack round (the attackers' long local training domina
 cached the same way, before aggregation: Experiments 1-3 and the defense comparison, which all
 start from the same attack, share them, whatever rule each then applies. Only updates computed in
 this process are cached; a remote engine's clients compute theirs where they run.
+
+Entries carry a content hash (``fedmeta.storage``): a corrupt one is rebuilt. Runs that share
+the cache build an entry once; the others wait for it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -28,10 +32,11 @@ from fedmeta.federation.engine import Engine
 from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.models.conv4 import Params
-from fedmeta.runs import RunDir, Session, read_tensors, write_tensors
+from fedmeta.runs import RunDir, RunError, Session
 from fedmeta.scenario.builder import Phase, Population, build_server
+from fedmeta.storage import cached, read_tensors, write_tensors
 
-VERSION = 2
+VERSION = 3
 
 
 def pretrained(cfg: Backdoor, population: Population, case: str, init: Params, engine: Engine) -> tuple[Params, list[dict]]:
@@ -39,17 +44,30 @@ def pretrained(cfg: Backdoor, population: Population, case: str, init: Params, e
 
     While it trains, the entry is a run folder of its own (``pretrain-KEY.partial/``: the run
     loop's checkpoints and one line per round), so a killed run resumes it exactly; when done, it
-    becomes one tensor file and the folder goes."""
-    key = pretrain_key(cfg, case)
-    final = cache_dir() / f"pretrain-{key}.safetensors"
+    becomes one tensor file and the folder goes. Runs sharing the cache train it once."""
+    final = cache_dir() / f"pretrain-{pretrain_key(cfg, case)}.safetensors"
     device = next(iter(init.values())).device
-    if final.is_file():
-        tqdm.write(f"pre-training: reusing {final}")
-        tensors, meta = read_tensors(final, device)
+
+    def read(path: Path) -> tuple[Params, list[dict]]:
+        tensors, meta = read_tensors(path, device)
+        tqdm.write(f"pre-training: reusing {path}")
         return {k: tensors[f"params.{k}"] for k in init}, meta["log"]
-    folder = RunDir(cache_dir() / f"pretrain-{key}.partial")
+
+    return cached(final, f"pre-training cache {final.name}", read,
+                  lambda: _pretrain(cfg, population, case, init, engine, final))
+
+
+def _pretrain(cfg: Backdoor, population: Population, case: str, init: Params, engine: Engine,
+              final: Path) -> tuple[Params, list[dict]]:
+    folder = RunDir(final.with_name(final.name.removesuffix(".safetensors") + ".partial"))
     folder.path.mkdir(parents=True, exist_ok=True)
-    session = Session(folder, [])
+    try:
+        session = Session(folder, [])
+    except RunError as err:  # a corrupt checkpoint of a cache entry: start the entry again
+        tqdm.write(f"pre-training: starting again ({err})")
+        shutil.rmtree(folder.path)
+        folder.path.mkdir()
+        session = Session(folder, [])
     server = build_server(cfg, Phase("pretrain", case), population, engine)
     params, start = init, 0
     if (resumed := session.resumed()) is not None:
@@ -58,7 +76,7 @@ def pretrained(cfg: Backdoor, population: Population, case: str, init: Params, e
     for r in session.steps(start, rounds, desc=f"pre-training ({case})", unit="round"):
         params, report = server.round(params, RoundSettings(r, "pretrain", (r / rounds, (r + 1) / rounds)))
         loss = round(sum(report.losses.values()) / max(len(report.losses), 1), 4)
-        session.log({"round": r + 1, "loss": loss, "seconds": round(session.elapsed, 1)}, quiet=True)
+        session.log({"round": r + 1, "loss": loss, **report.fields(), "seconds": round(session.elapsed, 1)}, quiet=True)
         session.checkpoint(server.snapshot(params), step=r + 1)
     log = folder.records()
     write_tensors(final, server.snapshot(params), {"log": log})
@@ -75,7 +93,7 @@ def pretrain_key(cfg: Backdoor, case: str) -> str:
     parts = {
         "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": _model_key(cfg),
         "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
-        "federation": fed.model_dump(exclude={"rounds", "episodes", "eval_every", "secure_aggregation"}),
+        "federation": fed.model_dump(exclude={"rounds", "episodes", "eval_every", "secure_aggregation", "reply_timeout"}),
         "rule": cfg.rule_options(fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
         "benign_holds_backdoor_classes": case != "a", "version": VERSION,
     }
@@ -101,18 +119,25 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
     rule_free = settings.round == 1
     parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases"}),
              "attacks": cfg.attacks, "meta": cfg.meta.model_dump(),
-             "federation": fed.model_dump(exclude={"rounds", "eval_every", *({"rule", "secure_aggregation"} if rule_free else ())}),
+             "federation": fed.model_dump(exclude={"rounds", "eval_every", "reply_timeout",
+                                                   *({"rule", "secure_aggregation"} if rule_free else ())}),
              "rule": None if rule_free else cfg.rule_options(fed.rule), "round": settings.round, "version": VERSION}
     path = cache_dir() / f"attack-{_digest(parts)}.safetensors"
-    if path.is_file():
+    device = next(iter(params.values())).device
+
+    def read(path: Path) -> list[ClientUpdate]:
+        tensors, meta = read_tensors(path, device)
         tqdm.write(f"attack round {settings.round}: reusing the client updates in {path}")
-        tensors, meta = read_tensors(path, next(iter(params.values())).device)
         return [ClientUpdate(h["user"], {k: tensors[f"{h['user']}/{k}"] for k in params}, h["examples"], h["metrics"])
                 for h in meta["updates"]]
-    updates = server.updates(params, settings)
-    write_tensors(path, {f"{u.user}/{k}": v for u in updates for k, v in u.delta.items()},
-                  {"updates": [{"user": u.user, "examples": u.examples, "metrics": u.metrics} for u in updates]})
-    return updates
+
+    def build() -> list[ClientUpdate]:
+        updates = server.updates(params, settings)
+        write_tensors(path, {f"{u.user}/{k}": v for u in updates for k, v in u.delta.items()},
+                      {"updates": [{"user": u.user, "examples": u.examples, "metrics": u.metrics} for u in updates]})
+        return updates
+
+    return cached(path, f"attack-round cache {path.name}", read, build)
 
 
 def _digest(parts: dict) -> str:
