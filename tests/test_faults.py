@@ -290,3 +290,20 @@ def test_rejected_updates_are_counted_per_phase_and_an_all_empty_federation_fail
     with pytest.raises(RunError, match="no round of pretrain/a, main/a applied any update"):
         run(cfg, RunDir.open(tmp_path / "all", cfg))
     assert RunDir(tmp_path / "all").records()[-1]["aggregated"] == []
+
+
+def test_a_corrupt_pretraining_checkpoint_in_the_cache_restarts_that_entry(tmp_path, omniglot, monkeypatch,
+                                                                          killed_at_checkpoint):
+    tiny = [*FEDERATED[:-1], "federation.episodes=4", "pretrain.episodes=4", "attacks.boosted.episodes=4",
+            "federation.rounds=1"]
+    cfg = load_config("omniglot-exp1a-quick", tiny)
+    cache = _cache_with_data(tmp_path / "cache")
+    monkeypatch.setenv("FEDMETA_CACHE", str(cache))
+    with killed_at_checkpoint(2):  # in pre-training, after its first round's checkpoint
+        run(cfg, RunDir.open(tmp_path / "run", cfg))
+    checkpoint = next(cache.glob("pretrain-*.partial")) / RunDir.CHECKPOINT
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-5])  # truncated
+    run(cfg, RunDir.open(tmp_path / "run", cfg))
+    monkeypatch.setenv("FEDMETA_CACHE", str(_cache_with_data(tmp_path / "cache-reference")))
+    run(cfg, RunDir.open(tmp_path / "reference", cfg))
+    assert RunDir(tmp_path / "run").records() == RunDir(tmp_path / "reference").records()

@@ -8,8 +8,11 @@ the rules whose registration names a Flower strategy (FedAvg, median, trimmed me
 Multi-Krum) are computed by it.
 
 - ``simulation.run_simulation``: Flower's simulation engine (Ray), ``fedmeta run CONFIG --engine flower``.
-- ``deployment.Loopback``: a real SuperLink and one SuperNode per user on 127.0.0.1
-  (``python -m fedmeta.federation.flower.deployment``).
+- ``deployment.Loopback``: a real SuperLink and one SuperNode per user on this machine, with TLS
+  and SuperNode authentication unless ``--insecure`` (loopback only)
+  (``python -m fedmeta.engines.flower.deployment``).
+- ``apps.Nodes``/``apps.Operator``: the ServerApp accepts a user's update only from the node that
+  holds it, shaped like the model; the server's operator fixes where runs go (``FEDMETA_RUNS``).
 - ``federation.secure_aggregation = true``: the updates go through SecAgg+ (``secagg``).
 
 Importing this package turns Flower's telemetry and update check off and keeps it from

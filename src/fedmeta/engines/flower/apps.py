@@ -10,6 +10,13 @@ the seeded arrival order are the in-process ones. The ClientApp rebuilds its own
 the ``Phase`` sent along with the weights, so an attacker is just the client of a malicious user's
 node in its attack round, and a plugin's parts are imported there too (the config's ``plugins``).
 
+The ServerApp trusts the nodes no more than it must (``Nodes``): a user's updates come only from
+the node that holds the user (the operator's table of registered nodes decides where there is one),
+and a reply for another user, or whose arrays are not the model's, is refused and logged. A round
+waits for its users up to ``federation.reply_timeout`` and goes on without the missing ones when at
+least ``min_updates`` arrived (``FlowerServer``). Where run folders go is the operator's choice
+(``Operator``), never the submitted run config's.
+
 The experiment itself is not imported here (experiments sit above engines): ``make_serverapp``
 takes the function that runs it, and ``fedmeta.flower_app`` wires the two.
 
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import os
 import time
 import tomllib
 from collections.abc import Callable, Mapping
@@ -59,8 +68,7 @@ from fedmeta.registry import RULES
 from fedmeta.runs import RunDir
 from fedmeta.scenario.builder import Phase, Population, build_clients, build_population
 
-REPLY_TIMEOUT_S = 3600.0
-"""Longest wait for a round's replies: generous, since a deployed node may train for minutes."""
+log = logging.getLogger(__name__)
 
 PLAIN = "fedmeta"
 """The ClientApp action of a plain round (``train.fedmeta``); the default ``train`` action runs
@@ -70,6 +78,16 @@ POLL_S = (0.05, 1.0)
 """First and longest wait between pulls for replies, growing by half each time: quick replies
 (simulation, tests) come back at once, long rounds are not polled 20 times a second (the
 deployment grid's own ``send_and_receive`` sleeps 3 s)."""
+
+RUNS_ENV = "FEDMETA_RUNS"
+"""Environment variable of the ServerApp's process (set for the SuperLink, which passes it on): the
+absolute folder that holds the server's run folders. The server's operator fixes it; the submitted
+run config only names the run, so whoever submits a run cannot make the server write elsewhere."""
+
+NODES_ENV = "FEDMETA_NODES"
+"""Environment variable of the ServerApp's process: a TOML file ``[nodes]`` of ``"<user>" = <node
+id>`` that the operator wrote when registering each user's SuperNode key (``flwr supernode register``
+prints the node id). Optional; see ``Nodes`` for what the ServerApp does with and without it."""
 
 
 class FlowerError(RuntimeError):
@@ -113,27 +131,99 @@ def flower_rule(name: str, options: dict[str, Any], ours: Rule) -> Rule:
 # --- server side -----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Operator:
+    """What the server's operator fixes, never the submitted run: the folder of run folders, and
+    which registered node holds which user (``nodes``: user -> node id; None: see ``Nodes``)."""
+
+    runs: Path
+    nodes: Mapping[int, int] | None = None
+
+    @classmethod
+    def from_environment(cls) -> Operator:
+        """The operator's settings from ``RUNS_ENV`` and ``NODES_ENV`` of this (ServerApp) process."""
+        runs = os.environ.get(RUNS_ENV, "")
+        if not Path(runs).is_absolute():
+            raise FlowerError(f"the server's operator sets {RUNS_ENV} to the absolute folder of run folders for the "
+                              f"SuperLink (got {runs!r}); the run config only names the run")
+        listed = os.environ.get(NODES_ENV)
+        if not listed:
+            return cls(Path(runs))
+        if not Path(listed).is_absolute():
+            raise FlowerError(f"{NODES_ENV} must be an absolute path (got {listed!r})")
+        table = tomllib.loads(Path(listed).read_text()).get("nodes", {})
+        return cls(Path(runs), {int(user): int(node) for user, node in table.items()})
+
+    def folder(self, name: str) -> Path:
+        return run_folder(self.runs, name)
+
+
+def run_folder(runs: Path, name: str) -> Path:
+    """The run folder ``name`` under ``runs``; a name that would lead out of ``runs`` is refused."""
+    if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+        raise FlowerError(f"the run name {name!r} must be a plain folder name: no path separator, not '..'")
+    return runs / name
+
+
 class Nodes:
-    """The run's Flower nodes by user id, and one round trip to them."""
+    """The run's Flower nodes by user id, and one round trip to them.
 
-    def __init__(self, grid: Grid, context: Context, users: int, config_toml: str,
-                 timeout: float = REPLY_TIMEOUT_S) -> None:
+    Which node holds which user: node ids are random and the server cannot read node configs, so
+    every connected node is asked its user (``whoami``). With the operator's table of registered
+    nodes (``Operator.nodes``), a user is held by its listed node, if that node claims it; every
+    other claimant is refused and logged. Without a table, a user is held by the one node that
+    claims it; if several claim the same user, the server cannot tell the genuine one, and giving
+    the user to the first to answer would let a rogue node win by answering fast, so all of them
+    are refused and the run stops. A reply counts only if it comes from the node the message went
+    to, for the user asked, with exactly the model's array names, shapes and dtypes; any other is
+    refused and logged, as if it had not arrived.
+    """
+
+    def __init__(self, grid: Grid, context: Context, users: int, config_toml: str, timeout: float,
+                 listed: Mapping[int, int] | None = None) -> None:
         self.grid, self.context, self.config_toml, self.timeout = grid, context, config_toml, timeout
-        self.node_of = self._discover(users)
         self.updates_received = 0  # training replies from ClientApps: proof that clients ran on nodes
+        self.refused: list[str] = []  # nodes and replies refused, for the summary
+        self.node_of = self._discover(users, listed)
 
-    def _discover(self, users: int) -> dict[int, int]:
-        """Node ids are random and the server cannot read node configs: ask each node its user."""
-        deadline = time.monotonic() + self.timeout
-        while len(ids := sorted(self.grid.get_node_ids())) < users:
-            if time.monotonic() > deadline:
-                raise FlowerError(f"{len(ids)} Flower nodes connected; the federation needs one per user ({users})")
-            time.sleep(0.2)
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=f"{MessageType.QUERY}.whoami") for n in ids]
-        node_of = {int(r.content["node"]["user"]): r.metadata.src_node_id for r in self._exchange(queries, "query")}
-        if sorted(node_of) != list(range(users)):
-            raise FlowerError(f"the nodes hold users {sorted(node_of)}; expected each of 0..{users - 1} once")
+    def _discover(self, users: int, listed: Mapping[int, int] | None) -> dict[int, int]:
+        queries = {n: Message(RecordDict(), dst_node_id=n, message_type=f"{MessageType.QUERY}.whoami")
+                   for n in self._connected(users, listed)}
+        claims: dict[int, list[int]] = {}
+        for node, reply in self._exchange(queries, "whoami").items():
+            try:
+                claims.setdefault(int(reply.content["node"]["user"]), []).append(node)
+            except (KeyError, TypeError, ValueError) as err:
+                self._refuse(f"node {node} does not say which user it holds: {err!r}")
+        node_of = {}
+        for user, nodes in sorted(claims.items()):
+            holder, why = _holder(user, nodes, listed, users)
+            for node in nodes:
+                if node != holder:
+                    self._refuse(f"node {node} claims user {user}, but {why}")
+            if holder is not None:
+                node_of[user] = holder
+        if len(node_of) < users:
+            raise FlowerError(f"no node holds users {sorted(set(range(users)) - set(node_of))}; "
+                              f"refused: {'; '.join(self.refused) or 'none'}")
         return node_of
+
+    def _connected(self, users: int, listed: Mapping[int, int] | None) -> list[int]:
+        """The connected nodes, once the listed ones (or as many as there are users) are."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            ids = set(self.grid.get_node_ids())
+            if set(listed.values()) <= ids if listed else len(ids) >= users:
+                return sorted(ids)
+            if time.monotonic() > deadline:
+                needed = f"the listed nodes {sorted(listed.values())}" if listed else f"one per user ({users})"
+                raise FlowerError(f"{len(ids)} Flower nodes connected in {self.timeout:.0f} s; the federation needs {needed}")
+            time.sleep(0.2)
+
+    def _refuse(self, why: str) -> None:
+        """Log a refusal and keep it for the summary (None: a check can ``return self._refuse(...)``)."""
+        log.warning("refused: %s", why)
+        self.refused.append(why)
 
     def spec(self, user: int, settings: RoundSettings, phase: Phase) -> dict[str, Any]:
         """What a node needs to run ``user``'s round: the config, federation, round and progress."""
@@ -141,44 +231,96 @@ class Nodes:
         return {"config": self.config_toml, **phase.fields(), "round": settings.round,
                 "progress-start": start, "progress-end": end, "user": user}
 
-    def updates(self, users: list[int], params: Params, settings: RoundSettings, phase: Phase) -> list[ClientUpdate]:
-        """Each user's update of ``params``, computed on its node, in the order of ``users``."""
+    def updates(self, users: list[int], params: Params, settings: RoundSettings,
+                phase: Phase) -> tuple[list[ClientUpdate], list[int]]:
+        """The updates of ``params`` computed on the users' nodes that arrived in time and check out,
+        in the order of ``users``, and the users whose update did not."""
         arrays = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in params.items()})
-        messages = [
-            Message(RecordDict({"arrays": arrays, "config": ConfigRecord(self.spec(user, settings, phase))}),
-                    dst_node_id=self.node_of[user], message_type=f"{MessageType.TRAIN}.{PLAIN}",
-                    group_id=f"{settings.phase}-{settings.round}")
+        messages = {
+            user: Message(RecordDict({"arrays": arrays, "config": ConfigRecord(self.spec(user, settings, phase))}),
+                          dst_node_id=self.node_of[user], message_type=f"{MessageType.TRAIN}.{PLAIN}",
+                          group_id=f"{settings.phase}-{settings.round}")
             for user in users
-        ]
-        by_user = {int(r.content["metrics"]["user-id"]): r for r in self._exchange(messages, settings.phase)}
-        self.updates_received += len(by_user)
-        device = next(iter(params.values())).device
-        return [_decode(by_user[u], device) for u in users]
+        }
+        what = f"{settings.phase} round {settings.round}"
+        replies = self._exchange(messages, what)
+        checked = {u: self._check(u, replies[u], params, what) for u in users if u in replies}
+        arrived = [update for update in checked.values() if update is not None]
+        self.updates_received += len(arrived)
+        return arrived, [u for u in users if checked.get(u) is None]
+
+    def _check(self, user: int, reply: Message, params: Params, what: str) -> ClientUpdate | None:
+        """``user``'s update in ``reply``, or None (refused) unless it is for that user and has the
+        model's arrays: a node must not slip another user's update or a malformed one into the sum."""
+        node = reply.metadata.src_node_id
+        try:
+            update = _decode(reply, next(iter(params.values())).device)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            return self._refuse(f"{what}: the reply of node {node} (user {user}) is unreadable: {err}")
+        if update.user != user:
+            return self._refuse(f"{what}: node {node}, asked for user {user}'s update, sent user {update.user}'s")
+        shapes = {k: (tuple(v.shape), v.dtype) for k, v in update.delta.items()}
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in params.items()}
+        if shapes != expected:
+            wrong = sorted(set(shapes) ^ set(expected) | {k for k in set(shapes) & set(expected) if shapes[k] != expected[k]})
+            return self._refuse(f"{what}: the update of user {user} (node {node}) does not match the model's arrays "
+                                f"(names, shapes or dtypes of {', '.join(wrong)})")
+        if update.examples < 1:
+            return self._refuse(f"{what}: the update of user {user} (node {node}) claims {update.examples} examples")
+        return update
 
     def secure_mean(self, users: list[int], params: Params, settings: RoundSettings,
                     phase: Phase) -> tuple[Params, dict[int, float]]:
-        """The mean of the users' deltas through SecAgg+, and their losses."""
+        """The mean of the delta of the users that stayed to the end of SecAgg+, and their losses."""
         instructions = {u: (self.node_of[u], self.spec(u, settings, phase)) for u in users}
-        mean, losses = secure_mean(self.grid, self.context, instructions, params)
+        mean, losses = secure_mean(self.grid, self.context, instructions, params, self.timeout)
         self.updates_received += len(losses)
         return mean, losses
 
-    def _exchange(self, messages: list[Message], what: str) -> list[Message]:
-        pending = set(self.grid.push_messages(messages))
-        replies: list[Message] = []
+    def _exchange(self, messages: Mapping[int, Message], what: str) -> dict[int, Message]:
+        """Send ``messages`` (by user, or by node) and wait up to ``timeout`` for their replies.
+
+        Returns the replies that came back in time, without an error, from the node each message
+        went to. Any other outcome is logged and left out: the caller decides whether it can do
+        without those replies."""
+        ids = list(self.grid.push_messages(list(messages.values())))
+        pending = {i: key for i, key in zip(ids, messages, strict=False) if i}
+        node_of = {key: m.metadata.dst_node_id for key, m in messages.items()}
+        for key in set(messages) - set(pending.values()):
+            log.warning("%s: the SuperLink did not take the message to node %d", what, node_of[key])
+        replies: dict[int, Message] = {}
         deadline, pause = time.monotonic() + self.timeout, POLL_S[0]
-        while pending:
-            if time.monotonic() > deadline:
-                raise FlowerError(f"{what}: {len(pending)} of {len(messages)} nodes did not answer in {self.timeout:.0f} s")
-            for reply in self.grid.pull_messages(pending):
-                pending.discard(reply.metadata.reply_to_message_id)
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is None:
+                    continue
                 if reply.has_error():
-                    raise FlowerError(f"{what}: node {reply.metadata.src_node_id} failed: {reply.error.reason}")
-                replies.append(reply)
+                    log.warning("%s: node %d failed: %s", what, node_of[key], reply.error.reason)
+                elif reply.metadata.src_node_id != node_of[key]:
+                    self._refuse(f"{what}: node {reply.metadata.src_node_id} answered for node {node_of[key]}")
+                else:
+                    replies[key] = reply
             if pending:
-                time.sleep(pause)
+                time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
                 pause = min(1.5 * pause, POLL_S[1])
+        for key in pending.values():
+            log.warning("%s: node %d did not answer in %.0f s", what, node_of[key], self.timeout)
         return replies
+
+
+def _holder(user: int, nodes: list[int], listed: Mapping[int, int] | None, users: int) -> tuple[int | None, str]:
+    """Which of the ``nodes`` that claim ``user`` holds it (see ``Nodes``), and why the others do not."""
+    if user not in range(users):
+        return None, f"the federation's users are 0..{users - 1}"
+    if listed is not None:
+        if user not in listed:
+            return None, f"the operator's table lists no node for user {user}"
+        return (listed[user] if listed[user] in nodes else None), \
+            f"the operator's table gives user {user} to node {listed[user]}"
+    if len(nodes) == 1:
+        return nodes[0], ""
+    return None, f"so do nodes {nodes}, and the server cannot tell the genuine one"
 
 
 def _decode(reply: Message, device: torch.device) -> ClientUpdate:
@@ -187,25 +329,60 @@ def _decode(reply: Message, device: torch.device) -> ClientUpdate:
     return ClientUpdate(int(metrics["user-id"]), delta, int(metrics["examples"]), {"loss": float(metrics["loss"])})
 
 
+class Arrived(list[ClientUpdate]):
+    """A round's updates that arrived, and the users selected for it whose update did not
+    (``missing``): what ``FlowerServer.aggregate`` needs to report the round."""
+
+    def __init__(self, updates: list[ClientUpdate], missing: list[int]) -> None:
+        super().__init__(updates)
+        self.missing = missing
+
+
 @dataclass(frozen=True)
 class FlowerServer(Server):
-    """``Server`` whose clients are Flower nodes: same schedule and aggregation, remote updates."""
+    """``Server`` whose clients are Flower nodes: same schedule and aggregation, remote updates.
+
+    A round waits up to ``federation.reply_timeout`` for all its users' updates (so when all
+    arrive, it is the in-process round: the first ``min_updates`` in the seeded arrival order, with
+    in-process weights); then it goes on with those that arrived if there are at least
+    ``min_updates``, reporting the others as ``missing``, and fails otherwise. A node that answers
+    with an error, or whose reply is refused, counts as missing.
+    """
 
     nodes: Nodes = dataclasses.field(kw_only=True)
     phase: Phase = dataclasses.field(kw_only=True)
     secure: bool = dataclasses.field(kw_only=True, default=False)
-    """SecAgg+: the server only learns the mean (no screening; every participant is aggregated)."""
+    """SecAgg+: the server only learns the mean (no screening; every update that arrives is aggregated)."""
 
-    def updates(self, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
+    def updates(self, params: Params, settings: RoundSettings) -> Arrived:
         users = self.schedule.participants(settings.round, settings.phase)
-        return self.nodes.updates(users, params, settings, self.phase)
+        arrived, missing = self.nodes.updates(users, params, settings, self.phase)
+        self._enough(settings, len(arrived), missing)
+        return Arrived(arrived, missing)
+
+    def aggregate(self, params: Params, updates: list[ClientUpdate], settings: RoundSettings) -> tuple[Params, RoundReport]:
+        """``Server.aggregate``; the users whose update never arrived stay participants (they were
+        selected) and are reported as missing."""
+        params, report = super().aggregate(params, updates, settings)
+        missing = list(getattr(updates, "missing", []))
+        return params, dataclasses.replace(report, participants=sorted(report.participants + missing), missing=missing)
 
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
         if not self.secure:
             return super().round(params, settings)
         users = self.schedule.participants(settings.round, settings.phase)
         delta, losses = self.nodes.secure_mean(users, params, settings, self.phase)
-        return add(params, delta), RoundReport(settings.round, users, users, [], losses)
+        missing = sorted(set(users) - set(losses))
+        self._enough(settings, len(losses), missing)
+        return add(params, delta), RoundReport(settings.round, sorted(users), sorted(losses), [], losses, missing)
+
+    def _enough(self, settings: RoundSettings, arrived: int, missing: list[int]) -> None:
+        if arrived < self.min_updates:
+            raise FlowerError(
+                f"{settings.phase} round {settings.round}: {arrived} updates arrived, fewer than min_updates = "
+                f"{self.min_updates}; none from users {missing} (their nodes failed, were refused or did not answer "
+                f"within federation.reply_timeout = {self.nodes.timeout:.0f} s). See the ServerApp's log "
+                f"(flwr log {self.nodes.context.run_id}) and those users' SuperNode logs.")
 
 
 class FlowerEngine:
@@ -218,8 +395,8 @@ class FlowerEngine:
         self.nodes = nodes
 
     def stats(self) -> dict[str, Any]:
-        """For the summary: how many client updates Flower nodes computed."""
-        return {"flower_updates_received": self.nodes.updates_received}
+        """For the summary: how many client updates Flower nodes computed, and what was refused."""
+        return {"flower_updates_received": self.nodes.updates_received, "flower_refused": self.nodes.refused}
 
     def serve(self, server: Server, cfg: Config, phase: Phase, rule: str) -> Server:
         parts = {f.name: getattr(server, f.name) for f in dataclasses.fields(Server)}
@@ -227,17 +404,22 @@ class FlowerEngine:
         return FlowerServer(**parts, nodes=self.nodes, phase=phase, secure=cfg.federation.secure_aggregation)
 
 
-def make_serverapp(run_experiment: Callable[[Config, RunDir, FlowerEngine], Any]) -> ServerApp:
-    """The ServerApp that runs ``run_config["config"]`` (TOML) into the folder ``run_config["out"]``
-    with ``run_experiment`` (which writes the summary), its clients on the run's nodes."""
+def make_serverapp(run_experiment: Callable[[Config, RunDir, FlowerEngine], Any],
+                   operator: Operator | None = None) -> ServerApp:
+    """The ServerApp that runs ``run_config["config"]`` (TOML) with ``run_experiment`` (which writes
+    the summary) into the run folder ``run_config["run"]`` (a plain name) of the ``operator``'s runs
+    folder, its clients on the run's nodes. ``operator`` None: the ServerApp process's environment
+    gives it (``Operator.from_environment``), as on a deployed SuperLink."""
     app = ServerApp()
 
     @app.main()
     def server_main(grid: Grid, context: Context) -> None:
         config_toml = str(context.run_config["config"])
         cfg = validate(tomllib.loads(config_toml))
-        engine = FlowerEngine(Nodes(grid, context, cfg.federation.users, config_toml))
-        run_experiment(cfg, RunDir.open(Path(str(context.run_config["out"])), cfg), engine)
+        server_side = operator or Operator.from_environment()
+        folder = server_side.folder(str(context.run_config["run"]))
+        nodes = Nodes(grid, context, cfg.federation.users, config_toml, cfg.federation.reply_timeout, server_side.nodes)
+        run_experiment(cfg, RunDir.open(folder, cfg), FlowerEngine(nodes))
 
     return app
 

@@ -6,8 +6,17 @@ with equal weights can run (the config refuses other rules; ``flower_engine`` re
 weights), and nothing per client is screened. The global model differs from plain FedAvg by the
 quantization error only: every coordinate of ``delta_i`` is clipped to ``±CLIPPING_RANGE`` and
 quantized to ``QUANTIZATION_RANGE`` levels, an error below ``2 * CLIPPING_RANGE / QUANTIZATION_RANGE``
-per coordinate (about 1.9e-6). A node whose delta would be clipped fails the round with an error
-instead of silently sending a different update.
+per coordinate (about 1.9e-6). A node whose delta would be clipped answers with an error instead
+of silently sending a different update, and is left out of the round like a node that drops out.
+
+Dropouts: the workflow waits up to the round's reply timeout at each of its four stages and goes
+on without the nodes that did not answer or answered with an error; their masks are removed with
+the other nodes' shares, so the mean is over the users that stayed (``FlowerServer`` reports the
+others as missing and fails the round below ``min_updates``). SecAgg+ cannot go on when too few
+nodes stay to reconstruct the dropped ones' masks (half of the round's nodes here, and at least
+2: the ``reconstruction_threshold``): the round then fails with ``SecureAggregationError``. Nor can it
+take a node's update back out of the sum once unmasked: a node that answers for another user than
+its own fails the round instead of being left out.
 
 SecAgg+ exists in flwr 1.42 for the legacy Strategy/FitIns API only, so one round here is one run
 of the workflow with a legacy strategy that hands it our round's users (seeded schedule) and
@@ -16,6 +25,7 @@ takes back the unmasked mean.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +47,8 @@ from flwr.serverapp import Grid
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.models.conv4 import Params
 
+log = logging.getLogger(__name__)
+
 CLIPPING_RANGE = 16.0
 """Largest |coordinate| of a delta (the attacker's boosted one included) that SecAgg+ carries."""
 
@@ -52,40 +64,49 @@ class SecureAggregationError(RuntimeError):
 class _Scheduled(LegacyFedAvg):
     """The legacy strategy the workflow drives: our round's fit instructions; the unmasked mean back."""
 
-    def __init__(self, instructions: list[tuple[ClientProxy, FitIns]]) -> None:
+    def __init__(self, instructions: list[tuple[ClientProxy, FitIns]], user_of: Mapping[int, int]) -> None:
         super().__init__(fraction_evaluate=0.0)
-        self.instructions = instructions
-        self.losses: dict[int, float] = {}
+        self.instructions, self.user_of = instructions, user_of
+        self.losses: dict[int, float] | None = None  # None until the workflow unmasked the sum
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: ClientManager) -> list:
         return self.instructions
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Any, dict]:
-        if failures:
-            raise SecureAggregationError(f"{len(failures)} node(s) failed under SecAgg+: {failures[0]}")
-        self.losses = {int(res.metrics["user-id"]): float(res.metrics["loss"]) for _, res in results}
+        for failure in failures:
+            log.warning("SecAgg+: a node is left out of the round: %.300s", failure)
+        losses = {}
+        for proxy, res in results:
+            user = self.user_of[proxy.node_id]
+            if int(res.metrics["user-id"]) != user:
+                raise SecureAggregationError(f"node {proxy.node_id} sent user {res.metrics['user-id']}'s update for "
+                                             f"user {user}; it is in the unmasked sum, which cannot be undone")
+            losses[user] = float(res.metrics["loss"])
+        self.losses = losses
         return results[0][1].parameters, {}  # the workflow put the unmasked mean in every result
 
 
 def secure_mean(grid: Grid, context: Context, instructions: dict[int, tuple[int, dict[str, Any]]],
-                params: Params) -> tuple[Params, dict[int, float]]:
-    """The mean delta of the users in ``instructions`` (user -> (node id, round spec)), and their losses."""
+                params: Params, timeout: float) -> tuple[Params, dict[int, float]]:
+    """The mean delta of the users in ``instructions`` (user -> (node id, round spec)) that stayed to
+    the end, and their losses; each stage waits up to ``timeout`` seconds for the nodes."""
     names = list(params)
     weights = ndarrays_to_parameters([params[k].detach().cpu().numpy() for k in names])
     extra = {"names": "\n".join(names), "clip": CLIPPING_RANGE}  # legacy FitIns configs carry scalars only
     strategy = _Scheduled([
         (GridClientProxy(node, grid, context.run_id), FitIns(weights, {**spec, **extra}))
         for node, spec in instructions.values()
-    ])
+    ], {node: user for user, (node, _) in instructions.items()})
     legacy = LegacyContext(Context(context.run_id, context.node_id, {}, RecordDict(), {}), ServerConfig(1), strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: 1})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(weights, keep_input=True)
     SecAggPlusWorkflow(
         num_shares=1.0, reconstruction_threshold=0.5, max_weight=1.0, clipping_range=CLIPPING_RANGE,
-        quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE,
+        quantization_range=QUANTIZATION_RANGE, modulus_range=MODULUS_RANGE, timeout=timeout,
     )(grid, legacy)
-    if sorted(strategy.losses) != sorted(instructions):
-        raise SecureAggregationError("SecAgg+ halted before unmasking the sum (see Flower's log)")
+    if not strategy.losses:
+        raise SecureAggregationError("SecAgg+ halted before unmasking the sum: too few nodes answered "
+                                     "(see the ServerApp's log)")
     mean = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD],
                                                                   keep_input=True))
     device = next(iter(params.values())).device

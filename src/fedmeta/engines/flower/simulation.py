@@ -17,7 +17,8 @@ from fedmeta.config import Config
 
 def run_simulation(cfg: Config, out: Path, serverapp: Any, clientapp: Any, actors: int | None = None) -> dict[str, Any]:
     """Run ``cfg`` with the apps into the run folder ``out`` (resumable, as in-process) and return
-    its summary. ``actors``: ClientApps running at once (default: the CPU count, at most one per user).
+    its summary. ``serverapp`` must keep its runs in ``out``'s parent (the run config names only the
+    run: ``out.name``). ``actors``: ClientApps running at once (default: the CPU count, at most one per user).
     """
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation  # the public run_simulation returns nothing
@@ -26,7 +27,7 @@ def run_simulation(cfg: Config, out: Path, serverapp: Any, clientapp: Any, actor
     users = cfg.federation.users
     actors = actors or min(users, os.cpu_count() or 1)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(),
-                      run_config={"config": cfg.to_toml(), "out": str(out.resolve())})
+                      run_config={"config": cfg.to_toml(), "run": out.name})
     _run_simulation(
         num_supernodes=users, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         server_app=serverapp, client_app=clientapp, backend_name="ray", server_app_context=context,
