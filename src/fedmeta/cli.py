@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -12,6 +12,8 @@ from fedmeta.config import ConfigError, load_config, preset_description, preset_
 from fedmeta.data.files import DataError
 from fedmeta.registry import ALL
 from fedmeta.runs import RunDir, RunError
+from fedmeta.runtime import Diverged
+from fedmeta.storage import CorruptFile, Locked
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -41,9 +43,10 @@ def run(
             summary = experiments.run(cfg, RunDir.open(out, cfg), IN_PROCESS)
         else:
             raise ConfigError(f"--engine takes 'local' or 'flower', got '{engine}'")
-    except (ConfigError, DataError, RunError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    except (ConfigError, DataError, RunError, Diverged, CorruptFile, Locked) as err:
+        _fail(str(err))
+    except OSError as err:  # a path fedmeta cannot read or write (--out, the cache, the data): one line, no traceback
+        _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
     typer.echo(summary_table(summary))
     typer.echo(f"results in {out}")
 
@@ -74,6 +77,61 @@ def plot(
         typer.secho(f"error: no metrics.jsonl in {', '.join(missing)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
     typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
+
+
+@app.command()
+def sweep(
+    config: Annotated[str, typer.Argument(help="A preset name or a TOML file (which may hold a [sweep] table).")],
+    out: Annotated[Path, typer.Option("--out", help="Sweep folder: one run folder per cell; run again to resume.")],
+    grid: Annotated[
+        list[str] | None, typer.Option("--grid", help="key=v1,v2,... with --set value syntax, e.g. "
+                                       "--grid meta.inner_lr=0.001,0.01 or --grid 'eval.shots=[5],[1]'.")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per grid point: base seed, +1, ... (default 1).")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a base config key (every cell).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="Run cells in N local worker processes.")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help="Run cells on Ray: auto, local or HOST:PORT.")] = None,
+) -> None:
+    """Run every cell of grid x seeds (one run folder each); finished cells are skipped, others resume."""
+    from fedmeta.sweeps import InProcess, LocalPool, RayCluster, plan, run_sweep
+
+    try:
+        if workers is not None and ray is not None:
+            raise ConfigError("--workers and --ray exclude each other")
+        cells = plan(config, overrides or [], grid or [], seeds)
+        executor = RayCluster(ray) if ray else LocalPool(workers) if workers else InProcess()
+        result = run_sweep(cells, out, executor)
+    except (ConfigError, RunError, Locked) as err:
+        _fail(str(err))
+    except OSError as err:
+        _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+    typer.echo(f"{len(cells.cells)} cells: {len(result.skipped)} already finished, {len(result.done)} finished now, "
+               f"{len(result.failed)} failed; tables: fedmeta report {out}")
+    if result.failed:
+        for name, error in result.failed.items():
+            typer.secho(f"failed: {name}: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    folders: Annotated[list[Path], typer.Argument(help="Run folders and sweep folders (their cells are read).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder; default: SWEEP/report, else ./report.")] = None,
+) -> None:
+    """Tables (Markdown, CSV) and figures: mean and 95% t-interval over seeds, paired differences."""
+    from fedmeta.reports import ReportError, default_out, write_report
+
+    try:
+        written = write_report(folders, out or default_out(folders))
+    except ReportError as err:
+        _fail(str(err))
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
 
 
 def _flower():

@@ -112,10 +112,10 @@ class RunDir:
         if (self.path / self.SUMMARY).is_file():
             raise RunError(f"{self.path} holds a finished run; choose another --out or delete it")
         try:
-            old = _flat(validate(tomllib.loads(existing.read_text())).model_dump(mode="json"))
+            old = flat_keys(validate(tomllib.loads(existing.read_text())).model_dump(mode="json"))
         except (ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise RunError(f"{existing} is not a config this fedmeta can resume ({err})") from None
-        new = _flat(config.model_dump(mode="json"))
+        new = flat_keys(config.model_dump(mode="json"))
         changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
         fixed = [k for k in changed if not _free(k)]
         if fixed:
@@ -195,12 +195,12 @@ def _free(key: str) -> bool:
     return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_KEYS)
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a.b": value}`` for every leaf of a nested dict."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            out |= _flat(value, f"{prefix}{key}.")
+            out |= flat_keys(value, f"{prefix}{key}.")
         else:
             out[f"{prefix}{key}"] = value
     return out

@@ -1,0 +1,202 @@
+"""``fedmeta report DIR...``: tables and figures over seeds from run and sweep folders.
+
+Writes to the report folder:
+
+- ``report.md``: per experiment, one row per setting and position, each metric as
+  ``mean ± half-width`` of its 95% t-interval over seeds, with the number of seeds and the
+  evaluation episodes per seed; then the paired comparisons (``stats``);
+- ``table.csv``, ``curves.csv``, ``paired.csv``: the same numbers, one metric per row;
+- ``curves-<experiment>.png``: each curve's mean over seeds with a shaded 95% band;
+  ``table-<experiment>.png``: the table's means with their intervals as error bars.
+
+Paired comparisons: every setting against the first one (the grid's first values) at the same
+position and seed, and within a setting every ``defense`` row against the undefended one
+(``none``, else ``fedavg``): the same seed means the same attacked model and evaluation episodes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from fedmeta.reports.collect import ReportError, Run, Table, curve_lines, find_runs, labels, table_lines, tabulate
+from fedmeta.reports.stats import CONFIDENCE, Interval, interval, paired
+
+__all__ = ["ReportError", "default_out", "write_report"]
+
+BASELINE_DEFENSES = ("none", "fedavg")
+
+
+def default_out(folders: list[Path]) -> Path:
+    """``SWEEP/report`` for a single sweep folder, else ``./report``."""
+    if len(folders) == 1 and (folders[0] / "sweep.json").is_file():
+        return folders[0] / "report"
+    return Path("report")
+
+
+def write_report(folders: list[Path], out: Path) -> list[Path]:
+    """Write the report of the runs under ``folders`` to ``out``; the files written."""
+    runs, unfinished = find_runs(folders)
+    names = labels(runs)
+    table, curves = tabulate(runs, table_lines), tabulate(runs, curve_lines)
+    comparisons = _comparisons(table, names)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [_markdown(out / "report.md", runs, unfinished, table, comparisons, names),
+               _csv(out / "table.csv", table, names), _csv(out / "curves.csv", curves, names),
+               _paired_csv(out / "paired.csv", comparisons)]
+    from fedmeta.reports.figures import curve_figure, table_figure
+
+    for experiment in sorted({r.experiment for r in runs}):
+        written += [p for p in (curve_figure(curves, names, experiment, out / f"curves-{experiment}.png"),
+                                table_figure(table, names, experiment, out / f"table-{experiment}.png")) if p]
+    return written
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+
+def label_text(label: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={_value(v)}" for k, v in label.items()) or "all runs"
+
+
+def _value(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def position_text(position: tuple) -> str:
+    return ", ".join(f"{k} {v}" for k, v in position if k != "final") + (" (final)" if dict(position).get("final") else "")
+
+
+def group_order(names: dict[str, dict[str, Any]]) -> list[str]:
+    """Groups in the order of their labels' values (numbers by value)."""
+    def key(group: str) -> tuple:
+        return tuple((0, v, "") if isinstance(v, int | float) and not isinstance(v, bool) else (1, 0, _value(v))
+                     for v in names[group].values())
+    return sorted(names, key=key)
+
+
+def _comparisons(table: Table, names: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired differences: each setting against the first, each defense against none (see module)."""
+    rows = []
+    order = group_order(names)
+    for (experiment, group, position, metric), cell in table.items():
+        base_group = order[0]
+        if group != base_group and (base := table.get((experiment, base_group, position, metric))):
+            rows.append(_pair(experiment, label_text(names[group]), label_text(names[base_group]), position, metric,
+                              cell.values, base.values))
+        defense = dict(position).get("defense")
+        baseline = next((d for d in BASELINE_DEFENSES if any(
+            dict(k[2]).get("defense") == d for k in table if k[0] == experiment)), None)
+        if defense is not None and baseline is not None and defense != baseline:
+            at = tuple((k, baseline if k == "defense" else v) for k, v in position)
+            if base := table.get((experiment, group, at, metric)):
+                rows.append(_pair(experiment, f"{label_text(names[group])}: defense {defense}",
+                                  f"defense {baseline}", position, metric, cell.values, base.values))
+    return [r for r in rows if r["interval"] is not None and r["interval"].n >= 2]
+
+
+def _pair(experiment: str, what: str, baseline: str, position: tuple, metric: str,
+          values: dict[int, float], base: dict[int, float]) -> dict[str, Any]:
+    return {"experiment": experiment, "comparison": what, "baseline": baseline, "position": position,
+            "metric": metric, "interval": paired(values, base)}
+
+
+# --- Markdown -----------------------------------------------------------------------------------
+
+
+def _number(metric: str, value: float) -> str:
+    return f"{100 * value:.2f}" if metric.endswith("accuracy") else f"{value:.3f}"
+
+
+def _cell_text(metric: str, ci: Interval) -> str:
+    half = "n/a" if ci.half is None else _number(metric, ci.half)
+    return f"{_number(metric, ci.mean)} ± {half}"
+
+
+def _markdown(path: Path, runs: list[Run], unfinished: list[Path], table: Table, comparisons: list[dict[str, Any]],
+              names: dict[str, dict[str, Any]]) -> Path:
+    lines = ["# Report", "",
+             (f"Mean over seeds ± half-width of the {100 * CONFIDENCE:.0f}% Student-t interval "
+             "(t(0.975, n-1) · s/√n, n = seeds); accuracies in %, other metrics as fractions. `episodes`: "
+             "evaluation episodes per seed behind each value. One row per setting and position."), ""]
+    if unfinished:
+        lines += [f"Left out (unfinished): {', '.join(str(p) for p in unfinished)}", ""]
+    for experiment in sorted({r.experiment for r in runs}):
+        seeds = sorted({r.seed for r in runs if r.experiment == experiment})
+        lines += [f"## {experiment}", "", f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}).", ""]
+        lines += _table_markdown(table, names, experiment)
+        pairs = [c for c in comparisons if c["experiment"] == experiment]
+        if pairs:
+            lines += ["", ("Paired differences (same seeds: same split, initial weights and evaluation episodes); "
+                      "`*`: the interval excludes 0."), "",
+                      "| comparison | against | position | metric | difference | pairs |", "|---|---|---|---|---|---|"]
+            for c in pairs:
+                ci = c["interval"]
+                lines.append(f"| {c['comparison']} | {c['baseline']} | {position_text(c['position'])} | {c['metric']} | "
+                             f"{_cell_text(c['metric'], ci)}{' *' if ci.excludes_zero else ''} | {ci.n} |")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: str) -> list[str]:
+    metrics = list(dict.fromkeys(k[3] for k in table if k[0] == experiment))
+    rows: dict[tuple[str, tuple], dict[str, Any]] = {}
+    for (exp, group, position, metric), cell in table.items():
+        if exp == experiment:
+            row = rows.setdefault((group, position), {"n": set(), "episodes": set()})
+            row[metric] = interval([cell.values[s] for s in sorted(cell.values)])
+            row["n"].add(len(cell.values))
+            row["episodes"] |= cell.episodes
+    head = ["setting", "position", *metrics, "seeds", "episodes"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = group_order(names)
+    for (group, position), row in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
+        numbers = [_cell_text(m, row[m]) if m in row else "" for m in metrics]
+        out.append("| " + " | ".join([label_text(names[group]), position_text(position), *numbers,
+                                      _span(row["n"]), _span(row["episodes"])]) + " |")
+    return out
+
+
+def _span(values: set[int]) -> str:
+    return "" if not values else str(min(values)) if len(values) == 1 else f"{min(values)}-{max(values)}"
+
+
+# --- CSV ----------------------------------------------------------------------------------------
+
+
+def _csv(path: Path, table: Table, names: dict[str, dict[str, Any]]) -> Path:
+    keys = list(dict.fromkeys(k for _, _, position, _ in table for k, _ in position))
+    head = ["experiment", "setting", *keys, "metric", "seeds", "n", "episodes", "mean", "sd", "ci95_half", "ci95_low",
+            "ci95_high"]
+    order = group_order(names)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(head)
+        for (experiment, group, position, metric), cell in sorted(
+                table.items(), key=lambda item: (item[0][0], order.index(item[0][1]), json.dumps(item[0][2:]))):
+            ci = interval([cell.values[s] for s in sorted(cell.values)])
+            where = dict(position)
+            writer.writerow([experiment, label_text(names[group]), *(where.get(k, "") for k in keys), metric,
+                             " ".join(map(str, sorted(cell.values))), ci.n, _span(cell.episodes), *_numbers(ci)])
+    return path
+
+
+def _numbers(ci: Interval) -> list[str]:
+    if ci.half is None:
+        return [f"{ci.mean:.6g}", "", "", "", ""]
+    return [f"{ci.mean:.6g}", f"{ci.sd:.6g}", f"{ci.half:.6g}", f"{ci.mean - ci.half:.6g}", f"{ci.mean + ci.half:.6g}"]
+
+
+def _paired_csv(path: Path, comparisons: list[dict[str, Any]]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["experiment", "comparison", "baseline", "position", "metric", "pairs", "mean_difference", "sd",
+                         "ci95_half", "ci95_low", "ci95_high", "excludes_zero"])
+        for c in comparisons:
+            ci = c["interval"]
+            writer.writerow([c["experiment"], c["comparison"], c["baseline"], position_text(c["position"]), c["metric"],
+                             ci.n, *_numbers(ci), ci.excludes_zero])
+    return path

@@ -1,0 +1,150 @@
+"""Reading run folders into rows: which runs form a group (same config but the seed), where a
+metric line sits (its position), and which lines make the table.
+
+- A **group** is the runs whose resolved configs differ only in ``seed`` (and keys that do not
+  change results: threads, data root, description); groups are labelled by the keys that vary.
+- A line's **position** is its values of ``POSITION`` keys (case, user, round, step, defense,
+  shots, ...): lines of different seeds at one position are averaged.
+- The **table** holds, for each curve (position without its axis), the ``final`` lines if it has
+  any, else its last point; lines without an axis (one row per defense, say) are all rows.
+- A **metric** is a float field named ``*accuracy``, ``*_auc`` or ``*_fpr``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmeta.runs import flat_keys
+
+POSITION = ("learner", "case", "user", "stage", "target", "nonmember", "score", "ways", "k", "defense", "scale",
+            "shots", "round", "step", "final")
+AXES = ("round", "step")
+METRIC_SUFFIXES = ("accuracy", "_auc", "_fpr")
+IGNORED = ("seed", "description", "data.root", "runtime.")
+"""Config keys that do not make two runs different settings (``runtime.`` covers threads and device)."""
+
+Position = tuple[tuple[str, Any], ...]
+
+
+class ReportError(RuntimeError):
+    """The folders given to ``fedmeta report`` hold nothing it can read."""
+
+
+@dataclass
+class Run:
+    path: Path
+    experiment: str
+    seed: int
+    setting: dict[str, Any]
+    records: list[dict[str, Any]]
+
+
+@dataclass
+class Cell:
+    """One metric at one position of one group: its value and episode count per seed."""
+
+    values: dict[int, float] = field(default_factory=dict)
+    episodes: set[int] = field(default_factory=set)
+
+
+def find_runs(folders: list[Path]) -> tuple[list[Run], list[Path]]:
+    """The finished runs under ``folders`` (a run folder, or a folder of them such as a sweep),
+    and the unfinished ones left out."""
+    runs, unfinished = [], []
+    for folder in folders:
+        if not folder.is_dir():
+            raise ReportError(f"{folder} is not a folder")
+        candidates = [folder] if (folder / "config.toml").is_file() else sorted(
+            p for p in folder.iterdir() if (p / "config.toml").is_file())
+        if not candidates:
+            raise ReportError(f"{folder} holds no run folder (no config.toml in it or its subfolders)")
+        for path in candidates:
+            if (path / "summary.json").is_file():
+                runs.append(load(path))
+            else:
+                unfinished.append(path)
+    if not runs:
+        raise ReportError("no finished run in " + ", ".join(map(str, folders)))
+    return runs, unfinished
+
+
+def load(path: Path) -> Run:
+    config = tomllib.loads((path / "config.toml").read_text())
+    lines = (path / "metrics.jsonl").read_text().splitlines()
+    flat = flat_keys(config)
+    setting = {k: v for k, v in flat.items() if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in IGNORED)}
+    return Run(path, config["experiment"], int(config.get("seed", 0)), setting,
+               [json.loads(line) for line in lines if line.strip()])
+
+
+def labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """Each group's key (its setting as JSON) -> its label: the values of the keys that vary."""
+    settings = {_key(r.setting): r.setting for r in runs}
+    keys = sorted({k for s in settings.values() for k in s})
+    varying = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings.values()}) > 1]
+    return {key: {k: s.get(k) for k in varying} for key, s in settings.items()}
+
+
+def _key(setting: dict[str, Any]) -> str:
+    return json.dumps(setting, sort_keys=True)
+
+
+def group_of(run: Run) -> str:
+    return _key(run.setting)
+
+
+def position(record: dict[str, Any]) -> Position:
+    return tuple((k, record[k]) for k in POSITION if k in record)
+
+
+def metrics(record: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in record.items()
+            if k.endswith(METRIC_SUFFIXES) and isinstance(v, float | int) and not isinstance(v, bool)}
+
+
+def series(pos: Position) -> Position:
+    """A position without its axis and ``final`` flag: the curve it belongs to."""
+    return tuple((k, v) for k, v in pos if k not in (*AXES, "final"))
+
+
+def table_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lines of one run that make table rows (see the module docstring)."""
+    curves: dict[Position, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        curves[series(position(record))].append(record)
+    out = []
+    for lines in curves.values():
+        finals = [r for r in lines if r.get("final")]
+        axis = next((a for a in AXES if any(a in r for r in lines)), None)
+        out += finals or ([max(lines, key=lambda r: r.get(axis, -1))] if axis else lines)
+    return out
+
+
+def curve_lines(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The lines of one run that are points of a curve (an axis, not a final evaluation)."""
+    return [r for r in records if any(a in r for a in AXES) and not r.get("final")]
+
+
+Table = dict[tuple[str, str, Position, str], Cell]
+"""(experiment, group, position, metric) -> values over seeds."""
+
+
+def tabulate(runs: list[Run], pick) -> Table:
+    """The cells of the lines ``pick(records)`` chooses, over every run."""
+    table: Table = defaultdict(Cell)
+    for run in runs:
+        for record in pick(run.records):
+            for name, value in metrics(record).items():
+                cell = table[(run.experiment, group_of(run), position(record), name)]
+                if run.seed in cell.values:
+                    raise ReportError(f"two runs of one setting have seed {run.seed} (one is {run.path}); "
+                                      "report them separately")
+                cell.values[run.seed] = float(value)
+                if "episodes" in record:
+                    cell.episodes.add(int(record["episodes"]))
+    return table

@@ -1,0 +1,92 @@
+"""Report figures in the style of ``fedmeta.plots``: curves with shaded 95% bands over seeds, and
+the table's means with their intervals as error bars. One colour per setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedmeta.plots import plt
+from fedmeta.reports.collect import AXES, Table, series
+from fedmeta.reports.stats import interval
+
+
+def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
+    """Rows: metrics; columns: curves (case, user, ...); a line and band per setting."""
+    from fedmeta.reports import group_order, label_text, position_text
+
+    keys = [k for k in curves if k[0] == experiment]
+    if not keys:
+        return None
+    metrics = list(dict.fromkeys(k[3] for k in keys))
+    columns = list(dict.fromkeys(series(k[2]) for k in keys))
+    fig, axes = plt.subplots(len(metrics), len(columns), figsize=(3.6 * len(columns), 2.7 * len(metrics)),
+                             squeeze=False, sharex=True, sharey=True)
+    for colour, group in enumerate(group_order(names)):
+        for i, metric in enumerate(metrics):
+            for j, column in enumerate(columns):
+                points = sorted((_axis(k[2]), curves[k]) for k in keys
+                                if k[1] == group and k[3] == metric and series(k[2]) == column)
+                if points:
+                    _band(axes[i][j], points, f"C{colour}", label_text(names[group]))
+    for i, metric in enumerate(metrics):
+        axes[i][0].set_ylabel(metric.replace("_", " "), fontsize=8)
+        for j, column in enumerate(columns):
+            axes[i][j].grid(alpha=0.3)
+            if i == 0:
+                axes[i][j].set_title(position_text(column) or experiment, fontsize=9)
+    axis = next((a for a in AXES if any(a in dict(k[2]) for k in keys)), "step")
+    for ax in axes[-1]:
+        ax.set_xlabel(axis)
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    return _save(fig, out)
+
+
+def _axis(position: tuple) -> float:
+    where = dict(position)
+    return next(where[a] for a in AXES if a in where)
+
+
+def _band(ax: Any, points: list, colour: str, label: str) -> None:
+    xs = [x for x, _ in points]
+    cis = [interval([c.values[s] for s in sorted(c.values)]) for _, c in points]
+    means = [ci.mean for ci in cis]
+    seeds = min(ci.n for ci in cis)
+    ax.plot(xs, means, color=colour, lw=1.4, label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
+    if all(ci.half is not None for ci in cis):
+        ax.fill_between(xs, [m - ci.half for m, ci in zip(means, cis)], [m + ci.half for m, ci in zip(means, cis)],
+                        color=colour, alpha=0.2, lw=0)
+
+
+def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
+    """One panel per metric: each table position on the x axis, a point and error bar per setting."""
+    from fedmeta.reports import group_order, label_text, position_text
+
+    keys = [k for k in table if k[0] == experiment]
+    if not keys:
+        return None
+    metrics = list(dict.fromkeys(k[3] for k in keys))
+    positions = list(dict.fromkeys(k[2] for k in keys))
+    groups = group_order(names)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(3.5, 0.9 * len(positions) + 2) * len(metrics), 3.4),
+                             squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for colour, group in enumerate(groups):
+            shift = (colour - (len(groups) - 1) / 2) * 0.8 / max(1, len(groups))
+            for x, position in enumerate(positions):
+                if (cell := table.get((experiment, group, position, metric))) is not None:
+                    ci = interval([cell.values[s] for s in sorted(cell.values)])
+                    ax.errorbar(x + shift, ci.mean, yerr=ci.half or 0.0, fmt="o", color=f"C{colour}", capsize=3,
+                                label=label_text(names[group]) if x == 0 else None)
+        ax.set_xticks(range(len(positions)), [position_text(p) for p in positions], fontsize=7, rotation=30, ha="right")
+        ax.set_title(metric.replace("_", " "), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    return _save(fig, out)
+
+
+def _save(fig: Any, out: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out

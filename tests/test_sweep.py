@@ -1,0 +1,120 @@
+"""Sweeps: one run folder per cell of grid x seeds, the same numbers wherever a cell runs, resume
+after a kill, and bad input refused before any cell starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fedmeta.config import ConfigError
+from fedmeta.reports import write_report
+from fedmeta.runs import RunError
+from fedmeta.sweeps import InProcess, LocalPool, RayCluster, plan, run_sweep, split_values
+from fedmeta.sweeps.executors import connect
+
+TINY = [
+    "model.filters=8", "meta.iterations=6", "meta.meta_batch=2", "meta.inner_steps=2", "meta.shots=2",
+    "eval.every=2", "eval.episodes_during=3", "eval.episodes=4", "eval.steps=3", "eval.shots=[5, 1]",
+    "runtime.threads=1",
+]
+GRID = ["meta.inner_lr=0.001,0.01"]
+CELLS = ["meta.inner_lr=0.001__seed=0", "meta.inner_lr=0.001__seed=1",
+         "meta.inner_lr=0.01__seed=0", "meta.inner_lr=0.01__seed=1"]
+
+
+def _plan(grid=GRID, seeds=2, extra=()):
+    return plan("omniglot-pretrain-quick", [*TINY, *extra], list(grid), seeds)
+
+
+def _metrics(folder):
+    return {name: (folder / name / "metrics.jsonl").read_bytes() for name in CELLS}
+
+
+def test_same_metrics_in_process_with_workers_and_on_ray(tmp_path, omniglot):
+    ray = pytest.importorskip("ray")
+    sweep = _plan()
+    assert [c.name for c in sweep.cells] == CELLS
+    local = run_sweep(sweep, tmp_path / "local", InProcess())
+    assert local.done == CELLS and not local.failed
+    assert run_sweep(sweep, tmp_path / "pool", LocalPool(2)).done and _metrics(tmp_path / "pool") == _metrics(tmp_path / "local")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert not run_sweep(sweep, tmp_path / "ray", RayCluster(None)).failed
+    finally:
+        ray.shutdown()
+    assert _metrics(tmp_path / "ray") == _metrics(tmp_path / "local")
+    again = run_sweep(sweep, tmp_path / "local", InProcess())  # everything finished: nothing runs
+    assert again.skipped == CELLS and not again.done
+
+
+def test_killed_sweep_resumes_to_the_same_table(tmp_path, omniglot, killed_at_checkpoint):
+    sweep = _plan(seeds=1)
+    run_sweep(sweep, tmp_path / "ref", InProcess())
+    with killed_at_checkpoint(5):  # cell 1 finished (3 checkpoints), cell 2 killed at its 2nd
+        run_sweep(sweep, tmp_path / "killed", InProcess())
+    names = [c.name for c in sweep.cells]
+    assert (tmp_path / "killed" / names[0] / "summary.json").is_file()
+    assert not (tmp_path / "killed" / names[1] / "summary.json").is_file()
+    resumed = run_sweep(sweep, tmp_path / "killed", InProcess())
+    assert resumed.skipped == names[:1] and resumed.done == names[1:]
+    write_report([tmp_path / "ref"], tmp_path / "ref-report")
+    write_report([tmp_path / "killed"], tmp_path / "killed-report")
+    assert (tmp_path / "killed-report" / "table.csv").read_text() == (tmp_path / "ref-report" / "table.csv").read_text()
+    assert (tmp_path / "killed-report" / "curves.csv").read_text() == (tmp_path / "ref-report" / "curves.csv").read_text()
+
+
+def test_a_failing_cell_is_reported_and_the_others_go_on(tmp_path, omniglot):
+    sweep = _plan(seeds=1)
+    blocked = tmp_path / "sweep" / sweep.cells[0].name
+    blocked.mkdir(parents=True)
+    (tmp_path / "sweep" / "base.toml").write_text(sweep.base.to_toml())
+    (blocked / "notes.txt").write_text("not a run folder")  # RunDir refuses a folder with foreign files
+    result = run_sweep(sweep, tmp_path / "sweep", InProcess())
+    assert list(result.failed) == [sweep.cells[0].name] and "notes.txt" in result.failed[sweep.cells[0].name]
+    assert result.done == [sweep.cells[1].name]
+
+
+def test_grid_values_split_outside_brackets_and_quotes():
+    assert split_values("0.001, 0.01") == ["0.001", "0.01"]
+    assert split_values('[5, 1],[1]') == ["[5, 1]", "[1]"]
+    assert split_values('"a,b",{x = 1, y = 2}') == ['"a,b"', "{x = 1, y = 2}"]
+    names = [c.name for c in _plan(grid=["eval.shots=[5, 1],[1]"], seeds=1).cells]
+    assert names == ["eval.shots=[5,1]__seed=0", "eval.shots=[1]__seed=0"]
+
+
+@pytest.mark.parametrize(("grid", "named"), [
+    (["meta.no_such_key=1,2"], "meta.no_such_key"),
+    (["meta.inner_lr=0.1,fast"], "meta.inner_lr"),
+    (["seed=1,2"], "--seeds"),
+    (["meta.inner_lr"], "key=v1,v2"),
+])
+def test_bad_grid_is_refused_naming_the_key(grid, named):
+    with pytest.raises(ConfigError, match=named):
+        _plan(grid=grid)
+
+
+def test_sweep_folder_of_another_base_config_is_refused(tmp_path, omniglot):
+    run_sweep(_plan(grid=["meta.inner_lr=0.001"], seeds=1), tmp_path / "s", InProcess())
+    with pytest.raises(RunError, match=r"different base config \(meta.iterations differ\)"):
+        run_sweep(_plan(grid=["meta.inner_lr=0.001"], seeds=1, extra=["meta.iterations=4"]), tmp_path / "s", InProcess())
+    threads = run_sweep(_plan(grid=["meta.inner_lr=0.001"], seeds=1, extra=["runtime.threads=2"]), tmp_path / "s",
+                        InProcess())
+    assert threads.skipped  # a changed thread count is the same sweep
+
+
+def test_sweep_table_in_the_toml_file(tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text('extends = "omniglot-pretrain-quick"\n[sweep]\nseeds = 2\n[sweep.grid]\n"meta.inner_lr" = [0.001, 0.01]\n')
+    assert [c.name for c in plan(str(config), TINY, [], None).cells] == CELLS
+    config.write_text('extends = "omniglot-pretrain-quick"\n[sweep]\nseed = 2\n')
+    with pytest.raises(ConfigError, match=r"\[sweep\] seed: unknown key"):
+        plan(str(config), TINY, [], None)
+
+
+def test_unreachable_ray_address_fails_fast_naming_it():
+    start = time.perf_counter()
+    for start_ray in (RayCluster, connect):
+        with pytest.raises(ConfigError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
+            start_ray("127.0.0.1:1")
+    assert time.perf_counter() - start < 10
