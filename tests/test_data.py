@@ -69,6 +69,8 @@ def test_miniimagenet_ravi_split():
     names = [set(p.names) for p in (splits.train, splits.val, splits.test)]
     assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
     assert int(splits.train.counts.min()) == 600
+    store = splits.train.images.untyped_storage().data_ptr()  # the splits are views of one array, not copies
+    assert splits.val.images.untyped_storage().data_ptr() == splits.test.images.untyped_storage().data_ptr() == store
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashionmnist"])

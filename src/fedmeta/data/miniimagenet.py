@@ -34,7 +34,12 @@ class MiniImageNet:
     splits: dict[str, Tensor]  # split -> class indices
 
     def pool(self, classes: Tensor) -> ClassPool:
-        return ClassPool.from_class_major(self.images[classes], [self.names[i] for i in classes.tolist()])
+        """The pool of ``classes``: a view of the one array when they are a run of consecutive
+        classes, as every split is (indexing would copy the split: 2.6 GiB peak instead of 1.3)."""
+        first = int(classes[0]) if len(classes) else 0
+        consecutive = torch.equal(classes, torch.arange(first, first + len(classes)))
+        images = self.images[first : first + len(classes)] if consecutive else self.images[classes]
+        return ClassPool.from_class_major(images, [self.names[i] for i in classes.tolist()])
 
 
 def load_miniimagenet(root: str | None = None) -> MiniImageNet:
