@@ -1,15 +1,15 @@
 """Where a sweep's cells run: this process, a pool of local worker processes, or a Ray cluster.
 
 Every executor runs the same ``run_cell`` and yields outcomes as cells finish. Worker processes
-are started with "spawn" (torch after fork is fragile), each with ``cores // workers`` threads
-and ``OMP_WAIT_POLICY=PASSIVE`` so idle OpenMP threads do not spin on the cores another worker
-computes on. A Ray address is checked with a plain TCP connection first, so an unreachable
+are started with "spawn" (torch after fork is fragile), each with ``cores // workers`` threads, so
+they do not oversubscribe the cores (README, "Several experiments on one machine": 2 threads per
+process beside another are 8x slower per step; ``OMP_WAIT_POLICY=PASSIVE`` did not help at 1
+thread and costs 2.5x at 2, so it is left alone). A Ray address is checked with a plain TCP connection first, so an unreachable
 cluster fails in seconds with the address in the message.
 """
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import socket
@@ -19,8 +19,6 @@ from typing import Protocol
 
 from fedmeta.config import ConfigError
 from fedmeta.sweeps.cell import Outcome, Task, run_cell
-
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def cores() -> int:
@@ -72,8 +70,7 @@ class LocalPool:
         return min(configured, share) if configured else share
 
     def run(self, tasks: list[Task]) -> Iterator[Outcome]:
-        with _environment(WORKER_ENV), ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {pool.submit(run_cell, task): task for task in tasks}
             yield from _as_completed(futures)
 
@@ -88,21 +85,6 @@ def _as_completed(futures: dict[Future, Task]) -> Iterator[Outcome]:
                 yield future.result()
             else:  # the worker itself died (killed, out of memory): this cell failed, the others go on
                 yield Outcome(futures[future].name, 0.0, error=f"worker died: {type(error).__name__}: {error}")
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """``values`` in this process's environment while workers are started (they inherit it)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 class RayCluster:
@@ -146,17 +128,16 @@ def connect(address: str | None):
         raise ConfigError(f"--ray needs Ray: pip install 'fedmeta[flower]' ({err})") from None
     if ray.is_initialized():
         return ray
-    env = {"env_vars": WORKER_ENV}
     if address == "local":
-        ray.init(num_cpus=cores(), include_dashboard=False, runtime_env=env, log_to_driver=False)
+        ray.init(num_cpus=cores(), include_dashboard=False, log_to_driver=False)
     elif address == "auto":
         try:
-            ray.init(address="auto", runtime_env=env, log_to_driver=False)
+            ray.init(address="auto", log_to_driver=False)
         except ConnectionError as err:
             raise ConfigError(f"--ray auto: no running Ray cluster on this machine ({err})") from None
     else:
         probe(address or "")
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False)
     return ray
 
 
