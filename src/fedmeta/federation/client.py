@@ -49,12 +49,12 @@ class MetaClient:
         params = {k: v.detach() for k, v in global_params.items()}
         state = self.learner.init_state(params)
         start, end = settings.progress
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=self.images.device)  # summed on the device: one host sync per update
         bar = tqdm(range(self.steps), desc=f"round {settings.round}, user {self.user}", unit="step", leave=False)
         for step in bar:
             progress = start + (end - start) * step / self.steps
             episodes = self.sample(gen)
             params, state, loss = self.learner.train_step(params, state, episodes, self.images, gen, progress)
-            loss_sum += loss.cpu()
+            loss_sum += loss.detach()
         delta = {k: self.boost * v for k, v in subtract(params, global_params).items()}
         return ClientUpdate(self.user, delta, self.examples, {"loss": float(loss_sum) / max(self.steps, 1)})

@@ -22,7 +22,8 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(v).all()) for v in self.delta.values())
+        """Whether every coordinate is finite (one host sync for the whole update, not one per tensor)."""
+        return bool(torch.stack([torch.isfinite(v).all() for v in self.delta.values()]).all())
 
 
 def flatten(params: Params) -> Tensor:

@@ -89,7 +89,7 @@ def reptile_step_batched(
     grad_fn = vmap(grad(loss_fn, has_aux=True))
     weights = {k: params[k].detach().unsqueeze(0).repeat(batch, *([1] * params[k].dim())) for k in names}
     state = adam.expand(batch)
-    loss_sum = torch.zeros(())
+    loss_sum = torch.zeros((), device=x.device)  # on the device: no host sync per step
     for s in range(x.shape[1]):
         grads, losses = grad_fn(weights, x[:, s], y[:, s])
         adam_step_([weights[k] for k in names], [grads[k] for k in names], state, lr=lr, beta1=0.0, beta2=beta2)
