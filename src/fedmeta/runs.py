@@ -111,13 +111,8 @@ class RunDir:
     def _check_same_run(self, existing: Path, config: Any) -> None:
         if (self.path / self.SUMMARY).is_file():
             raise RunError(f"{self.path} holds a finished run; choose another --out or delete it")
-        try:
-            old = flat_keys(validate(tomllib.loads(existing.read_text())).model_dump(mode="json"))
-        except (ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise RunError(f"{existing} is not a config this fedmeta can resume ({err})") from None
-        new = flat_keys(config.model_dump(mode="json"))
-        changed = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
-        fixed = [k for k in changed if not _free(k)]
+        changed = config_changes(existing, config)
+        fixed = [k for k in changed if not matches(k, FREE_KEYS)]
         if fixed:
             raise RunError(
                 f"{self.path} holds an unfinished run with a different config ({', '.join(fixed[:5])} differ); resume it "
@@ -191,8 +186,20 @@ def _ours(name: str) -> bool:
     return name in fixed or name.endswith((".safetensors", ".png")) or (name.startswith(".") and name.endswith(".tmp"))
 
 
-def _free(key: str) -> bool:
-    return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_KEYS)
+def matches(key: str, patterns: Sequence[str]) -> bool:
+    """Whether dotted ``key`` is one of ``patterns`` (a pattern ending in "." covers a whole section)."""
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in patterns)
+
+
+def config_changes(path: Path, config: Any) -> dict[str, list[Any]]:
+    """``{key: [in the file at path, in config]}`` for every key that differs, both validated
+    first (so keys a newer fedmeta added with their defaults do not count as changes)."""
+    try:
+        old = flat_keys(validate(tomllib.loads(path.read_text())).model_dump(mode="json"))
+    except (ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is not a config this fedmeta can read ({err})") from None
+    new = flat_keys(config.model_dump(mode="json"))
+    return {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
 
 
 def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -277,16 +284,18 @@ class Session:
 
     def count(self, phase: str, report: Any) -> None:
         """Add a federation round (a ``RoundReport``) to the tally of ``phase`` (e.g. ``main/a``)."""
-        tally = self.federation.setdefault(phase, dict.fromkeys(TALLY, 0))
-        for key, value in _round_tally(report.fields()).items():
-            tally[key] += value
+        self._add(phase, report.fields())
 
     def count_log(self, phase: str, lines: list[dict[str, Any]]) -> None:
         """The tally of ``phase`` from its per-round log lines (pre-training's, kept in its cache)."""
-        self.federation[phase] = dict.fromkeys(TALLY, 0)
+        self.federation.pop(phase, None)
         for line in lines:
-            for key, value in _round_tally(line).items():
-                self.federation[phase][key] += value
+            self._add(phase, line)
+
+    def _add(self, phase: str, fields: dict[str, Any]) -> None:
+        tally = self.federation.setdefault(phase, dict.fromkeys(TALLY, 0))
+        for key, value in _round_tally(fields).items():
+            tally[key] += value
 
     def summary(self, **fields: Any) -> dict[str, Any]:
         """``fields`` with the wall time of the whole run (resumed parts included) and, for a

@@ -69,7 +69,7 @@ def meta_train(session: Session, learner: MetaLearner, train: ClassPool, run: Tr
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it + 1, first_bad)
         run.iteration = it + 1
         if run.iteration % LOSS_EVERY == 0:
-            mean_loss, bad = (t.item() for t in (loss_sum / LOSS_EVERY, first_bad))
+            mean_loss, bad = torch.stack([loss_sum / LOSS_EVERY, first_bad.to(loss_sum.dtype)]).tolist()  # one sync
             _stop_if_diverged(int(bad), desc)
             session.postfix(loss=f"{mean_loss:.3f}")
             loss_sum.zero_()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmeta.runs import flat_keys
+from fedmeta.runs import flat_keys, matches
 
 POSITION = ("learner", "case", "user", "stage", "target", "nonmember", "score", "ways", "k", "defense", "scale",
             "shots", "round", "step", "final")
@@ -77,7 +77,7 @@ def load(path: Path) -> Run:
     config = tomllib.loads((path / "config.toml").read_text())
     lines = (path / "metrics.jsonl").read_text().splitlines()
     flat = flat_keys(config)
-    setting = {k: v for k, v in flat.items() if not any(k == i or (i.endswith(".") and k.startswith(i)) for i in IGNORED)}
+    setting = {k: v for k, v in flat.items() if not matches(k, IGNORED)}
     return Run(path, config["experiment"], int(config.get("seed", 0)), setting,
                [json.loads(line) for line in lines if line.strip()])
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fedmeta.config import ConfigError, validate
-from fedmeta.runs import RunDir, RunError, flat_keys
+from fedmeta.runs import RunDir, RunError, config_changes, matches
 from fedmeta.storage import Locked, acquire, atomic_write
 from fedmeta.sweeps.cell import Outcome, Task
 from fedmeta.sweeps.executors import Executor, InProcess, LocalPool, RayCluster
@@ -85,12 +83,7 @@ def _check_base(out: Path, sweep: Plan) -> None:
     path = out / BASE
     new = sweep.base.to_toml()
     if path.is_file():
-        try:
-            old = flat_keys(validate(tomllib.loads(path.read_text())).model_dump(mode="json"))
-        except (ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise RunError(f"{path} is not a base config this fedmeta can read ({err})") from None
-        now = flat_keys(sweep.base.model_dump(mode="json"))
-        differ = [k for k in sorted(old.keys() | now.keys()) if old.get(k) != now.get(k) and k not in SAME_BASE_IGNORES]
+        differ = [k for k in config_changes(path, sweep.base) if not matches(k, SAME_BASE_IGNORES)]
         if differ:
             raise RunError(f"{out} holds a sweep of a different base config ({', '.join(differ[:5])} differ); "
                            "run it with its own base config or choose another --out")
