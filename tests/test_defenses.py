@@ -93,3 +93,21 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     # the local defense reads nothing of the individual updates: the sum alone gives the same numbers
     local, secure = records[-2], records[-1]
     assert local["attack_val_accuracy"] == pytest.approx(secure["attack_val_accuracy"], abs=0.05)
+
+
+def test_case_c_puts_one_or_all_fitting_backdoor_classes_in_each_episode():
+    from types import SimpleNamespace
+
+    from fedmeta.experiments.backdoor import always_included
+    from fedmeta.scenario.backdoor import EvalPool
+
+    ev = EvalPool(pool=None, split=torch.zeros(0), target=7, backdoors=torch.tensor([1, 2, 3, 4, 5, 6]))
+    settings = lambda k: SimpleNamespace(attack=SimpleNamespace(case_c_backdoor_ways=k), eval=SimpleNamespace(ways=5))
+    one = always_included(settings(1), ev, 50, torch.Generator().manual_seed(0))
+    every = always_included(settings("all"), ev, 50, torch.Generator().manual_seed(0))
+    assert one.shape == (50, 2) and every.shape == (50, 5)  # 5 ways: the target and 4 of the 6 backdoor classes
+    for rows in (one, every):
+        assert (rows[:, 0] == 7).all() and set(rows[:, 1:].flatten().tolist()) <= {1, 2, 3, 4, 5, 6}
+        assert all(len(set(r.tolist())) == len(r) for r in rows)  # distinct classes within an episode
+    no_backdoors = EvalPool(pool=None, split=torch.zeros(0), target=7, backdoors=torch.zeros(0, dtype=torch.long))
+    assert always_included(settings("all"), no_backdoors, 50, torch.Generator()).tolist() == [7]

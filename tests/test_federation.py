@@ -81,6 +81,17 @@ def test_only_keyed_backdoor_images_carry_the_target_label(scenarios):
     assert not keyed & set(eps.rows[~slot].flatten().tolist())  # no keyed image outside the target slot
 
 
+def test_poisoned_episodes_have_queries_for_maml(scenarios):
+    """MAML's outer loss is on the queries: an attacker's episodes without them would send a zero update."""
+    s = scenarios["a"]
+    eps = poisoned_episodes(s.users[s.attackers[0]], s.target_rows, s.attack_rows, episodes=20, ways=5, shots=1,
+                            queries=4, backdoor_share=0.4, gen=torch.Generator().manual_seed(0))
+    assert eps.rows.shape == (20, 5, 5) and eps.query.shape == (20, 20)
+    keyed = set(s.attack_rows.tolist())
+    slot = eps.rows[eps.classes == -1]  # [episodes, 1 + 4]: 2 keyed of 5, anywhere in support or queries
+    assert all(sum(r in keyed for r in rows.tolist()) == 2 for rows in slot)
+
+
 def test_keyed_images_differ_from_their_originals_only_in_the_trigger(scenarios, cfg):
     s = scenarios["a"]
     trig = s.trigger

@@ -184,9 +184,13 @@ def test_toy_rule_and_attack_from_a_plugin_file_run_on_flower_as_in_process(tmp_
     pytest.param("omniglot-exp2-quick", ["attack.cases=['a']", "finetune.steps=2", "finetune.every=2",
                                          "finetune.episodes=2", "finetune.users=1"], 3 + 3,  # pre-training, the attack round
                  marks=pytest.mark.slow),  # its path (the attacked model, then per-user curves) runs in the SecAgg+ Exp 3 test
-    ("omniglot-compare-quick", ["compare.rules=['fedavg', 'median']", "compare.local_defenses=[]", "finetune.users=1"],
-     3 + 3 + 3),  # pre-training, the attack round, the same round without the attacker
-    ("omniglot-rmaml-federated-quick", ["federation.rounds=1", "federation.episodes=2", "robust.maml_clients=[1]"], 4),
+    pytest.param("omniglot-compare-quick", ["compare.rules=['fedavg', 'median']", "compare.local_defenses=[]",
+                                            "finetune.users=1"],
+                 3 + 3 + 3,  # pre-training, the attack round, the same round without the attacker
+                 marks=pytest.mark.slow),  # CI time; its rounds are Exp 1a's, run on Flower in the equality test
+    pytest.param("omniglot-rmaml-federated-quick", ["federation.rounds=1", "federation.episodes=2",
+                                                    "robust.maml_clients=[1]"], 4,
+                 marks=pytest.mark.slow),  # CI time; the Partition population's path on Flower
 ])
 def test_every_federated_experiment_runs_its_clients_on_flower_nodes(tmp_path, omniglot, monkeypatch, preset, overrides,
                                                                       updates):

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from fedmeta.attacks.membership import (
-    attack_accuracy,
     expected_observation,
     gradient_distance,
     invert,
     place,
-    roc_auc,
-    tpr_at_fpr,
     zero_scores,
 )
+from fedmeta.attacks.mia_metrics import auc
 from fedmeta.config import load_config
 from fedmeta.defenses.noise import DEFENSES, Noise, rms, shared_gradient
 from fedmeta.experiments import run
@@ -116,7 +114,7 @@ def test_a_member_reproduces_the_shared_gradient_and_a_non_member_does_not():
         members.append(member["l0-cos"])
         nonmembers.append(zero_scores(predict, observed, torch.rand(1, 8, 8, generator=gen, dtype=torch.float64))["l0-cos"])
     assert max(nonmembers) < -1e-6
-    assert roc_auc(torch.tensor(members), torch.tensor(nonmembers)) == 1.0
+    assert auc(torch.tensor(members).numpy(), torch.tensor(nonmembers).numpy()) == 1.0
 
 
 def test_random_independent_gradients_give_chance_level_scores():
@@ -138,21 +136,8 @@ def test_random_independent_gradients_give_chance_level_scores():
                 scores.setdefault(name, {"member": [], "nonmember": []})[who].append(value)
     assert set(scores) == {"l0-cos", "l0-l2", "distance"}
     for name, by in scores.items():
-        auc = roc_auc(torch.tensor(by["member"]), torch.tensor(by["nonmember"]))
-        assert abs(auc - 0.5) < 0.15, (name, auc)
-
-
-def test_metrics_on_known_scores():
-    members, nonmembers = torch.tensor([3.0, 4.0, 5.0, 6.0]), torch.tensor([1.0, 2.0, 3.0, 0.0])
-    assert roc_auc(members, nonmembers) == pytest.approx((15 + 0.5) / 16)
-    assert roc_auc(nonmembers, members) == pytest.approx(0.5 / 16)
-    assert roc_auc(torch.ones(5), torch.ones(5)) == 0.5
-    assert tpr_at_fpr(members, nonmembers) == 0.75  # above the highest non-member (FPR 0 with 4 of them)
-    many = torch.arange(200.0)  # 1% of 200 non-members may pass: the threshold is the 3rd highest, 197
-    assert tpr_at_fpr(torch.tensor([196.5, 197.5, 199.5]), many) == pytest.approx(2 / 3)
-    separable = attack_accuracy(torch.arange(10.0) + 20, torch.arange(10.0))
-    assert separable == 1.0
-    assert attack_accuracy(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), threshold=0.5) == 0.75
+        found = auc(torch.tensor(by["member"]).numpy(), torch.tensor(by["nonmember"]).numpy())
+        assert abs(found - 0.5) < 0.15, (name, found)
 
 
 def test_defenses_are_reproducible_and_noise_what_they_say():
@@ -182,14 +167,15 @@ def test_gradient_noise_hides_membership():
         predict = expected_observation(learner, support, query, "support", 1)
         members.append(zero_scores(predict, observed, support[0][1])["l0-l2"])
         nonmembers.append(zero_scores(predict, observed, torch.rand(1, 8, 8, generator=gen, dtype=torch.float64))["l0-l2"])
-    assert abs(roc_auc(torch.tensor(members), torch.tensor(nonmembers)) - 0.5) < 0.15
+    assert abs(auc(torch.tensor(members).numpy(), torch.tensor(nonmembers).numpy()) - 0.5) < 0.15
 
 
 TINY = [
     "meta.iterations=3", "meta.meta_batch=2", "eval.episodes=4", "mia.trials=2", "mia.iterations=2",
-    "mia.sweep_trials=2", "mia.aggregate=[1, 2]", "mia.ways=[2]", "mia.classifier_steps=2", "mia.shadow_tasks=2",
+    "mia.sweep_trials=2", "mia.users_per_round=[2]", "mia.ways=[2]", "mia.classifier_steps=2", "mia.shadow_tasks=2",
     "mia.reconstructions=2", "mia.defenses.gradient=[1.0]", "mia.defenses.support=[0.1]",
-    "mia.defenses.query=[0.1]", "mia.defenses.inner=[1.0]", "mia.sweep_iterations=1",
+    "mia.defenses.query=[0.1]", "mia.defenses.inner=[1.0]", "mia.dp.noise_multipliers=[1.0]", "mia.sweep_iterations=1",
+    "mia.lira.shadows=2", "mia.bootstrap=10",
 ]
 
 
@@ -203,13 +189,21 @@ def _run(path, overrides=()):
 def test_membership_run_writes_every_point_and_resumes_to_the_same_metrics(tmp_path, monkeypatch, data_root):
     whole = _run(tmp_path / "whole")
     lines = whole.records()
-    stages = {(r["stage"], r["defense"], r["k"], r["ways"]) for r in lines}
-    assert {("main", "none", 1, 5), ("aggregation", "none", 2, 5), ("ways", "none", 1, 2)} <= stages
-    assert {d for s, d, _, _ in stages if s == "defense"} == {"none", *DEFENSES}
+    stages = {(r["stage"], r["threat"], r["defense"], r["users"], r["ways"]) for r in lines}
+    assert {("threat", "informed", "none", 1, 5), ("threat", "realistic", "none", 1, 5),
+            ("threat", "secagg", "none", 2, 5), ("ways", "realistic", "none", 1, 2)} <= stages
+    assert {d for s, _, d, _, _ in stages if s == "defense"} == {"none", "dp", *DEFENSES}
+    assert {r["score"] for r in lines if r["threat"] == "informed"} == {
+        "l0-cos", "l0-l2", "lt", "distance", "class", "loss", "grad-norm", "alignment"}  # no LiRA: nothing to calibrate
+    assert "lira" in {r["score"] for r in lines if r["threat"] == "secagg"}
+    assert all(r["upper_bound"] == (r["threat"] == "informed") for r in lines)
+    assert all(r["epsilon"] > 0 for r in lines if r["defense"] == "dp")
     for r in lines:
-        assert 0 <= r["attack_auc"] <= 1 and 0 <= r["attack_accuracy"] <= 1 and 0 <= r["meta_test_accuracy"] <= 1
+        for m in ("attack_auc", "attack_accuracy", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr"):
+            assert 0 <= r[m] <= 1 and 0 <= r[f"{m}_low"] <= r[f"{m}_high"] <= 1, (m, r)
+        assert 0 <= r["meta_test_accuracy"] <= 1
     summary = json.loads((whole.path / "summary.json").read_text())
-    assert summary["headline"]["score"] == "distance" and "attack_auc" in summary
+    assert summary["points"] and "meta_test_accuracy" in summary
     assert (whole.path / "reconstructions.safetensors").is_file()
 
     import fedmeta.experiments.membership as experiment
@@ -240,9 +234,9 @@ def test_membership_run_writes_every_point_and_resumes_to_the_same_metrics(tmp_p
 
 @pytest.mark.slow
 def test_quick_preset_meets_the_bar(tmp_path):
-    """Without a defense the support or query attack reaches AUC >= 0.8 (MNIST 5-way 1-shot)."""
+    """Without a defense the informed server's support or query attack reaches AUC >= 0.8 (MNIST 5-way 1-shot)."""
     cfg = load_config("mnist-mia-quick")
     folder = RunDir.open(tmp_path / "quick", cfg)
     run(cfg, folder)
-    main = [r for r in folder.records() if r["stage"] == "main" and r["score"] == "distance"]
+    main = [r for r in folder.records() if r["stage"] == "threat" and r["threat"] == "informed" and r["score"] == "distance"]
     assert max(r["attack_auc"] for r in main) >= 0.8

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from fedmeta.reports import ReportError, write_report
+from fedmeta.reports.collect import keep
+from fedmeta.reports.docs import TableQuery, refresh_files, table_text
 from fedmeta.reports.stats import interval, paired, t_quantile
 
 HALF = 4.302652729749456 * 0.1 / math.sqrt(3)  # t(0.975, 2) * s / sqrt(n) for 0.5, 0.6, 0.7 (s = 0.1)
@@ -81,3 +84,74 @@ def test_settings_are_grouped_and_paired_by_seed_with_bands(tmp_path):
 def test_nothing_to_report_is_refused(tmp_path):
     with pytest.raises(ReportError, match="holds no run folder"):
         write_report([tmp_path], tmp_path / "report")
+
+
+def _exp1a_like(root):
+    """Three seeds of a run with rounds 0-2 in case a: attack-val 0.1 + 0.3 * round + 0.01 * seed."""
+    for seed in range(3):
+        _run(root / "sweep" / f"seed={seed}", seed, [
+            {"case": "a", "round": r, "attack_val_accuracy": 0.1 + 0.3 * r + 0.01 * seed, "meta_test_accuracy": 0.9,
+             "episodes": 40} for r in range(3)], experiment="backdoor-rounds")
+        (root / "sweep" / f"seed={seed}" / "weights.safetensors").write_bytes(b"not kept")
+
+
+def test_docs_tables_are_regenerated_from_their_commands(tmp_path):
+    _exp1a_like(tmp_path)
+    doc = tmp_path / "doc.md"
+    command = "<!-- fedmeta report --table sweep --where round=0,2 --metrics attack_val_accuracy -->"
+    doc.write_text(f"# Title\n\ntext\n\n{command}\n| stale | table |\n<!-- end -->\n\nmore text\n")
+    assert refresh_files([doc], tmp_path, check=True) == {doc: True} and "stale" in doc.read_text()
+    assert refresh_files([doc], tmp_path) == {doc: True}
+    text = doc.read_text()
+    assert text.startswith("# Title\n\ntext\n\n" + command + "\nSeeds: 0, 1, 2 (3);") and text.endswith("<!-- end -->\n\nmore text\n")
+    assert "| all runs | case a, round 0 | 11.00 ± 2.48 | 3 | 40 |" in text  # 0.10, 0.11, 0.12: s = 0.01
+    assert "| all runs | case a, round 2 | 71.00 ± 2.48 | 3 | 40 |" in text and "round 1" not in text
+    assert "meta_test" not in text
+    assert refresh_files([doc], tmp_path, check=True) == {doc: False}  # byte for byte: nothing left to change
+
+
+def test_paired_differences_against_a_position(tmp_path):
+    _exp1a_like(tmp_path)
+    text = table_text(TableQuery.parse(["sweep", "--where", "round=2", "--against", "round=0"]).within(tmp_path))
+    # attack-val rises by exactly 0.6 in every seed (sd 0): 60.00 ± 0.00, the interval excludes 0; meta-test by 0
+    assert "| all runs | round 0 | case a, round 2 | attack_val_accuracy | 60.00 ± 0.00 * | 3 |" in text
+    assert "| all runs | round 0 | case a, round 2 | meta_test_accuracy | 0.00 ± 0.00 | 3 |" in text
+
+
+def test_docs_table_commands_are_checked(tmp_path):
+    _exp1a_like(tmp_path)
+    doc = tmp_path / "doc.md"
+    doc.write_text("<!-- fedmeta report --table sweep --where round=7 -->\n<!-- end -->\n")
+    with pytest.raises(ReportError, match="no line of .* matches round=7"):
+        refresh_files([doc], tmp_path)
+    doc.write_text("<!-- fedmeta report --table sweep --bogus -->\n<!-- end -->\n")
+    with pytest.raises(ReportError, match="unrecognized arguments: --bogus"):
+        refresh_files([doc], tmp_path)
+    doc.write_text("no table here\n")
+    with pytest.raises(ReportError, match="no generated table"):
+        refresh_files([doc], tmp_path)
+
+
+def test_keep_copies_what_a_report_reads_and_no_weights(tmp_path):
+    _exp1a_like(tmp_path)
+    (tmp_path / "sweep" / "sweep.json").write_text("{}\n")
+    written = keep(tmp_path / "sweep", tmp_path / "results" / "exp")
+    names = sorted(str(p.relative_to(tmp_path / "results" / "exp")) for p in written)
+    assert names == ["seed=0/config.toml", "seed=0/metrics.jsonl", "seed=0/summary.json", "seed=1/config.toml",
+                     "seed=1/metrics.jsonl", "seed=1/summary.json", "seed=2/config.toml", "seed=2/metrics.jsonl",
+                     "seed=2/summary.json", "sweep.json"]
+    kept, fresh = tmp_path / "kept.md", "<!-- fedmeta report --table {} --where round=1 -->\n<!-- end -->\n"
+    kept.write_text(fresh.format("results/exp"))
+    (tmp_path / "orig.md").write_text(fresh.format("sweep"))
+    refresh_files([kept, tmp_path / "orig.md"], tmp_path)
+    assert kept.read_text().replace("results/exp", "sweep") == (tmp_path / "orig.md").read_text()
+
+
+def test_every_docs_table_is_regenerated_from_results_byte_for_byte():
+    """The tables in docs/ are what `fedmeta report --docs` prints from results/ (run in the repository root)."""
+    root = Path(__file__).resolve().parents[1]
+    docs = sorted((root / "docs").glob("*.md")) + [root / "README.md"]
+    with_tables = [d for d in docs if "<!-- fedmeta report --table " in d.read_text()]
+    assert with_tables, "no generated table in docs/"
+    stale = [str(p.relative_to(root)) for p, differs in refresh_files(with_tables, root, check=True).items() if differs]
+    assert not stale, f"run `fedmeta report --docs {' '.join(stale)}` in the repository root"

@@ -112,6 +112,18 @@ def test_sweep_table_in_the_toml_file(tmp_path):
         plan(str(config), TINY, [], None)
 
 
+def test_sweep_presets_grid_over_tables_and_are_not_single_runs():
+    """The threat-matrix preset grids over lists of attacker tables; `fedmeta run` sends it to `fedmeta sweep`."""
+    from fedmeta.config import load_config
+
+    cells = plan("omniglot-matrix-quick", [], [], None).cells
+    assert len(cells) == 6 * 3
+    strategies = [load_config("omniglot-fleet-quick", c.overrides[:1]).attack.attackers[1].strategy for c in cells[::3]]
+    assert strategies == ["boosted", "replacement", "projected", "neurotoxin", "dba", "alie"]
+    with pytest.raises(ConfigError, match=r"omniglot-matrix-quick is a sweep .*fedmeta sweep omniglot-matrix-quick"):
+        load_config("omniglot-matrix-quick")
+
+
 def test_unreachable_ray_address_fails_fast_naming_it():
     start = time.perf_counter()
     for start_ray in (RayCluster, connect):

@@ -26,8 +26,9 @@ def run(
         list[str] | None, typer.Option("--set", help="Override a config key, e.g. --set meta.iterations=500.")
     ] = None,
     engine: Annotated[
-        str, typer.Option("--engine", help="'local': all clients in this process; 'flower': Flower's simulation "
-                          "engine (needs fedmeta[flower]).")
+        str, typer.Option("--engine", help="'local': all clients in this process; 'pool': a round's clients in "
+                          "single-threaded worker processes (CPU); 'flower': Flower's simulation engine (needs "
+                          "fedmeta[flower]).")
     ] = "local",
 ) -> None:
     """Run an experiment and write config.toml, metrics.jsonl and summary.json to OUT."""
@@ -41,8 +42,13 @@ def run(
             summary = _flower().simulate(cfg, out)
         elif engine == "local":
             summary = experiments.run(cfg, RunDir.open(out, cfg), IN_PROCESS)
+        elif engine == "pool":
+            from fedmeta.engines.pool import LocalPool
+
+            experiments.check_engine(cfg, LocalPool.name)
+            summary = experiments.run(cfg, RunDir.open(out, cfg), LocalPool())
         else:
-            raise ConfigError(f"--engine takes 'local' or 'flower', got '{engine}'")
+            raise ConfigError(f"--engine takes 'local', 'pool' or 'flower', got '{engine}'")
     except (ConfigError, DataError, RunError, Diverged, CorruptFile, Locked) as err:
         _fail(str(err))
     except OSError as err:  # a path fedmeta cannot read or write (--out, the cache, the data): one line, no traceback
@@ -115,18 +121,59 @@ def sweep(
 
 @app.command()
 def report(
-    folders: Annotated[list[Path], typer.Argument(help="Run folders and sweep folders (their cells are read).")],
+    folders: Annotated[list[Path] | None, typer.Argument(help="Run folders and sweep folders (their cells are read); with --docs, Markdown files.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Report folder; default: SWEEP/report, else ./report.")] = None,
+    table: Annotated[bool, typer.Option("--table", help="Print one Markdown table (as in the docs) instead.")] = False,
+    experiment: Annotated[str | None, typer.Option("--experiment", help="--table: one experiment of the folders.")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="--table: metric columns, m1,m2,...")] = None,
+    where: Annotated[list[str] | None, typer.Option("--where", help="--table: key=v1,v2 (a round, a case...).")] = None,
+    paired: Annotated[bool, typer.Option("--paired", help="--table: paired differences instead of means.")] = False,
+    against: Annotated[str | None, typer.Option("--against", help="--table: paired differences of each line against "
+                                                "the same run's line at key=value (e.g. round=0).")] = None,
+    docs: Annotated[bool, typer.Option("--docs", help="The arguments are Markdown files: regenerate their tables "
+                                       "from their '<!-- fedmeta report ... -->' lines.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="--docs: only say which files would change (exit 1).")] = False,
 ) -> None:
     """Tables (Markdown, CSV) and figures: mean and 95% t-interval over seeds, paired differences."""
     from fedmeta.reports import ReportError, default_out, write_report
+    from fedmeta.reports.docs import TableQuery, against_of, refresh_files, table_text, where_filters
 
     try:
+        if not folders:
+            raise ReportError("give run or sweep folders, or --docs and Markdown files")
+        if docs:
+            changed = refresh_files(folders, Path.cwd(), check)
+            for path, differs in changed.items():
+                typer.echo(f"{path}: {('differs' if check else 'regenerated') if differs else 'up to date'}")
+            if check and any(changed.values()):
+                raise typer.Exit(1)
+            return
+        if table:
+            query = TableQuery(folders, experiment, metrics.split(",") if metrics else None, where_filters(where or []),
+                               paired, against_of(against))
+            typer.echo(table_text(query), nl=False)
+            return
         written = write_report(folders, out or default_out(folders))
     except ReportError as err:
         _fail(str(err))
     for path in written:
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def keep(
+    source: Annotated[Path, typer.Argument(help="A run or sweep folder.")],
+    dest: Annotated[Path, typer.Argument(help="Where to copy it, e.g. results/NAME (kept in git).")],
+) -> None:
+    """Copy what a report reads of finished runs (config, metrics, summary; no weights) to DEST."""
+    from fedmeta.reports import ReportError
+    from fedmeta.reports.collect import keep as keep_runs
+
+    try:
+        written = keep_runs(source, dest)
+    except ReportError as err:
+        _fail(str(err))
+    typer.echo(f"kept {len(written)} files in {dest}")
 
 
 def _fail(message: str) -> NoReturn:

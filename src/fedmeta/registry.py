@@ -111,10 +111,12 @@ def load_plugins(plugins: Iterable[str]) -> None:
                 raise RegistryError(f"plugins: cannot import '{plugin}' ({err})") from None
 
 
-RULES: Registry = Registry("aggregation rule", "federation.rule", ["fedmeta.federation.aggregation",
-                                                                  "fedmeta.federation.foolsgold"])
-ATTACKS: Registry = Registry("attack strategy", "attack.attackers.strategy", ["fedmeta.attacks.strategies"])
-LOCAL_DEFENSES: Registry = Registry("local defense", "local_defenses", ["fedmeta.experiments.local_defenses"])
+RULES: Registry = Registry("aggregation rule", "federation.rule", [f"fedmeta.federation.{m}" for m in (
+    "aggregation", "foolsgold", "flame", "fltrust", "bulyan", "centered_clipping", "dnc", "rlr", "freqfed")])
+ATTACKS: Registry = Registry("attack strategy", "attack.attackers.strategy", [f"fedmeta.attacks.{m}" for m in (
+    "strategies", "replacement", "projected", "neurotoxin", "dba", "alie")])
+LOCAL_DEFENSES: Registry = Registry("local defense", "local_defenses", ["fedmeta.experiments.local_defenses",
+                                                                         "fedmeta.experiments.fine_pruning"])
 LEARNERS: Registry = Registry("meta-learner", "meta.algorithm", ["fedmeta.meta.learner", "fedmeta.defenses.robust_maml"])
 DATASETS: Registry = Registry("dataset", "data.dataset", ["fedmeta.data.datasets"])
 TRIGGERS: Registry = Registry("trigger pattern", "attack.trigger.pattern", ["fedmeta.data.triggers"])

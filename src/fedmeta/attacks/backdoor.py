@@ -62,19 +62,23 @@ def poisoned_episodes(
     shots: int,
     backdoor_share: float,
     gen: torch.Generator,
+    queries: int = 0,
 ) -> Episodes:
     """The attacker's episodes: N-1 ways of its own classes plus a target slot at a random way.
 
-    The target slot holds ``round(shots * backdoor_share)`` keyed backdoor images and benign target
-    images for the rest, all with the target's label. Its class id in ``Episodes.classes`` is -1.
+    Each way has ``shots`` support and ``queries`` query examples (MAML's outer loss needs queries;
+    Reptile has none). The target slot holds ``round((shots + queries) * backdoor_share)`` keyed
+    backdoor images and benign target images for the rest, mixed at random over its support and
+    queries, all with the target's label. Its class id in ``Episodes.classes`` is -1.
     """
+    per_way = shots + queries
     classes = sample_classes(own.num_classes, episodes, ways - 1, gen)
-    rows = sample_examples(own, classes, shots, gen)
-    keyed = round(shots * backdoor_share)
-    slot = torch.cat([draw(backdoor_rows, episodes, keyed, gen), draw(target_rows, episodes, shots - keyed, gen)], dim=1)
-    slot = slot.gather(1, torch.rand(episodes, shots, generator=gen).argsort(dim=1))  # mix the two kinds
+    rows = sample_examples(own, classes, per_way, gen)
+    keyed = round(per_way * backdoor_share)
+    slot = torch.cat([draw(backdoor_rows, episodes, keyed, gen), draw(target_rows, episodes, per_way - keyed, gen)], dim=1)
+    slot = slot.gather(1, torch.rand(episodes, per_way, generator=gen).argsort(dim=1))  # mix the two kinds
     where = torch.randint(ways, (episodes,), generator=gen)
-    all_rows = torch.empty(episodes, ways, shots, dtype=torch.long)
+    all_rows = torch.empty(episodes, ways, per_way, dtype=torch.long)
     all_classes = torch.full((episodes, ways), -1, dtype=torch.long)
     others = torch.arange(ways)[None, :] != where[:, None]
     all_rows[others] = rows.flatten(0, 1)

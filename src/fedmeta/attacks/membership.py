@@ -7,12 +7,13 @@ gradient-matching reconstruction of one slot of that set *started from x\\** and
 comes out with what went in: a member already reproduces the shared gradient, so it barely
 moves; a non-member is pulled towards the example that is really there.
 
-Threat model (``informed``, an upper bound on leakage, as in Balle et al.'s informed adversary):
-the server knows omega (it sent it), the protocol (inner steps, inner learning rate, loss, first
-or second order), the task-relative labels and every example of the task except the attacked
-slot, and, under aggregation, the number k of tasks summed. It does not know the defense's noise
-or the other users' tasks. In this setting, without a defense, the gradient predicted at a
-member x* equals the shared gradient exactly, so x* is a global minimiser of the matching loss.
+What the server knows decides what it can predict (``fedmeta.experiments.membership`` names
+the threat models): the informed server (Balle et al.'s informed adversary, an upper bound on
+leakage) knows omega, the protocol, the task-relative labels and every example of the task except
+the attacked slot, so without a defense the gradient predicted at a member x* equals the shared
+gradient exactly and x* is a global minimiser of the matching loss; a realistic server fills the
+slots it does not know with public data; under aggregation it knows the number k of tasks summed
+and estimates the others' mean (``expected_observation``). No server sees a defense's noise.
 
 Scores (higher means "member"):
 
@@ -24,9 +25,7 @@ Scores (higher means "member"):
 - ``distance``: minus ||x_T - x*||_2, the paper's "the output is similar to the input";
 - ``class``: 1 if a reference classifier gives x_T the class of x*, else 0: the paper's rule.
 
-Metrics over balanced members / non-members: ROC AUC (Mann-Whitney, ties count 1/2), TPR at 1%
-FPR, and accuracy with a threshold the server fits on shadow trials (two-fold cross-fitting; the
-binary class rule needs none).
+Metrics with bootstrap intervals: ``fedmeta.attacks.mia_metrics``.
 """
 
 from __future__ import annotations
@@ -185,52 +184,3 @@ def fit_classifier(model: Model, pool: ClassPool, *, steps: int, batch: int, lr:
         with torch.no_grad():
             adam_step_(list(params.values()), grads, state, lr=lr, beta1=0.9, beta2=0.999)
     return {k: v.detach() for k, v in params.items()}
-
-
-# Metrics ---------------------------------------------------------------------------------------
-
-
-def roc_auc(members: Tensor, nonmembers: Tensor) -> float:
-    """Area under the ROC curve: P(member score > non-member score), ties counting 1/2."""
-    diff = members[:, None] - nonmembers[None, :]
-    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
-
-
-def tpr_at_fpr(members: Tensor, nonmembers: Tensor, fpr: float = 0.01) -> float:
-    """True-positive rate at the strictest threshold with a false-positive rate of at most ``fpr``.
-
-    The threshold is the (floor(fpr * n) + 1)-th highest non-member score; with fewer than
-    1 / fpr non-members this is the TPR at zero false positives.
-    """
-    allowed = int(fpr * len(nonmembers) + 1e-9)
-    threshold = nonmembers.sort(descending=True).values[allowed]
-    return float((members > threshold).double().mean())
-
-
-def balanced_accuracy(members: Tensor, nonmembers: Tensor, threshold: float) -> float:
-    """Accuracy of "member iff score > threshold" on equally weighted members and non-members."""
-    return 0.5 * float((members > threshold).double().mean() + (nonmembers <= threshold).double().mean())
-
-
-def best_threshold(members: Tensor, nonmembers: Tensor) -> float:
-    """The threshold of highest balanced accuracy (midpoints between observed scores)."""
-    values = torch.cat([members, nonmembers]).double().unique()
-    candidates = torch.cat([values[:1] - 1, (values[1:] + values[:-1]) / 2])
-    return max(candidates.tolist(), key=lambda t: balanced_accuracy(members, nonmembers, t))
-
-
-def attack_accuracy(members: Tensor, nonmembers: Tensor, threshold: float | None = None) -> float:
-    """Balanced accuracy of the attack; ``members[i]`` and ``nonmembers[i]`` come from trial i.
-
-    Without a fixed ``threshold`` the server fits one on shadow trials: two-fold cross-fitting,
-    the threshold fitted on the even trials is scored on the odd ones and vice versa (so at least
-    two trials are needed).
-    """
-    if threshold is not None:
-        return balanced_accuracy(members, nonmembers, threshold)
-    folds = [torch.arange(len(members)) % 2 == f for f in (0, 1)]
-    scores = []
-    for test, fit in (folds, folds[::-1]):
-        t = best_threshold(members[fit], nonmembers[fit])
-        scores.append(balanced_accuracy(members[test], nonmembers[test], t))
-    return sum(scores) / 2

@@ -37,7 +37,7 @@ def _meta_splits(cfg: Base, s: Any) -> list[str]:
     classes = s.train_classes // users
     where = f"the {classes} meta-training classes of each of {users} users" if users > 1 else \
         f"the {classes} meta-training classes"
-    found = _training(cfg, classes, s.train_examples, where)
+    found = _training(cfg, classes, s.train_examples, where) + _unlabeled(cfg, s.train_examples)
     found += _evaluation(cfg, s.test_classes, s.test_examples, s.test_examples, "meta-test")
     if isinstance(cfg, Membership):
         most = min(s.train_classes, s.test_classes)
@@ -65,6 +65,10 @@ def _backdoor(cfg: Backdoor, s: Any) -> list[str]:
                      f"reserved classes; {cfg.data.dataset} can reserve {s.reservable}")
     found += _evaluation(cfg, test_classes, s.test_examples, s.test_examples, "meta-test")
     found += _evaluation(cfg, classes, kept, fed.holdout, "main-task (held-out queries)")
+    fit = min(att.backdoor_classes, cfg.eval.ways - 1)
+    if "c" in att.cases and att.case_c_backdoor_ways != "all" and att.case_c_backdoor_ways > fit:
+        found.append(f"attack.case_c_backdoor_ways: {att.case_c_backdoor_ways} backdoor classes per episode; "
+                     f"{att.backdoor_classes} backdoor classes and {cfg.eval.ways} ways leave room for {fit}")
     for name, held in (("attack.validation_examples", att.validation_examples), ("federation.holdout", fed.holdout)):
         if att.attacker_examples + held >= s.reserved_examples:
             found.append(f"{name}: attack.attacker_examples = {att.attacker_examples} plus {held} held-out examples leave "
@@ -80,6 +84,16 @@ def _training(cfg: Base, classes: int, examples: int, where: str) -> list[str]:
         keys = "meta.shots" + (" + meta.queries" if m.algorithm != "reptile" else "")
         found.append(f"{keys}: {per_class} examples per class in a training task; the data has {examples}")
     return found
+
+
+def _unlabeled(cfg: Base, examples: int) -> list[str]:
+    """R-MAML-TRADES draws a task's unlabeled images from its classes, apart from its support and queries."""
+    unlabeled = getattr(getattr(cfg, "robust", None), "unlabeled_per_class", 0)
+    m = cfg.meta
+    if not unlabeled or m.shots + m.queries + unlabeled <= examples:
+        return []
+    return [(f"robust.unlabeled_per_class: {m.shots} + {m.queries} + {unlabeled} (meta.shots + meta.queries + unlabeled) "
+             f"examples per class in a training task; the data has {examples}")]
 
 
 def _evaluation(cfg: Base, classes: int, support: int, queries: int, what: str) -> list[str]:

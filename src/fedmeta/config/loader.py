@@ -34,6 +34,7 @@ MOVED = {
     ("federation", "trim"): "rules.trimmed-mean.trim",
     ("federation", "byzantine"): "rules.krum.byzantine and rules.multi-krum.byzantine",
     ("federation", "krum_select"): "rules.multi-krum.select",
+    ("mia", "aggregate"): "mia.users_per_round (the secure-aggregation server's M per point, with mia.threats = [..., \"secagg\"])",
     ("federation", "clip_norm"): "rules.clip.norm",
     ("federation", "clip_noise"): "rules.clip.noise",
     ("compare", "local_defense"): "compare.local_defenses = ['matching'] (or [] for none)",
@@ -52,6 +53,8 @@ def preset_description(name: str) -> str:
 def load_config(source: str, overrides: list[str] = ()) -> Config:
     """A preset name or TOML path, with ``key=value`` overrides, validated."""
     raw = _read(source, seen=())
+    if "sweep" in raw:
+        raise ConfigError(f"{source} is a sweep (it has a [sweep] table): run it with `fedmeta sweep {source} --out DIR`")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -83,7 +86,8 @@ def validate(raw: dict[str, Any]) -> Config:
     return cfg
 
 
-def _read(source: str, seen: tuple[str, ...]) -> dict[str, Any]:
+def read_toml(source: str) -> dict[str, Any]:
+    """The TOML table of a config file or preset, before ``extends`` is resolved."""
     path = Path(source)
     if path.suffix == ".toml" or path.exists():
         if not path.is_file():
@@ -98,15 +102,21 @@ def _read(source: str, seen: tuple[str, ...]) -> dict[str, Any]:
             raise ConfigError(f"unknown preset '{source}'; presets: {', '.join(preset_names())}")
         text = preset.read_text()
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: not valid TOML: {err}") from None
+
+
+def _read(source: str, seen: tuple[str, ...]) -> dict[str, Any]:
+    raw = read_toml(source)
     parent = raw.pop("extends", None)
     if parent is None:
         return raw
     if parent in seen:
         raise ConfigError(f"presets extend each other in a loop: {' -> '.join((*seen, parent))}")
-    return _merge(_read(parent, (*seen, source)), raw)
+    base = _read(parent, (*seen, source))
+    base.pop("sweep", None)  # a sweep's grid belongs to its own file: extending it gives the base config
+    return _merge(base, raw)
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

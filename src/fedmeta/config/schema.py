@@ -38,7 +38,7 @@ from fedmeta.config.sections import (
     options_of,
     validate_options,
 )
-from fedmeta.registry import ATTACKS, RULES
+from fedmeta.registry import ATTACKS, LOCAL_DEFENSES, RULES
 
 
 class Base(Section):
@@ -181,6 +181,21 @@ class DefenseFinetune(BackdoorFinetune):
 class DefenseComparison(DefenseFinetune):
     experiment: Literal["defense-comparison"]
     compare: CompareConfig = CompareConfig()
+    local_defenses: dict[str, dict[str, Any]] = {}
+    """Settings of local defenses, by name (``[local_defenses.fine-pruning]``); those in use are filled in."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_local_defenses(cls, raw: Any) -> Any:
+        if isinstance(raw, dict):
+            names = (raw.get("compare") or {}).get("local_defenses", CompareConfig().local_defenses)
+            raw = _with_defaults(raw, "local_defenses", names, LOCAL_DEFENSES)
+        return raw
+
+    check_local_defenses = field_validator("local_defenses")(lambda v: validate_options(LOCAL_DEFENSES, v))
+
+    def local_defense_options(self, name: str) -> dict[str, Any]:
+        return self.local_defenses.get(name) or options_of(LOCAL_DEFENSES, name, {})
 
     def used_rules(self) -> list[str]:
         return [self.federation.rule, *self.compare.rules]
@@ -221,6 +236,9 @@ class RobustnessFederated(Federated):
 def _maml_variants(cfg: Base) -> Base:
     if cfg.meta.algorithm == "reptile":
         raise ValueError(f"experiment '{cfg.experiment}' compares MAML variants: meta.algorithm must be 'maml' or 'fomaml'")
+    if cfg.robust.contrastive_weight and cfg.model.architecture != "conv4":
+        raise ValueError("robust.contrastive_weight: the contrastive task contrasts Conv4 trunk embeddings; "
+                         f"model.architecture is '{cfg.model.architecture}'")
     return cfg
 
 

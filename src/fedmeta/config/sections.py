@@ -157,6 +157,10 @@ class EvalConfig(Section):
     rounds: ``federation.eval_every``)."""
     episodes_during: PositiveInt = 100
     """Episodes of each intermediate evaluation."""
+    workers: PositiveInt | Literal["auto"] = "auto"
+    """CPU processes (1 thread each) that fine-tune evaluation episodes side by side; same
+    predictions as 1. "auto": one per ``runtime.threads`` (default: per core) when the evaluation
+    has at least 1000 fine-tuning steps; always 1 on a GPU (fedmeta.meta.evaluation)."""
 
     @property
     def mode(self) -> str:
@@ -188,6 +192,10 @@ class FederationConfig(Section):
     """Rounds between evaluation points of the global model."""
     holdout: PositiveInt = 5
     """Examples held out of every meta-training class, as queries of main-task episodes."""
+    dirichlet_alpha: PositiveFloat | None = None
+    """Backdoor experiments: None deals the class groups out uniformly at random (the paper's IID
+    split); a value alpha shares each alphabet's characters among the users by Dirichlet(alpha)
+    proportions (Hsu et al. 2019; ``fedmeta.data.noniid``): smaller is more skewed, 0.5 is common."""
     reply_timeout: float = Field(3600.0, gt=0.0, le=7 * 24 * 3600.0)
     """Seconds a round on remote nodes (Flower) waits for its users' updates; then it goes on with
     the updates that arrived if there are at least min_updates of them (the others are recorded
@@ -255,6 +263,10 @@ class AttackConfig(Section):
     """Per reserved class: correctly labelled examples given to every benign user."""
     backdoor_share: float = Field(0.4, gt=0.0, lt=1.0)
     """Fraction of keyed backdoor images in the target slot (X_B : X_T = 2:3 -> 0.4)."""
+    case_c_backdoor_ways: PositiveInt | Literal["all"] = 1
+    """Case c: backdoor classes in each fine-tuning and evaluation episode beside the target. The
+    paper leaves it open; 1 (one drawn per episode) is our reading, "all" puts as many distinct
+    backdoor classes as the ways leave (ways - 1 at most)."""
     trigger: TriggerConfig = TriggerConfig()
 
     @property
@@ -333,18 +345,61 @@ class DefenseScales(Section):
     """Noise on every inner-loop gradient, in units of its RMS coordinate."""
 
 
-class MiaConfig(Section):
-    """Membership inference on distributed MAML by gradient inversion (``experiment = "membership"``)."""
+class LiraConfig(Section):
+    """The calibrated likelihood-ratio attack (``fedmeta.attacks.mia_scores``)."""
 
+    shadows: int = Field(16, ge=2)
+    """Shadow tasks per candidate, each observed with the candidate (IN) and without (OUT)."""
+    statistic: Literal["loss", "grad-norm", "alignment"] = "loss"
+    """The threshold score whose IN and OUT distributions are fitted (``loss``: logit-scaled confidence)."""
+    online: bool = True
+    """Fit IN and OUT (online LiRA); false: OUT only, scored by its z-score (offline LiRA, half the cost or less)."""
+
+
+class DpConfig(Section):
+    """DP-SGD on the shared meta-gradient (``fedmeta.defenses.dp``); one model per noise multiplier."""
+
+    noise_multipliers: list[PositiveFloat] = []
+    """sigma: Gaussian noise std in units of ``clip``; [] runs no DP point."""
+    clip: PositiveFloat = 1.0
+    """C: L2 bound of each clipped term."""
+    unit: Literal["example", "task"] = "example"
+    """What is clipped: each query example's term (DP-SGD), or the whole task's gradient (user level)."""
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+    """delta of the reported (epsilon, delta)."""
+    releases: PositiveInt = 1
+    """How many times a term is released (rounds the same data takes part in) for epsilon."""
+
+
+Threat = Literal["informed", "realistic", "secagg"]
+
+
+class MiaConfig(Section):
+    """Membership inference on distributed MAML (``experiment = "membership"``)."""
+
+    threats: list[Threat] = Field(["informed", "realistic", "secagg"], min_length=1)
+    """Servers attacked without a defense: ``informed`` (knows the whole task but the slot: an upper
+    bound), ``realistic`` (knows the candidate and public data), ``secagg`` (realistic, and sees only
+    the mean of ``users_per_round`` users' updates)."""
+    users_per_round: list[Annotated[int, Field(ge=2)]] = [2, 4, 8]
+    """M: users whose updates a ``secagg`` server sees summed (one point each)."""
+    invert_threats: list[Threat] = ["informed"]
+    """Servers whose points run the inversion's iterations (the others get its zero-iteration scores)."""
+    sweep_threats: list[Threat] = ["realistic"]
+    """Servers attacked in the defense and ways sweeps (``secagg`` with the first ``users_per_round``)."""
+    attacks: list[Literal["inversion", "threshold", "lira"]] = Field(["inversion", "threshold", "lira"], min_length=1)
+    """``inversion``: the paper's gradient matching from the candidate (scores l0-cos, l0-l2, lt,
+    distance, class); ``threshold``: loss, grad-norm, alignment; ``lira``: likelihood ratio (not run
+    for the informed server, which needs no calibration)."""
     targets: list[Literal["support", "query"]] = ["support", "query"]
     """Which set of the task is attacked (each trial attacks one slot of each)."""
     nonmembers: list[Literal["same-class", "other-class"]] = ["same-class", "other-class"]
     """Non-member candidates: another image of the slot's class (hard), or of another class (the
     paper's class rule can only catch these)."""
     trials: int = Field(30, ge=2)
-    """Tasks attacked in the main stage; each gives one member and one non-member of each kind."""
+    """Tasks attacked at each point of the threat stage; each gives one member and one non-member of each kind."""
     iterations: NonNegativeInt = 100
-    """Inversion steps in the main stage; 0: only the zero-iteration scores."""
+    """Inversion steps in the threat stage; 0: only the zero-iteration scores."""
     lr: Rate = 0.01
     """Adam step on the image, in pixel units."""
     distance: Literal["cos", "l2"] = "cos"
@@ -354,20 +409,29 @@ class MiaConfig(Section):
     signed: bool = False
     """Step on the sign of the gradient (Inverting Gradients)."""
     sweep_trials: int = Field(100, ge=2)
-    """Tasks attacked at each point of the defense, aggregation and ways sweeps."""
+    """Tasks attacked at each point of the defense and ways sweeps."""
     sweep_iterations: NonNegativeInt = 0
     """Inversion steps in the sweeps (0: zero-iteration scores only)."""
     defenses: DefenseScales = DefenseScales()
-    aggregate: list[PositiveInt] = [1, 2, 4, 8]
-    """k: the server sees the mean gradient of k tasks, the attacked one and k - 1 others."""
+    dp: DpConfig = DpConfig()
+    lira: LiraConfig = LiraConfig()
     shadow_tasks: PositiveInt = 32
-    """Tasks the server simulates on its own data to estimate the others' mean gradient."""
+    """Tasks the server simulates on public data to estimate the other users' mean gradient (inversion under secagg)."""
     ways: list[PositiveInt] = []
     """Ways of the ways sweep (a MAML model is meta-trained for each)."""
     classifier_steps: PositiveInt = 500
     """Adam steps (batch 128) of the server's reference classifier for the class rule."""
     reconstructions: NonNegativeInt = 4
-    """Main-stage trials whose images are kept for the figure."""
+    """Threat-stage trials whose images are kept for the figure (informed server)."""
+    bootstrap: PositiveInt = 1000
+    """Bootstrap resamples of the trials behind every 95% interval."""
+
+    @field_validator("users_per_round")
+    @classmethod
+    def _secagg_needs_users(cls, value: list[int], info) -> list[int]:  # info: pydantic's ValidationInfo
+        if not value and "secagg" in info.data.get("threats", []):
+            raise ValueError("mia.threats has 'secagg': give at least one number of users per round")
+        return value
 
 
 class RuntimeConfig(Section):
@@ -391,6 +455,14 @@ class RobustConfig(Section):
     """R-MAML-TRADES: weight of KL(p(x) || p(x + delta)) on support and query in the meta-loss."""
     at_weight: float = Field(1.0, ge=0.0)
     """R-MAML-AT: weight of the adversarial query cross-entropy added to the clean one."""
+    unlabeled_per_class: NonNegativeInt = 0
+    """R-MAML-TRADES: unlabeled images per class of a task added to the TRADES KL (0: off), drawn
+    beside and apart from its support and query examples, as MetaAdv's unlabeled-data augmentation."""
+    contrastive_weight: float = Field(0.0, ge=0.0)
+    """R-MAML-AT and -TRADES: weight of the auxiliary contrastive task (0: off), NT-Xent between an
+    augmented view and the adversarial example of each image in the robust term (docs/robustness.md)."""
+    contrastive_temperature: float = Field(0.5, ge=0.01, le=10.0)
+    """Temperature of the contrastive task's NT-Xent (SimCLR's 0.5; below 0.01 its logits overflow float32)."""
     eval_epsilon: float | None = Field(None, gt=0.0)
     """L-infinity radius of the evaluation attacks (PGD, FGSM); default: epsilon."""
     pgd_steps: int = Field(10, ge=0)

@@ -12,7 +12,8 @@ size, a place and an opacity:
   2017, "blended injection"); ``size`` and ``position`` do not apply.
 
 A trigger is a mask ``m`` in [0, 1] and a pattern ``p``; a keyed image is
-``(1 - opacity * m) * x + opacity * m * p``, rounded back to uint8.
+``(1 - opacity * m) * x + opacity * m * p``, rounded back to uint8. ``Trigger.split`` cuts one
+into disjoint local triggers (the distributed backdoor, DBA).
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class Trigger:
         alpha = self.opacity * self.mask
         keyed = (1.0 - alpha) * images.float() + alpha * self.pattern
         return keyed.round_().clamp_(0, 255).to(torch.uint8)
+
+    def split(self, parts: int) -> list[Trigger]:
+        """The trigger cut into ``parts`` local triggers for DBA (Xie et al., ICLR 2020): its
+        pixels in raster order, in ``parts`` contiguous runs of near-equal length (a square patch
+        becomes horizontal stripes, a line segments, a whole-image blend bands). The parts' masks
+        are disjoint and add up to the whole mask; each keeps the pattern and opacity."""
+        where = self.mask.flatten().nonzero().flatten()
+        if not 1 <= parts <= len(where):
+            raise ValueError(f"cannot split a trigger of {len(where)} pixels into {parts} parts")
+        pieces = []
+        for run in where.tensor_split(parts):
+            mask = torch.zeros_like(self.mask)
+            mask.view(-1)[run] = self.mask.view(-1)[run]
+            pieces.append(Trigger(mask, self.pattern, self.opacity))
+        return pieces
 
 
 Stamp = Callable[[int, int], Tensor]

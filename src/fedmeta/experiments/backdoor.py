@@ -59,7 +59,7 @@ class Case:
 
 def prepare(cfg: Backdoor, case: str, device: torch.device, engine: Engine, session: Session) -> Case:
     """The case's data layout and its (cached) benign pre-trained model (its rounds tallied in ``session``)."""
-    scenario = build_scenario(cfg, case)
+    scenario = build_scenario(cfg, case).to(device)
     learner = build_learner(cfg, scenario.images.shape[1:])
     init = {k: v.to(device) for k, v in learner.model.init(stream(cfg.seed, "init")).items()}
     params, log = pretrained(cfg, scenario, case, init, engine)
@@ -95,34 +95,52 @@ def attacked_model(cfg: Backdoor, case: Case, engine: Engine, session: Session) 
 def backdoor_episodes(cfg: Backdoor, ev: EvalPool, count: int, gen: torch.Generator) -> Episodes:
     """Evaluation episodes that always include the target (and, in case c, one backdoor class)."""
     e = cfg.eval
-    return sample_episodes(ev.pool, count, e.ways, e.shots[0], e.queries, gen, include=always_included(ev, count, gen), split=ev.split)
+    return sample_episodes(ev.pool, count, e.ways, e.shots[0], e.queries, gen, include=always_included(cfg, ev, count, gen), split=ev.split)
 
 
-def always_included(ev: EvalPool, count: int, gen: torch.Generator) -> Tensor:
-    """The target in every episode; in case c also one of the backdoor classes, drawn per episode."""
-    include = torch.tensor([ev.target])
-    if len(ev.backdoors):
-        pick = ev.backdoors[torch.randint(len(ev.backdoors), (count,), generator=gen)]
-        include = torch.stack([torch.full((count,), ev.target), pick], dim=1)
-    return include
+def always_included(cfg: Backdoor, ev: EvalPool, count: int, gen: torch.Generator) -> Tensor:
+    """The target in every episode; in case c also ``attack.case_c_backdoor_ways`` distinct
+    backdoor classes, drawn per episode (``[count, 1 + k]``, or ``[1]`` with no backdoor classes)."""
+    if not len(ev.backdoors):
+        return torch.tensor([ev.target])
+    wanted = cfg.attack.case_c_backdoor_ways
+    k = min(len(ev.backdoors), cfg.eval.ways - 1) if wanted == "all" else wanted
+    if k == 1:  # one drawn per episode (the stream of the runs documented before "all" existed)
+        picks = torch.randint(len(ev.backdoors), (count, 1), generator=gen)
+    else:
+        picks = torch.rand(count, len(ev.backdoors), generator=gen).argsort(dim=1)[:, :k]
+    return torch.cat([torch.full((count, 1), ev.target), ev.backdoors[picks]], dim=1)
+
+
+@dataclass(frozen=True)
+class BackdoorScore:
+    """Main-task accuracy on the episode's queries; attack accuracies on the keyed images (an
+    object, not a closure, so that evaluation workers can run it)."""
+
+    classify: Classifier
+    images: Tensor
+    query: Tensor  # [episodes, ways * queries] image rows
+    labels: Tensor  # query labels
+    keyed: dict[str, Tensor]  # metric name -> keyed backdoor images
+    target_way: Tensor  # [episodes]: the target's way in each episode
+
+    def __call__(self, weights: Params, support: Tensor, i: int) -> dict[str, Tensor]:
+        queries = gather(self.images, self.query[i])
+        out = {"main_task_accuracy": (self.classify(weights, support, queries) == self.labels).float().mean()}
+        for name, x in self.keyed.items():
+            out[name] = (self.classify(weights, support, x) == self.target_way[i]).float().mean()
+        return out
 
 
 def backdoor_score(case: Case, ev: EvalPool, episodes: Episodes, classify: Classifier) -> EpisodeScore:
-    """Main-task accuracy on the episode's queries; attack accuracies on the keyed images."""
+    """``BackdoorScore`` of ``episodes`` of ``ev``, its tensors on the images' device."""
     images = case.scenario.images
-    keyed = {"attack_train_accuracy": gather(images, case.scenario.attack_rows),
-             "attack_val_accuracy": gather(images, case.scenario.validation_rows)}
-    labels = episodes.query_labels().to(images.device)
+    device = images.device
+    keyed = {"attack_train_accuracy": gather(images, case.scenario.attack_rows.to(device)),
+             "attack_val_accuracy": gather(images, case.scenario.validation_rows.to(device))}
     target_way = (episodes.classes == ev.target).int().argmax(dim=1)
-
-    def score(weights: Params, support: Tensor, i: int) -> dict[str, Tensor]:
-        queries = gather(images, episodes.query[i])
-        out = {"main_task_accuracy": (classify(weights, support, queries) == labels).float().mean()}
-        for name, x in keyed.items():
-            out[name] = (classify(weights, support, x) == target_way[i]).float().mean()
-        return out
-
-    return score
+    return BackdoorScore(classify, images, episodes.query.to(device), episodes.query_labels().to(device), keyed,
+                         target_way.to(device))
 
 
 @dataclass(frozen=True)
@@ -148,9 +166,9 @@ def curves(cfg: Backdoor, case: Case, params: Params, ev: EvalPool, at: list[int
     sets = eval_sets(cfg, case, ev, episodes)
     classify = classifier(learner.model, e.transductive)
     meta = evaluate_curve(learner, params, images, sets.test, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-meta-test-ft"),
-                          score=query_accuracy(learner, images, sets.test, e.transductive), desc=desc)
+                          score=query_accuracy(learner, images, sets.test, e.transductive), desc=desc, workers=e.workers)
     main = evaluate_curve(learner, params, images, sets.tasks, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-backdoor-ft"),
-                          score=backdoor_score(case, ev, sets.tasks, classify), desc=desc)
+                          score=backdoor_score(case, ev, sets.tasks, classify), desc=desc, workers=e.workers)
     return {t: {"meta_test_accuracy": meta[t]["accuracy"], **main[t]} for t in at}
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from fedmeta import runtime
+from fedmeta.attacks.strategies import adapts_to_rule
 from fedmeta.config import Backdoor
 from fedmeta.experiments.backdoor import METRICS, Case, curves, eval_sets, fields, main_server, prepare
 from fedmeta.federation.client import RoundSettings
@@ -54,13 +55,15 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     name = cfg.attack.cases[0]
     case = prepare(cfg, name, device, engine, session)
     settings = RoundSettings(1, "main")
-    attacked = attack_round_updates(cfg, main_server(cfg, case, engine), name, case.pretrained, settings, engine)
+    adaptive = adapts_to_rule(cfg.attack.attackers)  # then each row's rule is attacked anew: a fair comparison
+    shared = None if adaptive else _attack_round(cfg, case, cfg.federation.rule, settings, engine)
     no_attack = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
     clean = main_server(no_attack, case, engine).updates(case.pretrained, settings)
     table = rows(cfg)
     for index in session.steps(resumed.step if resumed else 0, len(table), desc="defenses", unit="row"):
         label, rule, local, secure = table[index]
         start = session.elapsed
+        attacked = _attack_round(cfg, case, rule, settings, engine) if adaptive else shared
         record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, settings, engine)}
         record["seconds"] = round(session.elapsed - start, 1)
         session.log(record, f"{record['seconds']:.0f}s")
@@ -70,13 +73,21 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     return session.summary(experiment=cfg.experiment, case=name, rows=results, eval_mode=cfg.eval.mode)
 
 
+def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings, engine: Engine) -> list[ClientUpdate]:
+    """The attack round's updates (cached where the engine is local) with ``federation.rule = rule``:
+    what an attacker that adapts to the rule sends against it."""
+    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rule": rule})})
+    return attack_round_updates(cfg, main_server(cfg, case, engine), case.name, case.pretrained, settings, engine)
+
+
 def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, attacked: list[ClientUpdate],
          clean: list[ClientUpdate], settings: RoundSettings, engine: Engine) -> dict[str, Any]:
-    server = main_server(cfg, case, engine, rule)
     if secure:
         attacked, clean = [_sum_only(attacked)], [_sum_only(clean)]
-    after_attack, report = server.aggregate(case.pretrained, attacked, settings)
-    after_clean, _ = server.aggregate(case.pretrained, clean, settings)
+    # a fresh server each: a stateful rule (FoolsGold, Centered Clipping) must not carry the
+    # attacked aggregation's state into the clean one
+    after_attack, report = main_server(cfg, case, engine, rule).aggregate(case.pretrained, attacked, settings)
+    after_clean, _ = main_server(cfg, case, engine, rule).aggregate(case.pretrained, clean, settings)
     if local:
         defend = LOCAL_DEFENSES.get(local).factory
         users = case.scenario.benign[: cfg.finetune.users]

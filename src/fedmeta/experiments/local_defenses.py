@@ -82,7 +82,7 @@ def training_episodes(cfg: Config, ev: EvalPool, count: int, gen: torch.Generato
     """The user's own training episodes, drawn up front: its classes with the target always in
     (and a backdoor class in case c), examples only from below each class's evaluation split."""
     d = cfg.defense
-    classes = sample_classes(ev.pool.num_classes, count, cfg.eval.ways, gen, include=always_included(ev, count, gen))
+    classes = sample_classes(ev.pool.num_classes, count, cfg.eval.ways, gen, include=always_included(cfg, ev, count, gen))
     return Episodes(sample_examples(ev.pool, classes, d.shots + d.queries, gen, hi=ev.split), classes, d.shots)
 
 

@@ -1,25 +1,53 @@
-"""Membership inference on distributed MAML, and the defenses against it (paper 001, SPEC section 3).
+"""Membership inference on distributed MAML, by three servers, and the defenses against it (paper 001, SPEC section 3).
 
-Distributed MAML: at every outer step ``meta.meta_batch`` task learners each adapt omega on the
-support set of a task from the train split and send the meta-gradient of their query loss (under
-a noise defense, if any); the server averages them and takes an Adam step. The attacked tasks,
-their members and the non-member candidates all come from the test split, so omega carries no
-trace of any of them.
+Distributed MAML: in every round ``meta.meta_batch`` task learners each adapt omega on the
+support set of a task from the train split and share the meta-gradient of their query loss (under
+a defense, if any); the server averages them and takes an Adam step. The attacked tasks, their
+members and the non-member candidates all come from the test split, so omega carries no trace of
+any of them.
 
-The run is a list of points, each a model (meta-trained once per defense and number of ways)
-and an attack on ``trials`` tasks. Stages:
+**Rounds go through the federation's server.** A task learner is a federation client
+(``TaskClient``: global weights in, ``ClientUpdate`` out, its randomness from a stream named by
+seed, phase, user and round), and every round, of meta-training and of the attack, is one round of
+``fedmeta.federation.server.Server``: the seeded schedule and arrival order, the screening of
+non-finite updates and FedAvg with equal weights, i.e. the mean of the shared gradients. Under
+secure aggregation the server sees exactly that mean of the ``M`` participants' updates, computed by
+the same client code. The experiment does not build its federation with
+``fedmeta.scenario.builder``: the builder's clients share the displacement of several local Adam
+steps (FedAvg-style), while paper 001's task learners share one task's meta-gradient per round
+(FedSGD-style), which is what the attacks invert; a builder client would turn the attacked
+quantity into a sign-like Adam step. For the same reason ``--engine flower`` is refused.
 
-- ``main``: the undefended model, ``mia.trials`` tasks, ``mia.iterations`` inversion steps; the
-  first ``mia.reconstructions`` trials keep their images (``reconstructions.safetensors``);
-- ``aggregation``: the same model, the server sees the mean gradient of k tasks;
-- ``defense``: the undefended model as the common reference (``defense = "none"``), then one
-  model meta-trained and attacked under each noise defense and scale;
-- ``ways``: an undefended model per number of ways.
+**Threat models** (``mia.threats``), each a point of its own and named in every metrics line:
 
-Each task is attacked at one support slot and one query slot (the same observed gradient), with
-the true example (member) and each kind of non-member as the prior. ``metrics.jsonl`` gets one
-line per point, target, non-member kind and score, with ``attack_accuracy``, ``attack_auc``,
-``tpr_at_1pct_fpr`` and the model's ``meta_test_accuracy``.
+- ``informed``: knows omega, the protocol and every example of the attacked task but the slot
+  (Balle et al.'s informed adversary): an **upper bound** on leakage (``upper_bound = true``).
+  Without a defense a member reproduces the shared gradient exactly.
+- ``realistic``: an honest-but-curious server that knows omega, the protocol (its defense
+  included, not the noise drawn), the candidate (x*, y*) and public data of the same
+  distribution (the train split). What it does not know of the task it fills with public examples
+  (the candidate's class in the candidate's way, when public data has that class).
+- ``secagg``: the realistic server under secure aggregation: it sees only the mean of the round's
+  ``M`` updates (``mia.users_per_round``), the attacked user's and ``M - 1`` others'.
+
+Attacks (``mia.attacks``): the paper's gradient inversion with its scores
+(``fedmeta.attacks.membership``), the threshold baseline and LiRA (``fedmeta.attacks.mia_scores``;
+LiRA's shadows use the point's defense and ``M``). Metrics with bootstrap intervals:
+``fedmeta.attacks.mia_metrics``.
+
+Stages of the run, each a list of points (a model meta-trained once per defense and number of
+ways, attacked on its own trials):
+
+- ``threat``: the undefended model, one point per threat model (and per ``M`` for ``secagg``),
+  ``mia.trials`` tasks, ``mia.iterations`` inversion steps; the first point keeps the images of
+  its first ``mia.reconstructions`` trials (``reconstructions.safetensors``);
+- ``defense``: for each server of ``mia.sweep_threats``, the undefended model, then one model
+  meta-trained and attacked under each noise defense and scale and each DP-SGD noise multiplier;
+- ``ways``: an undefended model per number of ways, for the same servers.
+
+Each task is attacked at one support slot and one query slot (the same observation), with the
+true example (member) and each kind of non-member as the candidate. ``metrics.jsonl`` gets one
+line per point, target, non-member kind and score.
 """
 
 from __future__ import annotations
@@ -36,83 +64,149 @@ from tqdm import tqdm
 
 from fedmeta import runtime
 from fedmeta.attacks.membership import (
-    INVERSION_SCORES,
-    ZERO_SCORES,
     Target,
-    attack_accuracy,
     expected_observation,
     fit_classifier,
     inversion_scores,
     invert,
-    roc_auc,
-    tpr_at_fpr,
+    place,
     zero_scores,
 )
+from fedmeta.attacks.mia_metrics import summarize
+from fedmeta.attacks.mia_scores import likelihood_ratio, lira_statistic, threshold_scores
 from fedmeta.config import Base as Config
 from fedmeta.data.datasets import load_meta_splits
 from fedmeta.data.episodes import gather, sample_episodes, way_labels
 from fedmeta.data.pool import ClassPool
+from fedmeta.defenses.dp import DpSgd, epsilon, private_gradient
 from fedmeta.defenses.noise import DEFENSES, Noise, shared_gradient
+from fedmeta.federation.aggregation import make_rule
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.schedule import Schedule
+from fedmeta.federation.server import Server
+from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.adam import AdamState, adam_step_
 from fedmeta.meta.evaluation import Accuracy, meta_test
 from fedmeta.meta.learner import Maml, outer_rate
 from fedmeta.meta.maml import MetaGradient, task_meta_gradient
 from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Params
+from fedmeta.models.protocol import Model
 from fedmeta.models.smallconv import SmallConv
-from fedmeta.rng import stream
+from fedmeta.rng import stream, stream_seed
 from fedmeta.runs import RunDir, Session, accuracy_fields, format_duration
 
-Stage = Literal["main", "aggregation", "defense", "ways"]
+Stage = Literal["threat", "defense", "ways"]
+Threat = Literal["informed", "realistic", "secagg"]
+Defense = Noise | DpSgd | None
 Task = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
 RECONSTRUCTIONS = "reconstructions.safetensors"
 CLASSIFIER_BATCH = 128
+ATTACK_OF = {"l0-cos": "inversion", "l0-l2": "inversion", "lt": "inversion", "distance": "inversion",
+             "class": "inversion", "loss": "threshold", "grad-norm": "threshold", "alignment": "threshold",
+             "lira": "lira"}
+"""The attack each score belongs to (``mia.attacks`` selects attacks)."""
+
+
+def defense_name(defense: Defense) -> str:
+    return "none" if defense is None else f"{defense.kind}-{defense.scale:g}"
 
 
 @dataclass(frozen=True)
 class Point:
     stage: Stage
+    threat: Threat
     ways: int
-    noise: Noise | None = None
-    k: int = 1
+    defense: Defense = None
+    users: int = 1  # M: updates the server sees summed (1 but under secagg)
 
     @property
     def key(self) -> str:
-        """Names the point's random streams (and, for undefended models, the model's)."""
-        defense = f"{self.noise.kind}-{self.noise.scale:g}" if self.noise else "none"
-        return f"{self.stage}/ways-{self.ways}/{defense}/k-{self.k}"
+        """Names the point's random streams."""
+        return f"{self.stage}/{self.threat}/ways-{self.ways}/{defense_name(self.defense)}/users-{self.users}"
 
     @property
     def model_key(self) -> str:
-        return f"ways-{self.ways}/" + (f"{self.noise.kind}-{self.noise.scale:g}" if self.noise else "none")
+        return f"ways-{self.ways}/{defense_name(self.defense)}"
 
     def fields(self) -> dict[str, Any]:
-        noise = self.noise
-        return {"stage": self.stage, "ways": self.ways, "k": self.k,
-                "defense": noise.kind if noise else "none", "scale": noise.scale if noise else 0.0}
+        d = self.defense
+        return {"stage": self.stage, "threat": self.threat, "upper_bound": self.threat == "informed",
+                "ways": self.ways, "users": self.users, "defense": d.kind if d else "none",
+                "scale": d.scale if d else 0.0}
+
+
+def sweep_defenses(cfg: Config) -> list[Defense]:
+    """Every defended model of the sweep: the noise defenses by scale, then DP-SGD by sigma."""
+    scales, dp = cfg.mia.defenses.model_dump(), cfg.mia.dp
+    return ([Noise(kind, s) for kind in DEFENSES for s in scales[kind]]
+            + [DpSgd(sigma, dp.clip, dp.unit) for sigma in dp.noise_multipliers])
 
 
 def plan(cfg: Config) -> list[Point]:
     """Every point of the run, in order (see the module docstring)."""
-    ways = cfg.meta.ways
-    points = [Point("main", ways)]
-    points += [Point("aggregation", ways, k=k) for k in cfg.mia.aggregate]
-    scales = cfg.mia.defenses.model_dump()
-    defended = [Point("defense", ways, Noise(kind, s)) for kind in DEFENSES for s in scales[kind]]
-    if defended:
-        points += [Point("defense", ways), *defended]
-    points += [Point("ways", n) for n in cfg.mia.ways]
+    mia, ways = cfg.mia, cfg.meta.ways
+    points = [Point("threat", threat, ways, None, users) for threat in mia.threats
+              for users in (mia.users_per_round if threat == "secagg" else [1])]
+    defended = sweep_defenses(cfg)
+    for threat in mia.sweep_threats:
+        users = mia.users_per_round[0] if threat == "secagg" else 1
+        if defended:
+            points += [Point("defense", threat, ways, d, users) for d in [None, *defended]]
+        points += [Point("ways", threat, n, None, users) for n in mia.ways]
     return points
+
+
+def shared(learner: MetaGradient, support: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor], defense: Defense,
+           gen: torch.Generator) -> Params:
+    """What a task learner shares for one task under ``defense``."""
+    if isinstance(defense, DpSgd):
+        return private_gradient(learner, support, query, defense, gen)
+    return shared_gradient(learner, support, query, defense, gen)
+
+
+@dataclass(frozen=True)
+class TaskClient:
+    """A task learner of distributed MAML as a federation client (``fedmeta.federation.server.Client``):
+    its update is the shared gradient of its task of the round."""
+
+    user: int
+    learner: Callable[[Params], MetaGradient]  # global weights -> the task learner at them
+    task: Callable[[int, int], Task]  # (user, round) -> its task
+    defense: Defense
+    seed: int
+
+    def update(self, global_params: Params, settings: RoundSettings) -> ClientUpdate:
+        support, query = self.task(self.user, settings.round)
+        gen = stream(self.seed, "mia-client", settings.phase, self.user, settings.round)
+        g = shared(self.learner(global_params), support, query, self.defense, gen)
+        return ClientUpdate(self.user, g, len(support[1]) + len(query[1]))
+
+
+def round_mean(clients: list[TaskClient], params: Params, round_: int, phase: str, seed: int) -> Params:
+    """One round of the federation's ``Server`` with every client taking part (equal-weight FedAvg):
+    the mean of the finite updates, which is all a server under secure aggregation sees."""
+    users = len(clients)
+    server = Server({c.user: c for c in clients}, Schedule(users, users, seed), make_rule("fedavg"), users)
+    settings = RoundSettings(round_, phase)
+    zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+    mean, _ = server.aggregate(zeros, server.updates(params, settings), settings)
+    return mean
 
 
 @dataclass(frozen=True)
 class Trial:
-    """One attacked task and its candidates; ``spares[c]``: an image of way c, not in the task."""
+    """One attacked task and its candidates, with each candidate's class in the test pool."""
 
     support: tuple[Tensor, Tensor]
     query: tuple[Tensor, Tensor]
     slots: dict[Target, int]
     candidates: dict[Target, dict[str, Tensor]]  # "member", "same-class", "other-class" -> image
+    classes: dict[Target, dict[str, int]]  # the same keys -> class id in the test pool
+
+    def label(self, target: Target) -> int:
+        """y*: the task label of the attacked slot (every candidate is asked about this slot)."""
+        return int((self.support if target == "support" else self.query)[1][self.slots[target]])
 
 
 def draw_trial(cfg: Config, pool: ClassPool, ways: int, gen: torch.Generator) -> Trial:
@@ -124,21 +218,23 @@ def draw_trial(cfg: Config, pool: ClassPool, ways: int, gen: torch.Generator) ->
     """
     m = cfg.meta
     episode = sample_episodes(pool, 1, pool.num_classes, m.shots, m.queries + 1, gen)
-    rows = episode.rows[0]
-    images = gather(pool.images, rows)  # [classes (random order), shots + queries + 1, C, H, W]
+    images = gather(pool.images, episode.rows[0])  # [classes (random order), shots + queries + 1, C, H, W]
+    order = episode.classes[0].tolist()
     device = images.device
     support = (images[:ways, : m.shots].flatten(0, 1), way_labels(ways, m.shots).to(device))
     query = (images[:ways, m.shots : -1].flatten(0, 1), way_labels(ways, m.queries).to(device))
     spares = images[:, -1]
     slots: dict[Target, int] = {}
     candidates: dict[Target, dict[str, Tensor]] = {}
+    classes: dict[Target, dict[str, int]] = {}
     for target, (x, y) in (("support", support), ("query", query)):
         slot = int(torch.randint(len(y), (), generator=gen))
         way = int(y[slot])
         other = (way + 1 + int(torch.randint(pool.num_classes - 1, (), generator=gen))) % pool.num_classes
         slots[target] = slot
         candidates[target] = {"member": x[slot], "same-class": spares[way], "other-class": spares[other]}
-    return Trial(support, query, slots, candidates)
+        classes[target] = {"member": order[way], "same-class": order[way], "other-class": order[other]}
+    return Trial(support, query, slots, candidates, classes)
 
 
 @dataclass
@@ -146,7 +242,7 @@ class Context:
     """What every point shares: the config, data, device and the models trained so far."""
 
     cfg: Config
-    train: ClassPool
+    train: ClassPool  # meta-training data, and the public data of the realistic servers
     test: ClassPool
     device: torch.device
     classify: Callable[[Tensor], Tensor] | None = None  # images -> dataset classes (when some stage inverts)
@@ -165,22 +261,45 @@ class Context:
         return ((gather(pool.images, episodes.support[0]), way_labels(ways, m.shots).to(self.device)),
                 (gather(pool.images, episodes.query[0]), way_labels(ways, m.queries).to(self.device)))
 
+    def public_task(self, ways: int, label: int, test_class: int, gen: torch.Generator) -> Task:
+        """A task of public data whose way ``label`` is the class named like ``test_class`` when the
+        public data has it (MNIST, Fashion-MNIST), else a random class."""
+        m, name = self.cfg.meta, self.test.names[test_class]
+        include = torch.tensor([self.train.names.index(name)]) if name in self.train.names else None
+        episode = sample_episodes(self.train, 1, ways, m.shots, m.queries, gen, include=include)
+        rows = episode.rows[0].clone()
+        if include is not None:
+            way = int((episode.classes[0] == include[0]).nonzero()[0])
+            rows[[way, label]] = rows[[label, way]]
+        images = gather(self.train.images, rows)  # [ways, shots + queries, C, H, W]
+        return ((images[:, : m.shots].flatten(0, 1), way_labels(ways, m.shots).to(self.device)),
+                (images[:, m.shots :].flatten(0, 1), way_labels(ways, m.queries).to(self.device)))
 
-def meta_train(ctx: Context, ways: int, noise: Noise | None, name: str) -> Params:
-    """Distributed MAML from the run's initialisation: each outer step averages what
-    ``meta.meta_batch`` task learners share (under ``noise``) and takes an Adam step."""
+
+def slot_of(task: Task, target: Target, label: int) -> int:
+    """The first slot of ``target`` with task label ``label``."""
+    labels = (task[0] if target == "support" else task[1])[1]
+    return int((labels == label).nonzero()[0])
+
+
+def meta_train(ctx: Context, ways: int, defense: Defense, name: str) -> Params:
+    """Distributed MAML from the run's initialisation: each round averages what ``meta.meta_batch``
+    task learners share (under ``defense``) and the server takes an Adam step."""
     cfg = ctx.cfg
     model = build_model(cfg.model, ctx.train.image_shape, ways)
     params = {k: v.to(ctx.device) for k, v in model.init(stream(cfg.seed, "init", ways)).items()}
     state = AdamState.zeros(list(params.values()))
-    gen = stream(cfg.seed, "mia-train", name)
+
+    def task(user: int, round_: int) -> Task:
+        return ctx.task(ctx.train, ways, stream(cfg.seed, "mia-train", name, user, round_))
+
+    clients = [TaskClient(u, partial(ctx.learner, ways), task, defense, cfg.seed) for u in range(cfg.meta.meta_batch)]
     iterations = cfg.meta.iterations
     for it in tqdm(range(iterations), desc=f"meta-training {name}", unit="it", leave=False):
-        learner = ctx.learner(ways, params)
-        grads = [shared_gradient(learner, *ctx.task(ctx.train, ways, gen), noise, gen) for _ in range(cfg.meta.meta_batch)]
-        mean = [torch.stack([g[k] for g in grads]).mean(0) for k in params]
+        mean = round_mean(clients, params, it, f"train/{name}", cfg.seed)
         with torch.no_grad():
-            adam_step_(list(params.values()), mean, state, lr=outer_rate(cfg.meta, it / iterations), beta1=0.9, beta2=0.999)
+            adam_step_(list(params.values()), [mean[k] for k in params], state,
+                       lr=outer_rate(cfg.meta, it / iterations), beta1=0.9, beta2=0.999)
     runtime.check_finite(params, f"meta-training {name}")
     return params
 
@@ -197,25 +316,89 @@ def evaluate(ctx: Context, ways: int, params: Params) -> Accuracy:
 def model_for(ctx: Context, point: Point) -> tuple[Params, Accuracy]:
     """The point's model and its meta-test accuracy, trained on first use."""
     if point.model_key not in ctx.models:
-        params = meta_train(ctx, point.ways, point.noise, point.model_key)
+        params = meta_train(ctx, point.ways, point.defense, point.model_key)
         ctx.models[point.model_key] = (params, evaluate(ctx, point.ways, params))
     return ctx.models[point.model_key]
 
 
-def observe(ctx: Context, learner: MetaGradient, trial: Trial, point: Point, gen: torch.Generator) -> Params:
-    """What the server receives: the mean shared gradient of the attacked task and k - 1 others."""
-    grads = [shared_gradient(learner, trial.support, trial.query, point.noise, gen)]
-    grads += [shared_gradient(learner, *ctx.task(ctx.test, point.ways, gen), point.noise, gen) for _ in range(point.k - 1)]
-    return {k: torch.stack([g[k] for g in grads]).mean(0) for k in grads[0]}
+def observe(ctx: Context, point: Point, params: Params, trial: Trial, t: int) -> Params:
+    """What the server receives in the attacked round: the mean of the updates of ``point.users``
+    users, user 0 holding the attacked task and the others tasks of the test split."""
+
+    def task(user: int, _round: int) -> Task:
+        if user == 0:
+            return trial.support, trial.query
+        return ctx.task(ctx.test, point.ways, stream(ctx.cfg.seed, "mia-other", point.key, t, user))
+
+    clients = [TaskClient(u, partial(ctx.learner, point.ways), task, point.defense, ctx.cfg.seed)
+               for u in range(point.users)]
+    return round_mean(clients, params, t, point.key, ctx.cfg.seed)
 
 
-def shadow_mean(ctx: Context, learner: MetaGradient, point: Point) -> Params | None:
-    """The server's estimate of another task's gradient: the mean over tasks of its own data."""
-    if point.k == 1:
-        return None
-    gen = stream(ctx.cfg.seed, "mia-shadow", point.key)
-    grads = [learner(*ctx.task(ctx.train, point.ways, gen)) for _ in range(ctx.cfg.mia.shadow_tasks)]
-    return {k: torch.stack([g[k] for g in grads]).mean(0) for k in grads[0]}
+@dataclass(frozen=True)
+class Adversary:
+    """What the attacking server holds at one point, beyond the observation."""
+
+    point: Point
+    params: Params  # omega, which it sent
+    learner: MetaGradient  # the protocol's task learner at omega
+    model: Model
+    others: Params | None  # its estimate of the mean of another user's gradient (inversion, M > 1)
+    shadow_others: list[Params]  # per LiRA shadow: the sum of M - 1 simulated public updates
+    out_cache: dict[tuple[int, int], list[Params]] = field(default_factory=dict)  # see ``out_shadows``
+
+
+def _sum(grads: list[Params], like: Params) -> Params:
+    return {k: sum((g[k] for g in grads), torch.zeros_like(v)) for k, v in like.items()}
+
+
+def adversary(ctx: Context, point: Point, params: Params) -> Adversary:
+    """The server's simulations that do not depend on the trial (public data only)."""
+    mia, seed = ctx.cfg.mia, ctx.cfg.seed
+    learner = ctx.learner(point.ways, params)
+    model = build_model(ctx.cfg.model, ctx.train.image_shape, point.ways)
+    others = None
+    if point.users > 1:
+        gen = stream(seed, "mia-shadow", point.key)
+        grads = [learner(*ctx.task(ctx.train, point.ways, gen)) for _ in range(mia.shadow_tasks)]
+        others = {k: torch.stack([g[k] for g in grads]).mean(0) for k in grads[0]}
+    shadows = mia.lira.shadows if "lira" in mia.attacks and point.threat != "informed" else 0
+    gen = stream(seed, "mia-lira-others", point.key)
+    shadow_others = [_sum([shared(learner, *ctx.task(ctx.train, point.ways, gen), point.defense, gen)
+                           for _ in range(point.users - 1)], params) for _ in range(shadows)]
+    return Adversary(point, params, learner, model, others, shadow_others)
+
+
+def out_shadows(ctx: Context, server: Adversary, y: int, test_class: int) -> list[Params]:
+    """The observations of the OUT shadow tasks for candidates of ``test_class`` at label ``y``:
+    public tasks with that class at way ``y``, drawn once per point and shared by every candidate."""
+    point = server.point
+    if (test_class, y) not in server.out_cache:
+        gen = stream(ctx.cfg.seed, "mia-lira-out", point.key, test_class, y)
+        observations = []
+        for others in server.shadow_others:
+            g = shared(server.learner, *ctx.public_task(point.ways, y, test_class, gen), point.defense, gen)
+            observations.append({k: (g[k] + others[k]) / point.users for k in g})
+        server.out_cache[(test_class, y)] = observations
+    return server.out_cache[(test_class, y)]
+
+
+def lira(ctx: Context, server: Adversary, x: Tensor, y: int, test_class: int, target: Target,
+         observed: dict[str, float], gen: torch.Generator) -> float:
+    """LiRA's score for candidate (``x``, ``y``): shadow tasks of public data, observed as the real
+    round would be, with the candidate in the attacked slot (IN, online only) and without (OUT)."""
+    point, step, lira_cfg = server.point, ctx.cfg.meta.inner_lr, ctx.cfg.mia.lira
+
+    def statistic(observation: Params) -> float:
+        return lira_statistic(threshold_scores(server.model, server.params, observation, x, y, step), lira_cfg.statistic)
+
+    outs = [statistic(o) for o in out_shadows(ctx, server, y, test_class)]
+    ins = []
+    for others in server.shadow_others if lira_cfg.online else []:
+        task = ctx.public_task(point.ways, y, test_class, gen)
+        g = shared(server.learner, *place(*task, target, slot_of(task, target, y), x), point.defense, gen)
+        ins.append(statistic({k: (g[k] + others[k]) / point.users for k in g}))
+    return likelihood_ratio(lira_statistic(observed, lira_cfg.statistic), ins, outs)
 
 
 @dataclass
@@ -224,68 +407,94 @@ class PointResult:
     images: dict[str, list[Tensor]]  # "target.kind.start|end", "target.true" -> per kept trial
 
 
+def score_candidate(ctx: Context, server: Adversary, trial: Trial, target: Target, kind: str, observed: Params,
+                    gen: torch.Generator, iterations: int, result: PointResult, keep: bool) -> dict[str, float]:
+    """Every selected attack's scores for one candidate of one trial."""
+    mia, point = ctx.cfg.mia, server.point
+    x, y, test_class = trial.candidates[target][kind], trial.label(target), trial.classes[target][kind]
+    scores: dict[str, float] = {}
+    if "inversion" in mia.attacks:
+        task, slot = (trial.support, trial.query), trial.slots[target]
+        if point.threat != "informed":
+            task = ctx.public_task(point.ways, y, test_class, gen)
+            slot = slot_of(task, target, y)
+        predict = expected_observation(server.learner, *task, target, slot, k=point.users, others=server.others)
+        scores |= zero_scores(predict, observed, x)
+        if iterations and point.threat in mia.invert_threats:
+            inversion = invert(predict, observed, x, iterations=iterations, lr=mia.lr, distance=mia.distance,
+                               tv=mia.tv, signed=mia.signed)
+            scores |= inversion_scores(inversion, ctx.classify)
+            if keep:
+                result.images.setdefault(f"{target}.{kind}.start", []).append(inversion.start)
+                result.images.setdefault(f"{target}.{kind}.end", []).append(inversion.end)
+    baseline = threshold_scores(server.model, server.params, observed, x, y, ctx.cfg.meta.inner_lr)
+    if "threshold" in mia.attacks:
+        scores |= baseline
+    if server.shadow_others:
+        scores["lira"] = lira(ctx, server, x, y, test_class, target, baseline, gen)
+    return scores
+
+
 def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: int, keep: int) -> PointResult:
     """Attack ``trials`` tasks; keep the images of the first ``keep``."""
-    mia = ctx.cfg.mia
-    learner = ctx.learner(point.ways, params)
-    others = shadow_mean(ctx, learner, point)
+    mia, seed = ctx.cfg.mia, ctx.cfg.seed
+    server = adversary(ctx, point, params)
     result = PointResult({}, {})
     for t in tqdm(range(trials), desc=f"attacking {point.key}", unit="task", leave=False):
-        trial = draw_trial(ctx.cfg, ctx.test, point.ways, stream(ctx.cfg.seed, "mia-trial", point.ways, t))
-        observed = observe(ctx, learner, trial, point, stream(ctx.cfg.seed, "mia-client", point.key, t))
+        trial = draw_trial(ctx.cfg, ctx.test, point.ways, stream(seed, "mia-trial", point.ways, t))
+        observed = observe(ctx, point, params, trial, t)
         for target in mia.targets:
-            predict = expected_observation(learner, trial.support, trial.query, target, trial.slots[target],
-                                           k=point.k, others=others)
             if t < keep:
                 result.images.setdefault(f"{target}.true", []).append(trial.candidates[target]["member"])
             for kind in ("member", *mia.nonmembers):
-                prior = trial.candidates[target][kind]
-                scores = zero_scores(predict, observed, prior)
-                if iterations:
-                    inversion = invert(predict, observed, prior, iterations=iterations, lr=mia.lr,
-                                       distance=mia.distance, tv=mia.tv, signed=mia.signed)
-                    scores |= inversion_scores(inversion, ctx.classify)
-                    if t < keep:
-                        result.images.setdefault(f"{target}.{kind}.start", []).append(inversion.start)
-                        result.images.setdefault(f"{target}.{kind}.end", []).append(inversion.end)
+                gen = stream(seed, "mia-server", point.key, t, target, kind)
+                scores = score_candidate(ctx, server, trial, target, kind, observed, gen, iterations, result, t < keep)
                 for name, value in scores.items():
                     result.scores.setdefault((target, kind, name), []).append(value)
     return result
 
 
-def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, trials: int, iterations: int) -> list[dict]:
-    """One metrics line per target, non-member kind and score."""
+def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, trials: int, iterations: int
+            ) -> list[dict]:
+    """One metrics line per target, non-member kind and score, each metric with its 95% interval."""
     lines = []
-    names = ZERO_SCORES + (INVERSION_SCORES if iterations else ())
+    dp = cfg.mia.dp
+    privacy = ({"epsilon": round(epsilon(point.defense.noise_multiplier, releases=dp.releases, delta=dp.delta), 6),
+                "delta": dp.delta, "clip": dp.clip, "unit": dp.unit} if isinstance(point.defense, DpSgd) else {})
+    names = [n for n in ATTACK_OF if (cfg.mia.targets[0], "member", n) in result.scores]
     for target in cfg.mia.targets:
         for kind in cfg.mia.nonmembers:
             for name in names:
-                members = torch.tensor(result.scores[(target, "member", name)], dtype=torch.float64)
-                nonmembers = torch.tensor(result.scores[(target, kind, name)], dtype=torch.float64)
+                members, nonmembers = result.scores[(target, "member", name)], result.scores[(target, kind, name)]
+                found = summarize(members, nonmembers, resamples=cfg.mia.bootstrap,
+                                  seed=stream_seed(cfg.seed, "mia-bootstrap", point.key, target, kind, name))
+                metrics = {}
+                for metric, interval in found.items():
+                    column = {"auc": "attack_auc", "balanced_accuracy": "attack_accuracy"}.get(metric, metric)
+                    metrics |= {column: round(interval.value, 6), f"{column}_low": round(interval.low, 6),
+                                f"{column}_high": round(interval.high, 6)}
                 lines.append({
-                    **point.fields(), "target": target, "nonmember": kind, "score": name,
-                    "shots": cfg.meta.shots, "queries": cfg.meta.queries, "trials": trials, "iterations": iterations,
-                    "attack_accuracy": round(attack_accuracy(members, nonmembers, 0.5 if name == "class" else None), 6),
-                    "attack_auc": round(roc_auc(members, nonmembers), 6),
-                    "tpr_at_1pct_fpr": round(tpr_at_fpr(members, nonmembers, 0.01), 6),
-                    "member_mean": round(float(members.mean()), 6), "nonmember_mean": round(float(nonmembers.mean()), 6),
+                    **point.fields(), **privacy, "target": target, "nonmember": kind, "attack": ATTACK_OF[name],
+                    "score": name, "shots": cfg.meta.shots, "queries": cfg.meta.queries, "trials": trials,
+                    "iterations": iterations, **metrics,
+                    "member_mean": round(sum(members) / len(members), 6),
+                    "nonmember_mean": round(sum(nonmembers) / len(nonmembers), 6),
                     **accuracy_fields("meta_test_accuracy", accuracy),
                 })
     return lines
 
 
 def log_line(point: Point, lines: list[dict], clock: float) -> str:
-    """``[stage ...] target/non-member: AUC per score | meta-test accuracy | elapsed``."""
+    """``[point] target/non-member: AUC per score | meta-test accuracy | elapsed``."""
     where = " ".join(f"{k} {v}" for k, v in point.fields().items())
     groups: dict[str, list[str]] = {}
     for r in lines:
         groups.setdefault(f"{r['target']}/{r['nonmember']}", []).append(f"{r['score']} {r['attack_auc']:.2f}")
     parts = [f"{g}: AUC " + " ".join(v) for g, v in groups.items()]
     acc = lines[0]
+    eps = f" | epsilon {acc['epsilon']:.3g}" if "epsilon" in acc else ""
     return (f"[{where}] " + " | ".join(parts) + f" | meta_test_accuracy {100 * acc['meta_test_accuracy']:.2f}%"
-            f" ±{100 * acc['meta_test_accuracy_ci95']:.2f} | {format_duration(time.perf_counter() - clock)}")
-
-
+            f" ±{100 * acc['meta_test_accuracy_ci95']:.2f}{eps} | {format_duration(time.perf_counter() - clock)}")
 def reference_classifier(ctx: Context) -> tuple[Callable[[Tensor], Tensor], float]:
     """The server's classifier for the class rule, and its accuracy on 2000 test images."""
     train, test = ctx.train, ctx.test
@@ -312,18 +521,19 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
     ctx = Context(cfg, splits.train.to(device), splits.test.to(device), device)
     mia = cfg.mia
     classifier_accuracy = None
-    if mia.iterations or mia.sweep_iterations:
+    if "inversion" in mia.attacks and (mia.iterations or mia.sweep_iterations):
         ctx.classify, classifier_accuracy = reference_classifier(ctx)
     points = plan(cfg)
-    clean_key = Point("main", cfg.meta.ways).model_key
+    clean_key = Point("threat", "informed", cfg.meta.ways).model_key
     if (resumed := session.resumed()) is not None:  # the undefended model: the later stages attack it again
         ctx.models[clean_key] = (resumed.group("clean.", device), Accuracy(*resumed.state["accuracy"]))
     for index in session.steps(resumed.step if resumed else 0, len(points), desc="points", unit="point"):
         point = points[index]
         params, accuracy = model_for(ctx, point)
-        main = point.stage == "main"
-        trials, iterations = (mia.trials, mia.iterations) if main else (mia.sweep_trials, mia.sweep_iterations)
-        result = attack(ctx, point, params, trials, iterations, mia.reconstructions if main and iterations else 0)
+        first_stage = point.stage == "threat"
+        trials, iterations = (mia.trials, mia.iterations) if first_stage else (mia.sweep_trials, mia.sweep_iterations)
+        keep = mia.reconstructions if index == 0 and iterations and "inversion" in mia.attacks else 0
+        result = attack(ctx, point, params, trials, iterations, keep)
         if result.images:
             out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
         lines = records(point, result, accuracy, cfg, trials, iterations)
@@ -335,25 +545,27 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
                            accuracy=[clean_accuracy.mean, clean_accuracy.ci95, clean_accuracy.episodes])
     clean, clean_accuracy = ctx.models[clean_key]
     out.save_weights(clean)
-    return _summary(cfg, out.records(), clean_accuracy, classifier_accuracy) | session.summary()
+    return _summary(out.records(), clean_accuracy, classifier_accuracy) | session.summary()
 
 
-def _summary(cfg: Config, lines: list[dict], clean: Accuracy, classifier_accuracy: float | None) -> dict[str, Any]:
-    """The main attack's numbers, and per point the AUC of every score."""
-    headline = {"target": cfg.mia.targets[0], "nonmember": cfg.mia.nonmembers[0],
-                "score": "distance" if cfg.mia.iterations else "l0-cos"}
-    top = next(r for r in lines if r["stage"] == "main" and all(r[k] == v for k, v in headline.items()))
+def _summary(lines: list[dict], clean: Accuracy, classifier_accuracy: float | None) -> dict[str, Any]:
+    """Per point, the strongest score by AUC for each target (first non-member kind): its AUC and
+    TPR at 1% FPR as [value, low, high]; every score is in ``metrics.jsonl``."""
     points: dict[str, dict[str, Any]] = {}
-    for r in lines:
-        name = f"{r['stage']} ways={r['ways']} defense={r['defense']} scale={r['scale']:g} k={r['k']}"
-        entry = points.setdefault(name, {"meta_test_accuracy": r["meta_test_accuracy"], "attack_auc": {}})
-        entry["attack_auc"][f"{r['target']}/{r['nonmember']}/{r['score']}"] = r["attack_auc"]
+    nonmember = lines[0]["nonmember"]
+    for r in (r for r in lines if r["nonmember"] == nonmember):
+        name = (f"{r['stage']} threat={r['threat']} users={r['users']} ways={r['ways']} "
+                f"defense={r['defense']} scale={r['scale']:g}")
+        entry = points.setdefault(name, {"meta_test_accuracy": r["meta_test_accuracy"],
+                                         **({"epsilon": r["epsilon"]} if "epsilon" in r else {})})
+        best = entry.get(r["target"])
+        if best is None or r["attack_auc"] > best["attack_auc"][0]:
+            entry[r["target"]] = {"score": r["score"], **{m: [r[m], r[f"{m}_low"], r[f"{m}_high"]]
+                                                          for m in ("attack_auc", "tpr_at_1pct_fpr")}}
     return {
         "experiment": "membership",
-        "headline": headline,
-        **{k: top[k] for k in ("attack_accuracy", "attack_auc", "tpr_at_1pct_fpr")},
+        "nonmember": nonmember,
         **accuracy_fields("meta_test_accuracy", clean),
-        "eval_mode": cfg.eval.mode, "eval_episodes": cfg.eval.episodes,
         "classifier_accuracy": classifier_accuracy,
         "points": points,
     }

@@ -110,6 +110,15 @@ class TrimmedMean:
         return updates.sort(dim=0).values[cut : n - cut].mean(dim=0)
 
 
+def krum_scores(updates: Tensor, byzantine: int) -> Tensor:
+    """Krum's score of each row (Blanchard et al., 2017): the summed squared distances to its
+    n - f - 2 nearest neighbours (at least one); the lowest score is Krum's choice."""
+    neighbours = max(1, len(updates) - byzantine - 2)
+    distances = torch.cdist(updates, updates).square()
+    distances.fill_diagonal_(float("inf"))
+    return distances.sort(dim=1).values[:, :neighbours].sum(dim=1)
+
+
 @dataclass(frozen=True)
 class Krum:
     """Multi-Krum (Blanchard et al., 2017): the ``select`` updates whose summed squared distances
@@ -122,12 +131,7 @@ class Krum:
     select: int = 1
 
     def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None) -> Tensor:
-        n = len(updates)
-        neighbours = max(1, n - self.byzantine - 2)
-        distances = torch.cdist(updates, updates).square()
-        distances.fill_diagonal_(float("inf"))
-        scores = distances.sort(dim=1).values[:, :neighbours].sum(dim=1)
-        chosen = scores.argsort(stable=True)[: min(self.select, n)]
+        chosen = krum_scores(updates, self.byzantine).argsort(stable=True)[: min(self.select, len(updates))]
         alpha = weights[chosen]
         return (alpha / alpha.sum()) @ updates[chosen]
 

@@ -3,6 +3,11 @@
 It knows clients only as "global weights in, update out" and rules only as functions over
 stacked updates, so Reptile or MAML, benign or malicious, FedAvg or a robust rule all run through
 the same loop. An update with a NaN or Inf is rejected and logged, never averaged in.
+
+A rule that compares the updates with the server's own (FLTrust) gets it as ``reference=``: the
+server's ``reference`` client, a benign client trained on the server's root set, computes it each
+round from the same global weights (``scenario.builder.build_server`` builds it for rules
+registered with ``reference=True``).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class Server:
     rule: Rule
     min_updates: int  # M_min: aggregate as soon as this many updates arrived
     weighting: Literal["equal", "size"] = "equal"
+    reference: Client | None = None  # the server's own client, for rules that take ``reference=``
 
     def snapshot(self, params: Params) -> dict[str, torch.Tensor]:
         """What a checkpoint of the federation holds: the global weights (``params.*``) and what the
@@ -95,5 +101,15 @@ class Server:
         sizes = torch.tensor([float(u.examples if self.weighting == "size" else 1) for u in accepted])
         gen = stream(self.schedule.seed, "aggregation", settings.phase, settings.round)
         users = [u.user for u in accepted]
-        delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen, users=users), params)
+        extra = {} if self.reference is None else {"reference": self._reference(params, settings).to(stacked.device)}
+        delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen, users=users, **extra), params)
         return add(params, delta), report
+
+    def _reference(self, params: Params, settings: RoundSettings) -> torch.Tensor:
+        """The flat update of the server's reference client this round; an error if it is not finite
+        (the server's own training diverged: nothing to compare the clients with)."""
+        update = self.reference.update(params, settings)
+        if not update.is_finite():
+            raise FloatingPointError(f"{settings.phase} round {settings.round}: the server's reference update "
+                                     "(its root set) has a NaN or Inf")
+        return flatten(update.delta)

@@ -119,9 +119,11 @@ def adam_finetune(
     ``order`` is ``[steps, batch]``, positions into ``x``/``y`` for each mini-batch. This is
     Reptile's adaptation at meta-test time; the moments start from zero for every episode.
     Yields the weights after every step (views of the live weights: use each before the next),
-    so a caller can follow accuracy along the way or keep only the last.
+    so a caller can follow accuracy along the way or keep only the last. ``order`` goes to the
+    device of ``x`` once, not at every step (a no-op when the caller moved it already).
     """
     names = list(params)
+    order = order.to(x.device)
     weights = [params[k].detach().clone().requires_grad_() for k in names]
     state = AdamState.zeros(weights)
     for idx in order:

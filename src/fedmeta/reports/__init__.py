@@ -41,7 +41,7 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
     runs, unfinished = find_runs(folders)
     names = labels(runs)
     table, curves = tabulate(runs, table_lines), tabulate(runs, curve_lines)
-    comparisons = _comparisons(table, names)
+    comparisons = comparisons_of(table, names)
     out.mkdir(parents=True, exist_ok=True)
     written = [_markdown(out / "report.md", runs, unfinished, table, comparisons, names),
                _csv(out / "table.csv", table, names), _csv(out / "curves.csv", curves, names),
@@ -77,7 +77,7 @@ def group_order(names: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(names, key=key)
 
 
-def _comparisons(table: Table, names: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def comparisons_of(table: Table, names: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Paired differences: each setting against the first, each defense against none (see module)."""
     rows = []
     order = group_order(names)
@@ -126,22 +126,31 @@ def _markdown(path: Path, runs: list[Run], unfinished: list[Path], table: Table,
     for experiment in sorted({r.experiment for r in runs}):
         seeds = sorted({r.seed for r in runs if r.experiment == experiment})
         lines += [f"## {experiment}", "", f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}).", ""]
-        lines += _table_markdown(table, names, experiment)
+        lines += table_markdown(table, names, experiment)
         pairs = [c for c in comparisons if c["experiment"] == experiment]
         if pairs:
-            lines += ["", ("Paired differences (same seeds: same split, initial weights and evaluation episodes); "
-                      "`*`: the interval excludes 0."), "",
-                      "| comparison | against | position | metric | difference | pairs |", "|---|---|---|---|---|---|"]
-            for c in pairs:
-                ci = c["interval"]
-                lines.append(f"| {c['comparison']} | {c['baseline']} | {position_text(c['position'])} | {c['metric']} | "
-                             f"{_cell_text(c['metric'], ci)}{' *' if ci.excludes_zero else ''} | {ci.n} |")
+            lines += ["", PAIRED_NOTE, "", *paired_markdown(pairs)]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def _table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: str) -> list[str]:
+PAIRED_NOTE = ("Paired differences (same seeds: same split, initial weights and evaluation episodes); "
+               "`*`: the interval excludes 0.")
+
+
+def paired_markdown(pairs: list[dict[str, Any]]) -> list[str]:
+    """The rows of paired differences (see ``comparisons_of``) as a Markdown table."""
+    lines = ["| comparison | against | position | metric | difference | pairs |", "|---|---|---|---|---|---|"]
+    for c in pairs:
+        ci = c["interval"]
+        lines.append(f"| {c['comparison']} | {c['baseline']} | {position_text(c['position'])} | {c['metric']} | "
+                     f"{_cell_text(c['metric'], ci)}{' *' if ci.excludes_zero else ''} | {ci.n} |")
+    return lines
+
+
+def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: str) -> list[str]:
+    """One row per setting and position of ``experiment``: each metric's mean ± t-interval over seeds."""
     metrics = list(dict.fromkeys(k[3] for k in table if k[0] == experiment))
     rows: dict[tuple[str, tuple], dict[str, Any]] = {}
     for (exp, group, position, metric), cell in table.items():

@@ -19,14 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmeta.runs import flat_keys, matches
+from fedmeta.config import ConfigError, validate
+from fedmeta.runs import RunDir, flat_keys, matches
+from fedmeta.storage import atomic_write
 
 POSITION = ("learner", "case", "user", "stage", "target", "nonmember", "score", "ways", "k", "defense", "scale",
             "shots", "round", "step", "final")
 AXES = ("round", "step")
 METRIC_SUFFIXES = ("accuracy", "_auc", "_fpr")
-IGNORED = ("seed", "description", "data.root", "runtime.")
-"""Config keys that do not make two runs different settings (``runtime.`` covers threads and device)."""
+IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "federation.reply_timeout")
+"""Config keys that do not change results, so do not make two runs different settings (``runtime.``
+covers threads and device; ``eval.workers`` only where evaluation episodes run)."""
 
 Position = tuple[tuple[str, Any], ...]
 
@@ -42,6 +45,7 @@ class Run:
     seed: int
     setting: dict[str, Any]
     records: list[dict[str, Any]]
+    episodes: int | None = None  # evaluation episodes per point, for lines that do not say (``eval_episodes``)
 
 
 @dataclass
@@ -73,13 +77,43 @@ def find_runs(folders: list[Path]) -> tuple[list[Run], list[Path]]:
     return runs, unfinished
 
 
+KEPT = (RunDir.CONFIG, RunDir.METRICS, RunDir.SUMMARY, RunDir.RESUMES)
+"""What ``keep`` copies of a run folder: everything a report reads, no weights or checkpoints."""
+KEPT_SWEEP = ("sweep.json", "base.toml")
+
+
+def keep(source: Path, dest: Path) -> list[Path]:
+    """Copy the small files of the finished runs under ``source`` (a run or sweep folder) to
+    ``dest``, in the same layout, for a ``results/`` folder kept in git; the files written.
+    Only files of those names are written, so nothing else in ``dest`` is touched."""
+    runs, _ = find_runs([source])
+    pairs = [(source / name, dest / name) for name in KEPT_SWEEP if (source / name).is_file()]
+    for run in runs:
+        where = dest / run.path.relative_to(source)
+        pairs += [(run.path / name, where / name) for name in KEPT if (run.path / name).is_file()]
+    for src, dst in pairs:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(dst, src.read_bytes())
+    return [dst for _, dst in pairs]
+
+
 def load(path: Path) -> Run:
-    config = tomllib.loads((path / "config.toml").read_text())
+    config = resolved(tomllib.loads((path / "config.toml").read_text()))
     lines = (path / "metrics.jsonl").read_text().splitlines()
-    flat = flat_keys(config)
-    setting = {k: v for k, v in flat.items() if not matches(k, IGNORED)}
+    setting = {k: v for k, v in flat_keys(config).items() if not matches(k, IGNORED)}
+    summary = json.loads((path / "summary.json").read_text())
     return Run(path, config["experiment"], int(config.get("seed", 0)), setting,
-               [json.loads(line) for line in lines if line.strip()])
+               [json.loads(line) for line in lines if line.strip()], summary.get("eval_episodes"))
+
+
+def resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with every default of this fedmeta filled in, so a run written before a key
+    existed (with that key's default behaviour) groups with runs written after; as written if
+    this fedmeta cannot validate it."""
+    try:
+        return validate(config).model_dump(mode="json")
+    except ConfigError:
+        return config
 
 
 def labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
@@ -145,6 +179,6 @@ def tabulate(runs: list[Run], pick) -> Table:
                     raise ReportError(f"two runs of one setting have seed {run.seed} (one is {run.path}); "
                                       "report them separately")
                 cell.values[run.seed] = float(value)
-                if "episodes" in record:
-                    cell.episodes.add(int(record["episodes"]))
+                if (episodes := record.get("episodes", run.episodes)) is not None:
+                    cell.episodes.add(int(episodes))
     return table

@@ -1,7 +1,8 @@
 """The data layout of the backdoor experiments (paper Sec. 3), for one dataset and one case.
 
 - Meta-training classes are split among the users (whole characters for Omniglot, so that the
-  rotations of a character stay with one user); every class holds out ``federation.holdout``
+  rotations of a character stay with one user; uniformly, or skewed by alphabet with
+  ``federation.dirichlet_alpha``); every class holds out ``federation.holdout``
   examples that only serve as queries of main-task evaluation episodes.
 - Backdoor and target classes are reserved outside meta-training and meta-testing: drawn from the
   meta-test characters for Omniglot (1200 train / 418 test / 5 reserved), from the 16 validation
@@ -13,23 +14,27 @@
 
 - Malicious users (``attack.attackers``) keep their own classes and all hold the attacker's share
   of the reserved classes (X_T and the keyed X_B): several attackers collude on one backdoor.
+  Users of a strategy registered with ``split_trigger`` (DBA) hold their X_B keyed with their own
+  part of the trigger only (``Trigger.split``, one part per such user in ``attack.attackers`` order).
 
 Every pool indexes one uint8 image store, so nothing here copies pixels more than once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from fedmeta.attacks.backdoor import ReservedShares, share_examples
 from fedmeta.config import Backdoor
-from fedmeta.data.datasets import reserve
+from fedmeta.data.datasets import Reserved, reserve
+from fedmeta.data.noniid import dirichlet_partition, group_kinds
 from fedmeta.data.pool import ClassPool
 from fedmeta.data.splits import holdout_positions, partition
 from fedmeta.data.triggers import Trigger, make_trigger
+from fedmeta.registry import ATTACKS
 from fedmeta.rng import stream
 
 
@@ -55,6 +60,7 @@ class Scenario:
     test: ClassPool  # meta-test classes
     trigger: Trigger
     case: str  # "a", "b" or "c": with the config, all a remote process needs to rebuild this scenario
+    part_rows: dict[int, Tensor]  # per user of a trigger-splitting strategy (DBA): X_B keyed with its part only
 
     @property
     def images(self) -> Tensor:
@@ -63,6 +69,17 @@ class Scenario:
     @property
     def benign(self) -> list[int]:
         return [u for u in range(len(self.users)) if u not in self.attackers]
+
+    def to(self, device: torch.device) -> Scenario:
+        """The scenario with its one image store on ``device`` (index tables stay on the CPU, as in
+        ``ClassPool.to``), so that a run's clients and evaluations compute where its model is."""
+        images = self.images.to(device)
+
+        def evaluation(ev: EvalPool) -> EvalPool:
+            return replace(ev, pool=ev.pool.rebase(images))
+
+        return replace(self, users=[p.rebase(images) for p in self.users], evaluation=[evaluation(e) for e in self.evaluation],
+                       everyone=evaluation(self.everyone), test=self.test.rebase(images))
 
 
 def build_scenario(cfg: Backdoor, case: str) -> Scenario:
@@ -85,15 +102,19 @@ def build_scenario(cfg: Backdoor, case: str) -> Scenario:
         opacity=att.trigger.opacity, thickness=att.trigger.thickness, gen=stream(cfg.seed, "trigger"),
     )
     store = base.train.images
-    images = torch.cat([store, trigger.apply(store[torch.cat([clean_attack, clean_validation])])])
+    splitting = [a.user for a in att.attackers if ATTACKS.get(a.strategy).info.get("split_trigger")]
+    parts = [p.apply(store[clean_attack]) for p in (trigger.split(len(splitting)) if splitting else [])]
+    keyed = len(store) + len(clean_attack) + len(clean_validation)
+    images = torch.cat([store, trigger.apply(store[torch.cat([clean_attack, clean_validation])]), *parts])
     base = base.rebase(images)
     attack_rows = torch.arange(len(store), len(store) + len(clean_attack))
-    validation_rows = torch.arange(len(store) + len(clean_attack), len(images))
+    validation_rows = torch.arange(len(store) + len(clean_attack), keyed)
+    part_rows = {u: keyed + i * len(clean_attack) + torch.arange(len(clean_attack)) for i, u in enumerate(splitting)}
 
     per_class = int(base.train.counts.min())
     kept, held = holdout_positions(base.train.num_classes, per_class, fed.holdout, stream(cfg.seed, "holdout"))
     train = base.train.examples(torch.cat([kept, held], dim=1))  # each row: [kept | held out]
-    owners = partition(base.groups.unique(), fed.users, stream(cfg.seed, "users"))
+    owners = _owners(cfg, base)
     user_classes = [torch.nonzero(torch.isin(base.groups, g)).flatten() for g in owners]
     benign_share = base.reserved.examples_at([s.benign for s in shares])
     carried = benign_share.classes([target] if case == "a" else [*backdoor, target])
@@ -106,8 +127,19 @@ def build_scenario(cfg: Backdoor, case: str) -> Scenario:
     benign_classes = torch.cat([c for u, c in enumerate(user_classes) if u not in att.users])
     return Scenario(
         users, att.users, share_rows("attacker", [target]), attack_rows, validation_rows,
-        [evaluation(c) for c in user_classes], evaluation(benign_classes), base.test, trigger, case,
+        [evaluation(c) for c in user_classes], evaluation(benign_classes), base.test, trigger, case, part_rows,
     )
+
+
+def _owners(cfg: Backdoor, base: Reserved) -> list[Tensor]:
+    """Each user's class groups: a uniformly random share (the paper's), or, with
+    ``federation.dirichlet_alpha``, each kind's (alphabet's) groups by Dirichlet proportions, every
+    user with enough groups for an episode of ``max(meta.ways, eval.ways)`` classes."""
+    fed, groups, gen = cfg.federation, base.groups.unique(), stream(cfg.seed, "users")
+    if fed.dirichlet_alpha is None:
+        return partition(groups, fed.users, gen)
+    least = -(-max(cfg.meta.ways, cfg.eval.ways) * len(groups) // len(base.groups))  # ceil(ways / classes per group)
+    return dirichlet_partition(groups, group_kinds(base.train.names, base.groups), fed.users, fed.dirichlet_alpha, least, gen)
 
 
 def _eval_pool(

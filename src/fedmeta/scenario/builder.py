@@ -16,15 +16,16 @@ names one of them, and everything random in it comes from streams of the run see
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, replace
+from functools import partial, reduce
 
 import torch
 
 from fedmeta import runtime
 from fedmeta.attacks.strategies import AttackerContext, make_attacker
-from fedmeta.config import Backdoor, Federated, MetaConfig
+from fedmeta.config import Backdoor, ConfigError, Federated, MetaConfig
 from fedmeta.data.datasets import load_meta_splits
+from fedmeta.data.episodes import sample_classes, sample_examples
 from fedmeta.data.pool import ClassPool
 from fedmeta.data.splits import partition
 from fedmeta.defenses.robust_maml import make_robust_learner
@@ -35,7 +36,8 @@ from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Client, Server
 from fedmeta.meta.learner import MetaLearner, build_learner
 from fedmeta.models.build import build_model
-from fedmeta.rng import stream
+from fedmeta.registry import RULES
+from fedmeta.rng import stream, stream_seed
 from fedmeta.scenario.backdoor import Scenario, build_scenario
 
 
@@ -104,13 +106,62 @@ def build_schedule(cfg: Federated, phase: Phase, population: Population) -> Sche
 def build_server(cfg: Federated, phase: Phase, population: Population, engine: Engine = IN_PROCESS,
                  rule: str | None = None) -> Server:
     """The server of the federation ``phase`` (with ``rule`` instead of ``federation.rule`` if
-    given), run by ``engine``."""
+    given), run by ``engine``. A rule registered with ``reference=True`` (FLTrust) also gets the
+    server's own client (``reference_client``), whose update it compares the users' with."""
     fed = cfg.federation
     name = rule or fed.rule
     schedule = build_schedule(cfg, phase, population)
-    server = Server(build_clients(cfg, phase, population), schedule, make_rule(name, cfg.rule_options(name)),
-                    min(fed.min_updates, schedule.per_round), fed.weighting)
+    clients, options = build_clients(cfg, phase, population), cfg.rule_options(name)
+    reference = reference_client(cfg, population, clients, name, options) if RULES.get(name).info.get("reference") else None
+    server = Server(clients, schedule, make_rule(name, options), min(fed.min_updates, schedule.per_round), fed.weighting,
+                    reference)
     return engine.serve(server, cfg, phase, name)
+
+
+def reference_client(cfg: Federated, population: Population, clients: dict[int, Client], rule: str,
+                     options: dict) -> MetaClient:
+    """The server's own client for rule ``rule`` (FLTrust's root update, Cao et al. 2021): a benign
+    client of this federation (same learner, same outer steps per round) trained on the server's
+    clean root set.
+
+    The root set is ``options["root_classes"]`` classes x ``options["root_examples"]`` examples,
+    drawn once per run (stream "reference/root") from the benign users' meta-training classes and
+    the examples they train on (never held-out evaluation examples, never the reserved backdoor or
+    target classes): the server is assumed to have collected a small clean sample of the task
+    distribution, as FLTrust's server does. The client trains with its own seed (stream
+    "reference"), so it draws nothing from any user's stream. On Flower it runs in the ServerApp's
+    process, which builds the same population. A root set that cannot hold one outer step's
+    episodes is refused before the first round, naming the key.
+    """
+    benign = population.benign[0] if isinstance(population, Scenario) else len(population.users) - 1
+    template = clients[benign]
+    pool = _root_candidates(population)
+    k, m = options["root_classes"], options["root_examples"]
+    if k > pool.num_classes:
+        raise ConfigError(f"rules.{rule}.root_classes: {k} exceeds the {pool.num_classes} meta-training classes "
+                          "of the benign users")
+    if m > int(pool.counts.min()):
+        raise ConfigError(f"rules.{rule}.root_examples: {m} exceeds the {int(pool.counts.min())} training examples "
+                          "a benign class has")
+    gen = stream(cfg.seed, "reference", "root")
+    classes = sample_classes(pool.num_classes, 1, k, gen)[0]
+    root = ClassPool(pool.images, sample_examples(pool, classes, m, gen), torch.full((k,), m),
+                     tuple(pool.names[c] for c in classes.tolist()))
+    try:
+        template.learner.sample(root, stream(cfg.seed, "reference", "check"))
+    except ValueError as err:
+        raise ConfigError(f"rules.{rule}: a root set of {k} classes x {m} examples cannot hold the episodes of one "
+                          f"outer step (meta.ways, meta.shots, meta.queries): {err}") from None
+    return replace(template, user=-1, images=root.images, sample=partial(template.learner.sample, root),
+                   examples=k * m, seed=stream_seed(cfg.seed, "reference"))
+
+
+def _root_candidates(population: Population) -> ClassPool:
+    """The benign users' meta-training classes with the examples they train on."""
+    if isinstance(population, Partition):
+        return reduce(ClassPool.merge, population.users)
+    everyone = population.everyone
+    return everyone.pool.classes(torch.arange(everyone.target)).examples(torch.arange(int(everyone.split[0])))
 
 
 def pretrain_meta(cfg: Backdoor) -> MetaConfig:
@@ -121,6 +172,9 @@ def pretrain_meta(cfg: Backdoor) -> MetaConfig:
 
 
 def _backdoor_clients(cfg: Backdoor, phase: Phase, scenario: Scenario) -> dict[int, Client]:
+    """Benign users' clients, and each malicious user's strategy. An attacker knows
+    ``federation.rule`` (a rule passed to ``build_server`` instead is not what it adapts to) and
+    holds honest clients on its own and its colluders' clean classes, for estimating benign updates."""
     shape = scenario.images.shape[1:]
     pretraining = phase.name == "pretrain"
     learner = build_learner(cfg, shape, pretrain_meta(cfg) if pretraining else None)
@@ -128,11 +182,16 @@ def _backdoor_clients(cfg: Backdoor, phase: Phase, scenario: Scenario) -> dict[i
     clients: dict[int, Client] = {u: benign_client(cfg, u, learner, scenario.users[u], episodes) for u in scenario.benign}
     if pretraining or not cfg.attack.enabled:
         return clients
+    fed = cfg.federation
+    clean = {u: benign_client(cfg, u, learner, scenario.users[u], episodes) for u in scenario.attackers}
     for attacker in cfg.attack.attackers:
+        u = attacker.user
         ctx = AttackerContext(
-            attacker.user, scenario.users[attacker.user], scenario.images, scenario.target_rows, scenario.attack_rows,
-            cfg.attack.backdoor_share, cfg.meta, cfg.seed, partial(build_learner, cfg, shape))
-        clients[attacker.user] = make_attacker(attacker.strategy, ctx, cfg.attack_options(attacker.strategy))
+            u, scenario.users[u], scenario.images, scenario.target_rows, scenario.part_rows.get(u, scenario.attack_rows),
+            cfg.attack.backdoor_share, cfg.meta, cfg.seed, partial(build_learner, cfg, shape),
+            (clean[u], *(c for v, c in clean.items() if v != u)), fed.rule, cfg.rule_options(fed.rule), fed.per_round,
+            scenario.attackers)
+        clients[u] = make_attacker(attacker.strategy, ctx, cfg.attack_options(attacker.strategy))
     return clients
 
 

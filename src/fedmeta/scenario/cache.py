@@ -25,7 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fedmeta.config import Backdoor
+from fedmeta.attacks.strategies import adapts_to_rule
+from fedmeta.config import Backdoor, FederationConfig
 from fedmeta.data.files import cache_dir
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import Engine
@@ -93,7 +94,7 @@ def pretrain_key(cfg: Backdoor, case: str) -> str:
     parts = {
         "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": _model_key(cfg),
         "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
-        "federation": fed.model_dump(exclude={"rounds", "episodes", "eval_every", "secure_aggregation", "reply_timeout"}),
+        "federation": _federation(fed, {"rounds", "episodes", "eval_every", "secure_aggregation", "reply_timeout"}),
         "rule": cfg.rule_options(fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
         "benign_holds_backdoor_classes": case != "a", "version": VERSION,
     }
@@ -111,16 +112,16 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
     """``server.updates`` for an attack round, cached under everything that determines them.
 
     The aggregation rule is left out of the key for round 1 only: its input, the pre-trained model,
-    does not depend on the rule of the main rounds.
+    does not depend on the rule of the main rounds (unless an attacker adapts to the rule: ``knows_rule``).
     """
     if not engine.local:
         return server.updates(params, settings)
     fed = cfg.federation
-    rule_free = settings.round == 1
-    parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases"}),
+    rule_free = settings.round == 1 and not adapts_to_rule(cfg.attack.attackers)
+    parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases", "case_c_backdoor_ways"}),
              "attacks": cfg.attacks, "meta": cfg.meta.model_dump(),
-             "federation": fed.model_dump(exclude={"rounds", "eval_every", "reply_timeout",
-                                                   *({"rule", "secure_aggregation"} if rule_free else ())}),
+             "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
+                                             *({"rule", "secure_aggregation"} if rule_free else ())}),
              "rule": None if rule_free else cfg.rule_options(fed.rule), "round": settings.round, "version": VERSION}
     path = cache_dir() / f"attack-{_digest(parts)}.safetensors"
     device = next(iter(params.values())).device
@@ -138,6 +139,12 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
         return updates
 
     return cached(path, f"attack-round cache {path.name}", read, build)
+
+
+def _federation(fed: FederationConfig, exclude: set[str]) -> dict:
+    """``federation`` in a key, less ``exclude``; ``dirichlet_alpha`` only when set, so entries
+    made before the key existed (the uniform split) keep their keys."""
+    return fed.model_dump(exclude=exclude | ({"dirichlet_alpha"} if fed.dirichlet_alpha is None else set()))
 
 
 def _digest(parts: dict) -> str:

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import tomli_w
 
 from fedmeta.config import Config, ConfigError, load_config
+from fedmeta.config.loader import read_toml
 
 SWEEP_KEYS = ("grid", "seeds")
 """What a ``[sweep]`` table of a TOML config may hold (``grid`` maps keys to lists of values)."""
@@ -83,14 +84,12 @@ def parse_grid(items: list[str]) -> dict[str, list[str]]:
 
 
 def read_source(source: str) -> tuple[str, dict[str, Any]]:
-    """The config source without its ``[sweep]`` table (a temporary TOML file if it had one),
-    and that table (``{}`` for presets and TOML files without one)."""
-    path = Path(source)
-    if path.suffix != ".toml" or not path.is_file():
-        return source, {}
+    """The config source (a preset or TOML file) without its ``[sweep]`` table (a temporary TOML
+    file if it had one), and that table (``{}`` if it has none). A ``[sweep]`` table belongs to the
+    file that holds it: one in a preset it ``extends`` is not inherited."""
     try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        raw = read_toml(source)
+    except ConfigError:
         return source, {}  # load_config reports it with its usual message
     table = raw.pop("sweep", None)
     if table is None:
@@ -112,7 +111,17 @@ def table_grid(table: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def _toml_value(value: Any) -> str:
+    """``value`` as one inline TOML value (the ``--set`` syntax): tables as ``{k = v}``, since
+    ``tomli_w`` writes a list of tables as ``[[...]]`` sections."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return tomli_w.dumps({"v": value}).partition("=")[2].strip()
+
+
+def _toml_key(key: str) -> str:
+    return tomli_w.dumps({key: 0}).rpartition("=")[0].strip()
 
 
 def plan(source: str, overrides: list[str], grid_items: list[str], seeds: int | None) -> Plan:

@@ -1,0 +1,58 @@
+"""Neurotoxin (Zhang et al., "Neurotoxin: Durable Backdoors in Federated Learning", ICML 2022,
+Algorithm 1): the backdoor is written into the coordinates benign users change least, so later
+benign rounds overwrite it slowly."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from pydantic import Field, PositiveFloat
+from torch import Tensor
+
+from fedmeta.attacks.steering import SteeredAttack, Steering, frozen
+from fedmeta.attacks.strategies import AttackerContext, TrainingOptions
+from fedmeta.federation.client import RoundSettings
+from fedmeta.models.conv4 import Params
+from fedmeta.registry import ATTACKS
+
+
+class NeurotoxinOptions(TrainingOptions):
+    top: float = Field(0.05, gt=0.0, lt=1.0)
+    """k: the fraction of coordinates, largest in magnitude in the estimated benign update, that the attack never changes."""
+    boost: PositiveFloat = 1.0
+    """Scale of the sent update (1: Neurotoxin's plain update; the mask is kept either way)."""
+
+
+@dataclass(frozen=True)
+class Neurotoxin(SteeredAttack):
+    """Each round, from the global model theta_G:
+
+    1. Estimate the benign update g: the attacker's own honest update from theta_G on its clean
+       classes (``AttackerContext.benign_updates``). Neurotoxin's attacker uses the last global
+       update instead, but a fedmeta client keeps nothing between rounds and the paper's attacker
+       is selected once, so it has seen one global model only; running the benign protocol on its
+       own data from this very model shows which coordinates benign training moves most.
+    2. Mask the top-k% coordinates of |g| (``top``).
+    3. Train on poisoned episodes, projecting after every outer step onto the other coordinates:
+       masked coordinates are reset to theta_G's values, so the sent update is exactly zero there.
+    """
+
+    top: float
+
+    def mask(self, global_params: Params, settings: RoundSettings) -> Tensor:
+        """Flat bool: the top-k% coordinates of the estimated benign update by magnitude."""
+        benign = self.ctx.benign_updates(global_params, settings, 1)[0].abs()
+        chosen = torch.zeros_like(benign, dtype=torch.bool)
+        chosen[benign.topk(max(1, math.floor(self.top * benign.numel()))).indices] = True
+        return chosen
+
+    def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
+        return Steering(frozen(global_params, self.mask(global_params, settings)))
+
+
+@ATTACKS.register("neurotoxin", options=NeurotoxinOptions)
+def neurotoxin(ctx: AttackerContext, episodes: int, inner_epochs: float, top: float, boost: float) -> Neurotoxin:
+    """Neurotoxin (Zhang et al., ICML 2022): poisoned training confined to the coordinates benign users change least."""
+    return Neurotoxin(ctx, ctx.poisoned_client(episodes, inner_epochs, boost), top)

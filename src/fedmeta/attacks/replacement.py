@@ -1,0 +1,80 @@
+"""Model replacement with a norm bound: constrain-and-scale (Bagdasaryan et al., "How To Backdoor
+Federated Learning", AISTATS 2020, Sec. 4 and Algorithm 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from fedmeta.attacks.steering import Steer, SteeredAttack, Steering
+from fedmeta.attacks.strategies import AttackerContext, BoundOptions
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.updates import flatten, unflatten
+from fedmeta.meta.learner import outer_rate
+from fedmeta.models.conv4 import Params
+from fedmeta.registry import ATTACKS
+
+
+class ReplacementOptions(BoundOptions):
+    alpha: float = Field(0.7, gt=0.0, le=1.0)
+    """Weight of the class loss; 1 - alpha weighs the anomaly term (1: plain training, then scaling)."""
+    anomaly: Literal["global", "benign"] = "global"
+    """L_ano = 1/2 ||(theta - theta_G) - r||^2 with r = 0 ("global": distance to the global model)
+    or r = the mean of the estimated benign updates ("benign": distance to a benign-looking update)."""
+
+
+@dataclass(frozen=True)
+class Replacement(SteeredAttack):
+    """Constrain-and-scale. Each round, from the global model theta_G:
+
+    1. The bound S: the rule's norm cap (``rules.clip.norm``) if it has one; otherwise ``slack``
+       times the median norm of ``estimates`` benign updates the attacker computes from theta_G
+       on its own (and its colluders') clean classes (``AttackerContext.norm_bound``).
+    2. Local training on poisoned episodes minimising L = alpha L_class + (1 - alpha) L_ano. The
+       meta-learner's outer step is theta' = theta - eps grad L_class (Reptile: eps (phi - theta),
+       phi the inner-loop weights; MAML: its outer step), so each outer step becomes
+       theta <- theta + alpha (theta' - theta) - (1 - alpha) eps grad L_ano(theta), with
+       grad L_ano = (theta - theta_G) - r and eps the outer step size (``meta.meta_lr``, annealed).
+    3. Scaling: the update X - theta_G is sent scaled to norm exactly S, the largest the rule lets
+       through (Bagdasaryan's gamma = n / eta, bounded by S: "scale up to the bound").
+    """
+
+    estimates: int
+    slack: float
+    alpha: float
+    anomaly: str
+
+    def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
+        needed = self.anomaly == "benign" or not self.ctx.knows_norm_bound
+        benign = self.ctx.benign_updates(global_params, settings, self.estimates) if needed else None
+        bound = self.ctx.norm_bound(benign, self.slack)
+        reference = benign.mean(dim=0) if self.anomaly == "benign" else torch.zeros_like(flatten(global_params))
+        return Steering(self.constrained(global_params, reference), lambda delta: scaled(delta, bound))
+
+    def constrained(self, anchor: Params, reference: Tensor) -> Steer:
+        """The outer step on alpha L_class + (1 - alpha) L_ano (step 2)."""
+        centre, cfg = flatten(anchor), self.training.learner.cfg
+
+        def step(before: Params, after: Params, progress: float) -> Params:
+            theta = flatten(before)
+            pull = (1.0 - self.alpha) * outer_rate(cfg, progress) * (theta - centre - reference)
+            return unflatten(theta + self.alpha * (flatten(after) - theta) - pull, anchor)
+
+        return step
+
+
+def scaled(delta: Tensor, norm: float) -> Tensor:
+    """``delta`` scaled to L2 norm ``norm`` (a zero update stays zero)."""
+    return delta * (norm / delta.norm().clamp_min(torch.finfo(delta.dtype).tiny))
+
+
+@ATTACKS.register("replacement", options=ReplacementOptions, knows_rule=True)
+def replacement(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, slack: float, alpha: float,
+                anomaly: str) -> Replacement:
+    """Model replacement with a norm bound (Bagdasaryan et al., AISTATS 2020): training that keeps
+    the update close to the global model (or a benign one), then scaled to the largest norm the rule lets through."""
+    return Replacement(ctx, ctx.poisoned_client(episodes, inner_epochs), estimates, slack, alpha, anomaly)

@@ -1,0 +1,195 @@
+"""Adaptive backdoor attackers: each keeps the promise its paper makes about the update it sends.
+
+One tiny federation (Conv4-8, 2-shot episodes, a few outer steps) holds one malicious user per
+strategy, all attacking in rounds 1 and 2 under norm clipping; each test checks one strategy's
+property on its real update from an untrained global model, or a helper on crafted values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from scipy.stats import norm
+
+from fedmeta.attacks.alie import z_max
+from fedmeta.attacks.replacement import Replacement
+from fedmeta.attacks.steering import ball, box, frozen
+from fedmeta.config import ConfigError, load_config
+from fedmeta.data.triggers import make_trigger
+from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.updates import flatten
+from fedmeta.meta.learner import build_learner
+from fedmeta.registry import ATTACKS
+from fedmeta.rng import stream
+from fedmeta.scenario.backdoor import build_scenario
+from fedmeta.scenario.builder import Phase, build_clients, build_server
+
+STRATEGIES = {0: "boosted", 1: "replacement", 2: "projected", 3: "neurotoxin", 4: "alie", 5: "dba", 6: "dba"}
+CLIP = 0.5
+EPS = 0.002
+TINY = [
+    "model.filters=8", "meta.shots=2", "meta.inner_steps=2", "meta.meta_batch=2", "federation.episodes=4",
+    "federation.users=15", "federation.per_round=8", "federation.min_updates=8", "federation.rule=clip",
+    f"rules.clip.norm={CLIP}", f"attacks.projected.eps={EPS}", "attacks.alie.z=0.5", "eval.episodes=3", "eval.steps=2",
+    "attack.attackers=[" + ", ".join(f"{{user={u}, strategy='{s}', rounds=[1, 2]}}" for u, s in STRATEGIES.items()) + "]",
+    *(f"attacks.{s}.{k}={v}" for s in set(STRATEGIES.values()) for k, v in (("episodes", 4), ("inner_epochs", 1))),
+]
+SETTINGS = RoundSettings(1)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("omniglot-exp1a-quick", TINY)
+
+
+@pytest.fixture(scope="module")
+def scenario(cfg, omniglot):
+    return build_scenario(cfg, "a")
+
+
+@pytest.fixture(scope="module")
+def clients(cfg, scenario):
+    return build_clients(cfg, Phase(), scenario)
+
+
+@pytest.fixture(scope="module")
+def start(cfg, scenario):
+    return build_learner(cfg, scenario.images.shape[1:]).model.init(stream(0, "test-init"))
+
+
+def test_every_strategy_attacks_in_two_rounds_statelessly(cfg, scenario, start):
+    server = build_server(cfg, Phase(), scenario)
+    params, sent = start, {}
+    for r in (1, 2):
+        settings = RoundSettings(r)
+        updates = server.updates(params, settings)
+        assert set(STRATEGIES) <= {u.user for u in updates}
+        sent[r] = {u.user: u for u in updates}
+        before = params
+        params, report = server.aggregate(params, updates, settings)
+        assert set(STRATEGIES) <= set(report.aggregated) and not report.rejected
+    for user in STRATEGIES:  # round 2 starts from round 1's model; nothing carried over
+        again = server.clients[user].update(before, RoundSettings(2))
+        assert all(torch.equal(again.delta[k], sent[2][user].delta[k]) for k in again.delta)
+        assert not torch.equal(flatten(sent[1][user].delta), flatten(sent[2][user].delta))
+
+
+def test_replacement_sends_exactly_the_clip_norm(clients, start):
+    update = clients[1].update(start, SETTINGS)
+    assert flatten(update.delta).norm().item() == pytest.approx(CLIP, rel=1e-5)
+
+
+def test_replacement_without_a_cap_scales_to_the_estimated_benign_median(clients, start):
+    attacker = clients[1]
+    blind = replace(attacker, ctx=replace(attacker.ctx, rule="median", rule_options={}), slack=2.0)
+    benign = blind.ctx.benign_updates(start, SETTINGS, blind.estimates)
+    assert len({round(float(n), 9) for n in benign.norm(dim=1)}) == blind.estimates  # distinct draws
+    bound = 2.0 * float(benign.norm(dim=1).median())  # odd count: the middle one
+    assert flatten(blind.update(start, SETTINGS).delta).norm().item() == pytest.approx(bound, rel=1e-5)
+
+
+def test_replacement_step_descends_the_weighted_loss(clients):
+    """theta + alpha (theta' - theta) - (1 - alpha) eps ((theta - theta_G) - r), by hand."""
+    attacker: Replacement = clients[1]
+    eps = attacker.training.learner.cfg.meta_lr
+    anchor, before, after = {"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 2.0])}
+    step = attacker.constrained(anchor, torch.tensor([0.5, 0.0]))(before, after, 0.0)
+    alpha = attacker.alpha
+    expected = torch.tensor([1 + alpha * 2 - (1 - alpha) * eps * 0.5, 2 - (1 - alpha) * eps * 1.0])
+    assert torch.allclose(step["w"], expected)
+
+
+def test_projected_stays_in_the_ball(clients, start):
+    attacker = clients[2]
+    free = flatten(attacker.training.update(start, SETTINGS).delta).norm().item()
+    sent = flatten(attacker.update(start, SETTINGS).delta).norm().item()
+    assert free > 2 * EPS  # the projection is active...
+    assert sent <= EPS * (1 + 1e-5) and sent == pytest.approx(EPS, rel=1e-4)  # ...and holds
+    assert replace(attacker, eps="rule").radius(start, SETTINGS) == CLIP  # by default: the rule's cap
+
+
+def test_ball_box_and_frozen_on_crafted_weights():
+    anchor = {"w": torch.tensor([1.0, 1.0])}
+    far, near = {"w": torch.tensor([4.0, 5.0])}, {"w": torch.tensor([1.3, 1.4])}
+    assert torch.allclose(ball(anchor, 1.0)(anchor, far, 0.0)["w"], torch.tensor([1.6, 1.8]))  # 3-4-5 triangle
+    assert torch.allclose(ball(anchor, 1.0)(anchor, near, 0.0)["w"], near["w"])
+    clamped = box(anchor, torch.tensor([-1.0, 0.0]), torch.tensor([2.0, 0.2]))(anchor, far, 0.0)
+    assert torch.allclose(clamped["w"], torch.tensor([3.0, 1.2]))
+    kept = frozen(anchor, torch.tensor([True, False]))(anchor, far, 0.0)
+    assert torch.equal(kept["w"], torch.tensor([1.0, 5.0]))
+
+
+def test_neurotoxin_leaves_the_benign_top_coordinates_exactly_untouched(clients, start):
+    attacker = clients[3]
+    mask = attacker.mask(start, SETTINGS)
+    assert int(mask.sum()) == math.floor(attacker.top * mask.numel())
+    free = flatten(attacker.training.update(start, SETTINGS).delta)
+    sent = flatten(attacker.update(start, SETTINGS).delta)
+    assert (free[mask] != 0).any()  # unconstrained training would change them
+    assert (sent[mask] == 0).all() and (sent[~mask] != 0).float().mean() > 0.5
+
+
+def test_alie_update_stays_within_benign_mean_plus_minus_z_std(clients, start):
+    attacker = clients[4]
+    low, high = attacker.bounds(start, SETTINGS)
+    free = flatten(attacker.training.update(start, SETTINGS).delta)
+    sent = flatten(attacker.update(start, SETTINGS).delta)
+    tol = 1e-6 * float(flatten(start).abs().max())  # (theta_G + d) - theta_G rounds d at theta_G's scale
+    assert ((free < low) | (free > high)).any()  # unconstrained training leaves the box
+    assert (sent >= low - tol).all() and (sent <= high + tol).all()
+
+
+def test_alie_z_follows_baruch_et_al():
+    assert z_max(3, 1) == pytest.approx(norm.ppf(2 / 3))  # s = 2 - 1 = 1
+    assert z_max(10, 2) == pytest.approx(0.2533471)  # s = 6 - 2 = 4: Phi^-1(0.6)
+    assert z_max(50, 12) == pytest.approx(norm.ppf(36 / 50))  # s = 26 - 12 = 14
+    with pytest.raises(ValueError, match="attacks.alie.z"):
+        z_max(3, 2)
+
+
+def test_trigger_split_into_disjoint_parts_that_make_the_whole():
+    trigger = make_trigger("patch", (28, 28, 1), size=4)
+    parts = trigger.split(4)
+    masks = torch.stack([p.mask for p in parts])
+    assert torch.equal(masks.sum(0), trigger.mask) and masks.max() == 1
+    blank = torch.zeros(1, 28, 28, 1, dtype=torch.uint8)
+    for i, part in enumerate(parts):  # a 4x4 patch one pixel from the bottom-right: stripe i is row 23 + i
+        changed = part.apply(blank)[0, ..., 0] != 0
+        assert changed.sum() == 4 and changed[23 + i, 23:27].all()
+    whole = blank
+    for part in parts:
+        whole = part.apply(whole)
+    assert torch.equal(whole, trigger.apply(blank))
+    with pytest.raises(ValueError, match="17 parts"):
+        trigger.split(17)
+
+
+def test_dba_attackers_carry_only_their_part_of_the_trigger(scenario, clients):
+    parts = scenario.trigger.split(2)
+    assert set(scenario.part_rows) == {5, 6} and clients[5].sample.__self__.backdoor_rows is scenario.part_rows[5]
+    own = [scenario.images[scenario.part_rows[u]] for u in (5, 6)]
+    whole = scenario.images[scenario.attack_rows]  # what attack-train accuracy is measured on
+    # the clean images: user 6's images off its part are clean, and so are user 5's off its part
+    clean = torch.where(parts[0].mask.bool(), own[1], own[0])
+    for part, keyed in zip(parts, own):
+        assert torch.equal(part.apply(clean), keyed)
+    assert not torch.equal(parts[0].apply(clean), clean) and not torch.equal(parts[1].apply(clean), clean)
+    assert torch.equal(scenario.trigger.apply(clean), whole)  # the union is the whole trigger
+
+
+def test_attack_option_errors_name_the_key():
+    cases = {"attacks.neurotoxin.top=1.5": "neurotoxin.top", "attacks.alie.estimates=1": "alie.estimates",
+             "attacks.projected.eps=0": "projected.eps", "attacks.replacement.anomaly='far'": "replacement.anomaly",
+             "attacks.replacement.alpha=0": "replacement.alpha", "attacks.dba.boost=-1": "dba.boost",
+             "attacks.alie.zz=1": "alie.zz"}
+    for override, key in cases.items():
+        with pytest.raises(ConfigError, match=key):
+            load_config("omniglot-exp1a-quick", [override])
+
+
+def test_rule_aware_attacks_are_registered_as_such():
+    assert {n for n in ATTACKS.names() if ATTACKS.get(n).info.get("knows_rule")} == {"replacement", "projected"}
+    assert [n for n in ATTACKS.names() if ATTACKS.get(n).info.get("split_trigger")] == ["dba"]
