@@ -84,10 +84,11 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
          clean: list[ClientUpdate], settings: RoundSettings, engine: Engine) -> dict[str, Any]:
     if secure:
         attacked, clean = [_sum_only(attacked)], [_sum_only(clean)]
-    # a fresh server each: a stateful rule (FoolsGold, Centered Clipping) must not carry the
-    # attacked aggregation's state into the clean one
-    after_attack, report = main_server(cfg, case, engine, rule).aggregate(case.pretrained, attacked, settings)
-    after_clean, _ = main_server(cfg, case, engine, rule).aggregate(case.pretrained, clean, settings)
+    server = main_server(cfg, case, engine, rule)
+    start = server.snapshot(case.pretrained)
+    after_attack, report = server.aggregate(case.pretrained, attacked, settings)
+    server.restore(start, case.pretrained)  # a stateful rule (FoolsGold, Centered Clipping) starts the clean one afresh
+    after_clean, _ = server.aggregate(case.pretrained, clean, settings)
     if local:
         defend = LOCAL_DEFENSES.get(local).factory
         users = case.scenario.benign[: cfg.finetune.users]
