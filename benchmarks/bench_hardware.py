@@ -278,10 +278,10 @@ def plain_evaluation(model: Conv4, params: Params, images: Tensor, episodes: Epi
                 local(torch.cat([support, x[None]]))
 
 
-def bench_eval(episodes: int, omniglot_images: Tensor | None) -> dict[str, float | bool | int]:
+def bench_eval(episodes: int, omniglot_images: Tensor | None, sizes: list[int]) -> dict[str, float | bool | int]:
     gen = torch.Generator().manual_seed(0)
     out: dict[str, float | bool | int] = {"eval_episodes": episodes, "eval_steps": EVAL_STEPS}
-    for size, channels, filters in ((28, 1, 64), (84, 3, 32)):
+    for size, channels, filters in [s for s in ((28, 1, 64), (84, 3, 32)) if s[0] in sizes]:
         if size == 28 and omniglot_images is not None:
             images = omniglot_images
         else:
@@ -350,6 +350,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["reptile", "maml", "eval", "round"],
                         choices=["reptile", "maml", "eval", "round"])
     parser.add_argument("--workers", type=int, help="pool engine workers (default: the engine's, one per thread)")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[28, 84], choices=[28, 84],
+                        help="image sizes of the eval part (84: minutes more)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
     keep_freed_memory()
@@ -369,7 +371,7 @@ def main() -> None:
     if "maml" in args.parts:
         results |= bench_maml(repeats)
     if "eval" in args.parts:
-        results |= bench_eval(eval_episodes, _omniglot_images())
+        results |= bench_eval(eval_episodes, _omniglot_images(), args.sizes)
     if "round" in args.parts:
         results |= bench_round(10, round_episodes, args.workers)
     for key, value in results.items():

@@ -91,6 +91,17 @@ def test_replacement_without_a_cap_scales_to_the_estimated_benign_median(clients
     assert flatten(blind.update(start, SETTINGS).delta).norm().item() == pytest.approx(bound, rel=1e-5)
 
 
+def test_replacement_against_plain_fedavg_scales_by_n_over_f(clients, start):
+    """Bagdasaryan's gamma = n / eta (eta = 1), shared by the f = 7 colluders: with n = 7 the raw
+    update (gamma = 1), with n = 8 exactly 8/7 of it, in the direction sent against the clip."""
+    attacker = clients[1]
+    sent = {n: flatten(replace(attacker, ctx=replace(attacker.ctx, rule="fedavg", per_round=n)).update(start, SETTINGS).delta)
+            for n in (7, 8)}
+    assert torch.allclose(sent[8], sent[7] * 8 / 7, rtol=1e-5, atol=1e-8)
+    clipped = flatten(attacker.update(start, SETTINGS).delta)
+    assert torch.nn.functional.cosine_similarity(sent[7], clipped, dim=0).item() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_replacement_step_descends_the_weighted_loss(clients):
     """theta + alpha (theta' - theta) - (1 - alpha) eps ((theta - theta_G) - r), by hand."""
     attacker: Replacement = clients[1]
@@ -193,3 +204,16 @@ def test_attack_option_errors_name_the_key():
 def test_rule_aware_attacks_are_registered_as_such():
     assert {n for n in ATTACKS.names() if ATTACKS.get(n).info.get("knows_rule")} == {"replacement", "projected"}
     assert [n for n in ATTACKS.names() if ATTACKS.get(n).info.get("split_trigger")] == ["dba"]
+
+
+def test_rule_seen_keys_norm_reading_attacks_by_the_norm_alone():
+    """Replacement and projected read only the norm a rule lets through: rules without a cap share
+    their cached attack round, a cap's value splits it, and a rule-blind attack sees nothing."""
+    from fedmeta.attacks.strategies import rule_seen
+    from fedmeta.config.sections import AttackerConfig
+
+    norm = [AttackerConfig(strategy="replacement"), AttackerConfig(user=1, strategy="projected")]
+    assert rule_seen(norm, "median", {}) == rule_seen(norm, "krum", {"byzantine": 1}) == ["estimated"]
+    assert rule_seen(norm, "fedavg", {}) == ["unchecked"]
+    assert rule_seen(norm, "clip", {"norm": 0.2, "noise": 0.0}) == ["cap", 0.2] != rule_seen(norm, "clip", {"norm": 0.3})
+    assert rule_seen([AttackerConfig()], "clip", {"norm": 0.2}) is None

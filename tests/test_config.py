@@ -18,6 +18,23 @@ def test_every_preset_validates_and_describes_itself():
         assert validate(__import__("tomllib").loads(cfg.to_toml())) == cfg  # config.toml round-trips
 
 
+def test_attack_tables_of_unused_strategies_are_checked_and_do_not_make_a_new_setting(tmp_path):
+    """A quick preset sets every strategy's length (so a swapped strategy does not train at the
+    paper's 50000 x 50); those tables are checked, yet a run written without them is the same setting."""
+    from fedmeta.runs import config_changes
+
+    swapped = load_config("omniglot-exp1a-quick", ['attack.attackers=[{user = 0, strategy = "alie"}]'])
+    assert swapped.attacks["alie"]["episodes"] == 1000
+    with pytest.raises(ConfigError, match="alie.zz"):
+        load_config("omniglot-exp1a-quick", ["attacks.alie.zz=1"])
+    cfg = load_config("omniglot-exp1a-quick")
+    older = __import__("tomllib").loads(cfg.to_toml())
+    older["attacks"] = {"boosted": older["attacks"]["boosted"]}  # as written before the preset set the others
+    (tmp_path / "config.toml").write_text(__import__("tomli_w").dumps(older))
+    assert config_changes(tmp_path / "config.toml", cfg) == {}
+    assert config_changes(tmp_path / "config.toml", swapped)  # another strategy is another setting
+
+
 def test_preset_names_follow_dataset_experiment_scale():
     for name in preset_names():
         dataset, *_, scale = name.split("-")

@@ -107,3 +107,46 @@ def test_local_pool_engine_computes_the_sequential_round(omniglot):
     assert r_par == r_seq
     torch.testing.assert_close(flatten(p_par), flatten(p_seq), rtol=1e-4, atol=1e-6)
     assert pool.stats() == {"pool_workers": 2}
+
+
+PARENT = '''
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from fedmeta.runtime import exit_with_parent
+
+def pid():
+    return os.getpid()
+
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=ctx, initializer=exit_with_parent, initargs=(0.1,)) as pool:
+        print(pool.submit(pid).result(), flush=True)
+        pool.submit(time.sleep, 120)  # the worker is busy (an idle one would see its queue close)
+        time.sleep(120)
+'''
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """A sweep or run killed by a signal cannot shut its pool down: its workers must not go on
+    computing as orphans (``runtime.exit_with_parent``, the initializer of every fedmeta pool)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive() -> bool:  # an exited orphan may linger as a zombie where nothing reaps it
+        status = Path(f"/proc/{worker}/status")
+        return status.exists() and "\nState:\tZ" not in status.read_text()
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()

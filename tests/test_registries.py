@@ -76,6 +76,8 @@ def test_foolsgold_weights_sybils_zero_and_distinct_users_one():
     sybil = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     w = foolsgold_weights(torch.cat([distinct, sybil, sybil]))
     assert torch.allclose(w, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    exact = foolsgold_weights(torch.eye(3)[[0, 0, 1, 2]])  # cosine exactly 1: log(0) = -inf must give 0, not 1
+    assert exact.tolist() == [0.0, 0.0, 1.0, 1.0]
     rule = FoolsGold()
     updates = torch.cat([distinct, sybil, sybil])
     out = rule(updates, torch.full((4,), 0.25), torch.Generator(), users=[0, 1, 2, 3])

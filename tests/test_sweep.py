@@ -12,6 +12,7 @@ from fedmeta.reports import write_report
 from fedmeta.runs import RunError
 from fedmeta.sweeps import InProcess, LocalPool, RayCluster, plan, run_sweep, split_values
 from fedmeta.sweeps.executors import connect
+from fedmeta.sweeps.grid import _slug
 
 TINY = [
     "model.filters=8", "meta.iterations=6", "meta.meta_batch=2", "meta.inner_steps=2", "meta.shots=2",
@@ -130,3 +131,12 @@ def test_unreachable_ray_address_fails_fast_naming_it():
         with pytest.raises(ConfigError, match="cannot reach the Ray cluster at 127.0.0.1:1"):
             start_ray("127.0.0.1:1")
     assert time.perf_counter() - start < 10
+
+
+def test_cell_names_are_readable_and_distinct():
+    """Tables and identifier-like strings are written without quotes; a string that reads as
+    another value keeps them, so ``["true"]`` and ``[true]`` still name different folders."""
+    attackers = '[{user=0,rounds=[1],strategy="alie"}]'
+    cells = plan("omniglot-exp1a-quick", [], [f"attack.attackers={attackers}"], 1).cells
+    assert cells[0].name == "attack.attackers=[{user=0,rounds=[1],strategy=alie}]__seed=0"
+    assert [_slug(v) for v in ('["true"]', "[true]", '["a"]', '["a b"]')] == ["[%22true%22]", "[true]", "[a]", "[%22a%20b%22]"]

@@ -193,13 +193,24 @@ def matches(key: str, patterns: Sequence[str]) -> bool:
 
 def config_changes(path: Path, config: Any) -> dict[str, list[Any]]:
     """``{key: [in the file at path, in config]}`` for every key that differs, both validated
-    first (so keys a newer fedmeta added with their defaults do not count as changes)."""
+    first (so keys a newer fedmeta added with their defaults do not count as changes); settings
+    of attack strategies no attacker runs do not count (``in_use``)."""
     try:
-        old = flat_keys(validate(tomllib.loads(path.read_text())).model_dump(mode="json"))
+        old = flat_keys(in_use(validate(tomllib.loads(path.read_text())).model_dump(mode="json")))
     except (ConfigError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise RunError(f"{path} is not a config this fedmeta can read ({err})") from None
-    new = flat_keys(config.model_dump(mode="json"))
+    new = flat_keys(in_use(config.model_dump(mode="json")))
     return {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def in_use(tree: dict[str, Any]) -> dict[str, Any]:
+    """A config (as a dict) without the ``[attacks.<name>]`` tables of strategies no attacker
+    runs: a preset sets every strategy's length so that a swapped strategy does not train at the
+    paper's, and those tables change nothing about a run (nor whether two runs are one setting)."""
+    if not tree.get("attacks"):
+        return tree
+    used = {a.get("strategy", "boosted") for a in tree.get("attack", {}).get("attackers", [{}])}
+    return {**tree, "attacks": {k: v for k, v in tree["attacks"].items() if k in used}}
 
 
 def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

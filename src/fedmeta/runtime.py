@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+import threading
 import time
 
 import torch
@@ -32,6 +34,23 @@ def keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
     except (OSError, AttributeError):
         pass
+
+
+def exit_with_parent(period: float = 1.0) -> None:
+    """In a worker process: exit as soon as the process that started it is gone.
+
+    A sweep or run stopped by a signal (``kill``, a scheduler's time limit) cannot shut its
+    process pool down, and its workers would go on computing as orphans, holding the cores and
+    the cells' locks (found when a killed sweep's workers ran on for 47 minutes). A daemon thread
+    polls the parent's pid: portable, and a second of lag is nothing beside a cell."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(period)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def setup(cfg: RuntimeConfig) -> torch.device:

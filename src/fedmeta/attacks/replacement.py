@@ -31,7 +31,8 @@ class ReplacementOptions(BoundOptions):
 class Replacement(SteeredAttack):
     """Constrain-and-scale. Each round, from the global model theta_G:
 
-    1. The bound S: the rule's norm cap (``rules.clip.norm``) if it has one; otherwise ``slack``
+    1. The bound S: the rule's norm cap (``rules.clip.norm``) if it has one; none against plain
+       FedAvg, which checks nothing; otherwise (a rule that filters without a known cap) ``slack``
        times the median norm of ``estimates`` benign updates the attacker computes from theta_G
        on its own (and its colluders') clean classes (``AttackerContext.norm_bound``).
     2. Local training on poisoned episodes minimising L = alpha L_class + (1 - alpha) L_ano. The
@@ -39,8 +40,10 @@ class Replacement(SteeredAttack):
        phi the inner-loop weights; MAML: its outer step), so each outer step becomes
        theta <- theta + alpha (theta' - theta) - (1 - alpha) eps grad L_ano(theta), with
        grad L_ano = (theta - theta_G) - r and eps the outer step size (``meta.meta_lr``, annealed).
-    3. Scaling: the update X - theta_G is sent scaled to norm exactly S, the largest the rule lets
-       through (Bagdasaryan's gamma = n / eta, bounded by S: "scale up to the bound").
+    3. Scaling: with a bound, the update X - theta_G is sent scaled to norm exactly S, the largest
+       the rule lets through ("scale up to the bound"); against plain FedAvg it is multiplied by
+       Bagdasaryan's gamma = n / eta with eta = 1 (the server's rate), shared among the f
+       colluders: gamma = n / f, n = ``federation.per_round``, so that together they replace the model.
     """
 
     estimates: int
@@ -49,10 +52,14 @@ class Replacement(SteeredAttack):
     anomaly: str
 
     def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
-        needed = self.anomaly == "benign" or not self.ctx.knows_norm_bound
-        benign = self.ctx.benign_updates(global_params, settings, self.estimates) if needed else None
-        bound = self.ctx.norm_bound(benign, self.slack)
+        ctx = self.ctx
+        needed = self.anomaly == "benign" or not (ctx.knows_norm_bound or ctx.unchecked)
+        benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None
         reference = benign.mean(dim=0) if self.anomaly == "benign" else torch.zeros_like(flatten(global_params))
+        if ctx.unchecked:
+            gamma = ctx.per_round / len(ctx.attackers)
+            return Steering(self.constrained(global_params, reference), lambda delta: gamma * delta)
+        bound = ctx.norm_bound(benign, self.slack)
         return Steering(self.constrained(global_params, reference), lambda delta: scaled(delta, bound))
 
     def constrained(self, anchor: Params, reference: Tensor) -> Steer:
@@ -72,7 +79,7 @@ def scaled(delta: Tensor, norm: float) -> Tensor:
     return delta * (norm / delta.norm().clamp_min(torch.finfo(delta.dtype).tiny))
 
 
-@ATTACKS.register("replacement", options=ReplacementOptions, knows_rule=True)
+@ATTACKS.register("replacement", options=ReplacementOptions, knows_rule="norm")
 def replacement(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, slack: float, alpha: float,
                 anomaly: str) -> Replacement:
     """Model replacement with a norm bound (Bagdasaryan et al., AISTATS 2020): training that keeps

@@ -11,8 +11,9 @@ registers. Which users are malicious and in which rounds they are selected is
 users may run the same strategy (they then collude on the same backdoor) or different ones.
 
 Registration facts read elsewhere: ``knows_rule`` (the update depends on the server's rule, so
-cached attack rounds are keyed by it) and ``split_trigger`` (each user running the strategy gets
-its own part of the trigger: ``scenario.backdoor``).
+cached attack rounds are keyed by it: ``True`` for the rule and all its settings, ``"norm"`` for a
+strategy that reads only the norm the rule lets through, ``rule_seen``) and ``split_trigger``
+(each user running the strategy gets its own part of the trigger: ``scenario.backdoor``).
 
 Threat model of the adaptive strategies (``fedmeta.attacks.steering``): the attacker knows the
 aggregation rule and its settings (Kerckhoffs), not the other users' updates; it can run the
@@ -46,6 +47,8 @@ from fedmeta.registry import ATTACKS
 
 NORM_BOUNDS = {"clip": "norm"}
 """Rules that cap every update's L2 norm, and the option that holds the cap."""
+UNCHECKED = {"fedavg"}
+"""Rules that take every update as it is (no filter, no cap): an attacker may send any norm."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,11 @@ class AttackerContext:
         updates = [self.clean[i % len(self.clean)].update(
             global_params, replace(settings, phase=f"{settings.phase}/benign-estimate-{i}")) for i in range(count)]
         return torch.stack([flatten(u.delta) for u in updates])
+
+    @property
+    def unchecked(self) -> bool:
+        """Whether the server's rule takes every update as it is (``UNCHECKED``: plain FedAvg)."""
+        return self.rule in UNCHECKED
 
     @property
     def knows_norm_bound(self) -> bool:
@@ -144,6 +152,21 @@ def boosted(ctx: AttackerContext, boost: float, episodes: int, inner_epochs: flo
 def adapts_to_rule(attackers: list) -> bool:
     """Whether any of ``attack.attackers`` runs a strategy whose update depends on the server's rule."""
     return any(ATTACKS.get(a.strategy).info.get("knows_rule") for a in attackers)
+
+
+def rule_seen(attackers: list, rule: str, options: Mapping[str, Any]) -> list[Any] | None:
+    """What of the server's rule the attackers' updates depend on (part of a cached attack round's
+    key): nothing; only the norm it lets through (its cap, none under plain FedAvg, else an
+    estimate), for strategies registered ``knows_rule="norm"``, so that the rules of a comparison
+    without a cap share one attack round; or the rule and all its settings."""
+    kinds = {ATTACKS.get(a.strategy).info.get("knows_rule") for a in attackers} - {None, False}
+    if not kinds:
+        return None
+    if kinds == {"norm"}:
+        if rule in NORM_BOUNDS:
+            return ["cap", options[NORM_BOUNDS[rule]]]
+        return ["unchecked" if rule in UNCHECKED else "estimated"]
+    return [rule, dict(options)]
 
 
 def make_attacker(strategy: str, ctx: AttackerContext, options: dict) -> Client:

@@ -97,6 +97,7 @@ def _quiet() -> None:
     """Workers run on the CPU with one thread and no progress bars (they would interleave on one
     terminal): tqdm reads ``TQDM_DISABLE`` only when imported, which unpickling this function did."""
     runtime.setup(RuntimeConfig(device="cpu", threads=1))
+    runtime.exit_with_parent()
     tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
 
 

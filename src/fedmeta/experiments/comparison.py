@@ -65,6 +65,8 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
         start = session.elapsed
         attacked = _attack_round(cfg, case, rule, settings, engine) if adaptive else shared
         record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, settings, engine)}
+        # a local defense is scored at each of its users on its own episodes
+        record["episodes"] = cfg.finetune.episodes * cfg.finetune.users if local else cfg.eval.episodes
         record["seconds"] = round(session.elapsed - start, 1)
         session.log(record, f"{record['seconds']:.0f}s")
         session.checkpoint({}, step=index + 1)

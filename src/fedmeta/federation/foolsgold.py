@@ -45,7 +45,9 @@ def foolsgold_weights(histories: Tensor) -> Tensor:
     w = w / w.max()
     w = torch.where(w == 1, torch.full_like(w, 0.99), w)
     w = torch.log(w / (1 - w)) + 0.5
-    return torch.where(torch.isinf(w) | (w > 1), torch.ones_like(w), w).clamp_min(0)
+    # The reference's ``wv[(np.isinf(wv) + wv > 1)] = 1`` parses as ``(isinf + wv) > 1``: +inf and
+    # values above 1 become 1, while -inf (log 0: an exact sybil) stays and is clipped to 0 below.
+    return torch.where(w > 1, torch.ones_like(w), w).clamp_min(0)
 
 
 @RULES.register("foolsgold")

@@ -38,7 +38,7 @@ from fedmeta.data.episodes import Episodes, gather, sample_episodes
 from fedmeta.data.pool import ClassPool
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Conv4, Params
-from fedmeta.runtime import keep_freed_memory
+from fedmeta.runtime import exit_with_parent, keep_freed_memory
 
 Workers = int | Literal["auto"]
 
@@ -248,6 +248,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 def _worker_setup() -> None:
     torch.set_num_threads(1)
     keep_freed_memory()
+    exit_with_parent()
 
 
 def evaluate_episodes(

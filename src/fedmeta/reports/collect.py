@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.config import ConfigError, validate
-from fedmeta.runs import RunDir, flat_keys, matches
+from fedmeta.runs import RunDir, flat_keys, in_use, matches
 from fedmeta.storage import atomic_write
 
 POSITION = ("learner", "case", "user", "stage", "target", "nonmember", "score", "ways", "k", "defense", "scale",
@@ -100,7 +100,7 @@ def keep(source: Path, dest: Path) -> list[Path]:
 def load(path: Path) -> Run:
     config = resolved(tomllib.loads((path / "config.toml").read_text()))
     lines = (path / "metrics.jsonl").read_text().splitlines()
-    setting = {k: v for k, v in flat_keys(config).items() if not matches(k, IGNORED)}
+    setting = {k: v for k, v in flat_keys(in_use(config)).items() if not matches(k, IGNORED)}
     summary = json.loads((path / "summary.json").read_text())
     return Run(path, config["experiment"], int(config.get("seed", 0)), setting,
                [json.loads(line) for line in lines if line.strip()], summary.get("eval_episodes"))
@@ -121,6 +121,11 @@ def labels(runs: list[Run]) -> dict[str, dict[str, Any]]:
     settings = {_key(r.setting): r.setting for r in runs}
     keys = sorted({k for s in settings.values() for k in s})
     varying = [k for k in keys if len({json.dumps(s.get(k), sort_keys=True) for s in settings.values()}) > 1]
+    # Keys every setting has tell settings apart more readably than the options of parts that only
+    # some use (another attack's table, another rule's): use them alone when they suffice.
+    shared = [k for k in varying if all(k in s for s in settings.values())]
+    if len({json.dumps([s.get(k) for k in shared]) for s in settings.values()}) == len(settings):
+        varying = shared
     return {key: {k: s.get(k) for k in varying} for key, s in settings.items()}
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fedmeta.attacks.strategies import adapts_to_rule
+from fedmeta.attacks.strategies import rule_seen
 from fedmeta.config import Backdoor, FederationConfig
 from fedmeta.data.files import cache_dir
 from fedmeta.federation.client import RoundSettings
@@ -111,18 +111,22 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
                          engine: Engine) -> list[ClientUpdate]:
     """``server.updates`` for an attack round, cached under everything that determines them.
 
-    The aggregation rule is left out of the key for round 1 only: its input, the pre-trained model,
-    does not depend on the rule of the main rounds (unless an attacker adapts to the rule: ``knows_rule``).
+    In round 1 the key holds of the aggregation rule only what the attackers see of it
+    (``rule_seen``: nothing for a strategy that ignores it), since its input, the pre-trained
+    model, does not depend on the rule of the main rounds; later rounds' inputs do, so there it is
+    the whole rule. Settings of strategies no attacker runs stay out of the key.
     """
     if not engine.local:
         return server.updates(params, settings)
     fed = cfg.federation
-    rule_free = settings.round == 1 and not adapts_to_rule(cfg.attack.attackers)
+    first = settings.round == 1
+    rule = rule_seen(cfg.attack.attackers, fed.rule, cfg.rule_options(fed.rule)) if first else cfg.rule_options(fed.rule)
     parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases", "case_c_backdoor_ways"}),
-             "attacks": cfg.attacks, "meta": cfg.meta.model_dump(),
+             "attacks": {a.strategy: cfg.attack_options(a.strategy) for a in cfg.attack.attackers},
+             "meta": cfg.meta.model_dump(),
              "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
-                                             *({"rule", "secure_aggregation"} if rule_free else ())}),
-             "rule": None if rule_free else cfg.rule_options(fed.rule), "round": settings.round, "version": VERSION}
+                                             *({"rule", "secure_aggregation"} if first else ())}),
+             "rule": rule, "round": settings.round, "version": VERSION}
     path = cache_dir() / f"attack-{_digest(parts)}.safetensors"
     device = next(iter(params.values())).device
 

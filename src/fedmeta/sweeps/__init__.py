@@ -99,6 +99,9 @@ def _state(out: Path, sweep: Plan) -> dict[str, Any]:
     state["seeds"] = max(state.get("seeds", 0), sweep.seeds)
     for cell in sweep.cells:
         state["cells"].setdefault(cell.name, {"overrides": list(cell.overrides), "status": "pending"})
+    for name, entry in state["cells"].items():  # a cell that finished after its worker was cut off, or by hand
+        if entry["status"] != "done" and (out / name / RunDir.SUMMARY).is_file():
+            entry.update(status="done", error=None)
     _save(out, state)
     return state
 

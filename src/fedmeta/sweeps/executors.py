@@ -18,6 +18,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Protocol
 
 from fedmeta.config import ConfigError
+from fedmeta.runtime import exit_with_parent
 from fedmeta.sweeps.cell import Outcome, Task, run_cell
 
 
@@ -70,7 +71,8 @@ class LocalPool:
         return min(configured, share) if configured else share
 
     def run(self, tasks: list[Task]) -> Iterator[Outcome]:
-        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=exit_with_parent) as pool:
             futures = {pool.submit(run_cell, task): task for task in tasks}
             yield from _as_completed(futures)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import tempfile
 import tomllib
 from dataclasses import dataclass
@@ -167,11 +168,29 @@ def _cell(base: Config, combo: list[tuple[str, str]], seed: int) -> Cell:
 
 
 def _slug(value: str) -> str:
-    """A value as a folder-name part: its canonical JSON (strings bare), percent-encoded outside a
-    safe set, so distinct values give distinct names."""
+    """A value as a folder-name part: compact, with identifier-like strings unquoted and tables
+    written ``{key=value,...}`` (``[{user=0,strategy=alie}]``, not ``[{%22user%22:0,...}]``),
+    percent-encoded outside a safe set that holds no character Windows forbids in a name; other
+    strings keep their quotes, so distinct values still give distinct names."""
     parsed = tomllib.loads(f"v = {value}")["v"] if _is_toml(value) else value
-    text = parsed if isinstance(parsed, str) else json.dumps(parsed, separators=(",", ":"))
-    return quote(text, safe="[]{}:,.-_+@")
+    text = parsed if isinstance(parsed, str) else _compact(parsed)
+    return quote(text, safe="[]{}=,.-_+@")
+
+
+_BARE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_WORDS = ("true", "false", "null", "Infinity", "NaN")  # what JSON writes for non-strings
+
+
+def _compact(value: Any) -> str:
+    """Compact JSON with ``=`` between a table's keys and values, and strings that cannot be read
+    as another value (numbers, true, false, null, or a quoted string) written bare."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_compact(str(k))}={_compact(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_compact(v) for v in value) + "]"
+    if isinstance(value, str) and _BARE.fullmatch(value) and value not in _WORDS:
+        return value
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _is_toml(value: str) -> bool:
