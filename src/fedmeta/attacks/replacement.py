@@ -56,11 +56,10 @@ class Replacement(SteeredAttack):
         needed = self.anomaly == "benign" or not (ctx.knows_norm_bound or ctx.unchecked)
         benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None
         reference = benign.mean(dim=0) if self.anomaly == "benign" else torch.zeros_like(flatten(global_params))
-        if ctx.unchecked:
-            gamma = ctx.per_round / len(ctx.attackers)
-            return Steering(self.constrained(global_params, reference), lambda delta: gamma * delta)
-        bound = ctx.norm_bound(benign, self.slack)
-        return Steering(self.constrained(global_params, reference), lambda delta: scaled(delta, bound))
+        gamma = ctx.per_round / len(ctx.attackers)
+        bound = None if ctx.unchecked else ctx.norm_bound(benign, self.slack)
+        send = (lambda delta: gamma * delta) if bound is None else (lambda delta: scaled(delta, bound))
+        return Steering(self.constrained(global_params, reference), send)
 
     def constrained(self, anchor: Params, reference: Tensor) -> Steer:
         """The outer step on alpha L_class + (1 - alpha) L_ano (step 2)."""

@@ -65,8 +65,6 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
         start = session.elapsed
         attacked = _attack_round(cfg, case, rule, settings, engine) if adaptive else shared
         record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, settings, engine)}
-        # a local defense is scored at each of its users on its own episodes
-        record["episodes"] = cfg.finetune.episodes * cfg.finetune.users if local else cfg.eval.episodes
         record["seconds"] = round(session.elapsed - start, 1)
         session.log(record, f"{record['seconds']:.0f}s")
         session.checkpoint({}, step=index + 1)
@@ -98,10 +96,10 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
         attack = _mean([defend(cfg, case, after_attack, u, steps)[steps[0]] for u in users])
         clean_test = _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])
         return {**accuracy_fields("clean_meta_test_accuracy", clean_test["meta_test_accuracy"]), **fields(attack),
-                "rejected": report.rejected}
+                "rejected": report.rejected, "episodes": attack["attack_val_accuracy"].episodes}  # over its users
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
     return {**accuracy_fields("clean_meta_test_accuracy", _meta_test(cfg, case, after_clean)), **fields(scores),
-            "rejected": report.rejected}
+            "rejected": report.rejected, "episodes": scores["attack_val_accuracy"].episodes}
 
 
 def _sum_only(updates: list[ClientUpdate]) -> ClientUpdate:
