@@ -95,12 +95,30 @@ def test_pgd_is_at_least_as_strong_as_fgsm_and_robust_never_exceeds_standard(tra
     cfg = EvalConfig(ways=5, queries=5, steps=3, transductive=transductive)
     epsilon = pixels(16)
     attacks = {"pgd": LinfAttack.pgd(epsilon, pixels(4), 10), "fgsm": LinfAttack.fgsm(epsilon)}
+    attack_gen = torch.Generator().manual_seed(2)
     accs = robust_meta_test(learner, params, test, cfg, attacks, shots=1, episodes=episodes, lr=0.4,
-                            gen=torch.Generator().manual_seed(1), attack_gen=torch.Generator().manual_seed(2))
+                            gen=torch.Generator().manual_seed(1), attack_gens={"pgd": attack_gen, "fgsm": attack_gen})
     standard, fgsm, robust = accs["standard"].mean, accs["fgsm"].mean, accs["pgd"].mean
     assert standard > 0.4, accs  # a model worth attacking (chance: 0.2)
     assert robust <= fgsm <= standard, accs
     assert robust < standard - 0.1, accs  # plain MAML is not robust: the attack bites
+
+
+def test_a_query_survives_restarts_only_if_it_survives_each_of_them(trained):
+    learner, params, test = trained
+    cfg = EvalConfig(ways=5, queries=5, steps=3, transductive=True)
+
+    def robust(restarts: int, attack_gen: torch.Generator) -> float:
+        attack = {"pgd": LinfAttack.pgd(pixels(8), pixels(2), 2, restarts)}
+        accs = robust_meta_test(learner, params, test, cfg, attack, shots=1, episodes=1, lr=0.4,
+                                gen=torch.Generator().manual_seed(6), attack_gens={"pgd": attack_gen})
+        return accs["pgd"].mean
+
+    gen = torch.Generator().manual_seed(2)  # one episode: single run k draws restart k's start
+    singles = [robust(1, gen) for _ in range(3)]
+    together = robust(3, torch.Generator().manual_seed(2))
+    # on this episode each start fools different queries (measured: 0.44 each, 0.40 together)
+    assert together < min(singles), (singles, together)
 
 
 def test_non_transductive_attack_sees_each_query_alone_with_the_support(tiny):

@@ -104,8 +104,9 @@ def test_docs_tables_are_regenerated_from_their_commands(tmp_path):
     assert refresh_files([doc], tmp_path) == {doc: True}
     text = doc.read_text()
     assert text.startswith("# Title\n\ntext\n\n" + command + "\nSeeds: 0, 1, 2 (3);") and text.endswith("<!-- end -->\n\nmore text\n")
-    assert "| all runs | case a, round 0 | 11.00 ± 2.48 | 3 | 40 |" in text  # 0.10, 0.11, 0.12: s = 0.01
-    assert "| all runs | case a, round 2 | 71.00 ± 2.48 | 3 | 40 |" in text and "round 1" not in text
+    assert "Every row: case a." in text  # what all rows share is said once, above the table
+    assert "| all runs | round 0 | 11.00 ± 2.48 | 3 | 40 |" in text  # 0.10, 0.11, 0.12: s = 0.01
+    assert "| all runs | round 2 | 71.00 ± 2.48 | 3 | 40 |" in text and "round 1" not in text
     assert "meta_test" not in text
     assert refresh_files([doc], tmp_path, check=True) == {doc: False}  # byte for byte: nothing left to change
 
@@ -155,3 +156,18 @@ def test_every_docs_table_is_regenerated_from_results_byte_for_byte():
     assert with_tables, "no generated table in docs/"
     stale = [str(p.relative_to(root)) for p, differs in refresh_files(with_tables, root, check=True).items() if differs]
     assert not stale, f"run `fedmeta report --docs {' '.join(stale)}` in the repository root"
+
+
+def test_membership_lines_are_told_apart_by_threat_and_attack_and_count_trials(tmp_path):
+    """Membership inference writes one line per server, attack and score at one stage: each its own row."""
+    for seed in range(2):
+        _run(tmp_path / "mia" / f"seed={seed}", seed, [
+            {"stage": "threat", "threat": threat, "users": users, "target": "support", "attack": attack,
+             "score": score, "attack_auc": auc + 0.01 * seed, "trials": 24}
+            for threat, users, auc in (("informed", 1, 0.9), ("secagg", 4, 0.5))
+            for attack, score in (("inversion", "l0-cos"), ("threshold", "loss"))], experiment="membership")
+    text = table_text(TableQuery.parse(["mia", "--where", "threat=secagg"]).within(tmp_path))
+    assert "Every row: stage threat, threat secagg, users 4, target support." in text
+    assert "| setting | position | attack_auc | seeds | trials |" in text
+    assert "| all runs | attack inversion, score l0-cos | 0.505 ± 0.064 | 2 | 24 |" in text
+    assert "| all runs | attack threshold, score loss | 0.505 ± 0.064 | 2 | 24 |" in text

@@ -90,7 +90,7 @@ def test_robustness_needs_a_maml_algorithm():
 TINY = [
     "model.filters=8", "meta.iterations=4", "meta.meta_batch=2", "meta.inner_steps=1", "meta.queries=2",
     "eval.every=2", "eval.episodes_during=2", "eval.episodes=3", "eval.steps=2", "eval.queries=2",
-    "robust.pgd_steps=2",
+    "robust.pgd_steps=2", "robust.strong_steps=2", "robust.strong_restarts=2",
 ]
 
 
@@ -110,11 +110,14 @@ def test_run_compares_the_learners_with_metrics_and_a_table(tmp_path, omniglot):
     ]
     for r in records:
         assert 0.0 <= r["robust_accuracy"] <= r["standard_accuracy"] <= 1.0 and r["mode"] == "transductive"
+        # the stronger attack runs on the final evaluation only
+        assert ("strong_robust_accuracy" in r) == r.get("final", False)
+        assert r.get("strong_robust_accuracy", 0.0) <= r["standard_accuracy"]
     summary = json.loads((folder.path / "summary.json").read_text())
     assert set(summary["learners"]) == set(learners) and summary["eval_mode"] == "transductive"
     row = summary["learners"]["rmaml-trades"]
     assert {"standard_accuracy", "standard_accuracy_ci95", "robust_accuracy", "robust_accuracy_ci95",
-            "seconds_per_iteration"} <= set(row)
+            "strong_robust_accuracy", "seconds_per_iteration"} <= set(row)
     assert {f"weights-{name}.safetensors" for name in learners} <= {p.name for p in folder.path.iterdir()}
     assert plot_runs([folder.path], tmp_path / "figure.png").stat().st_size > 10_000
 

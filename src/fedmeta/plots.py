@@ -13,7 +13,10 @@
   attack accuracy against the number of ways; AUC against the number of aggregated tasks.
 
 Line colours follow the paper: meta-test black, main task purple, attack training blue, attack
-validation green.
+validation green. Titles name the experiment and the dataset; shaded bands are the 95% intervals
+over evaluation episodes that the metrics lines log; legends sit below the panels; a fine-tuning
+curve's step 0 (the model before any adaptation) is a lone point, not joined to step 50 or 100.
+Curves over seeds (bands over seeds) are ``fedmeta report``'s.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 LINES = {
     "meta_test_accuracy": ("meta-testing", "black"),
@@ -44,6 +48,28 @@ def load_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return config, [json.loads(line) for line in lines if line.strip()]
 
 
+TITLES = {
+    "pretrain": "Benign meta-training",
+    "backdoor-rounds": "Experiment 1: benign rounds after a one-shot backdoor attack",
+    "backdoor-finetune": "Experiment 2: fine-tuning at each benign user after the attack",
+    "defense-finetune": "Experiment 3: the matching-network defense at each benign user",
+    "defense-comparison": "One attack, every defense",
+    "robustness": "Robust meta-learning (R-MAML): clean and robust accuracy",
+    "robustness-federated": "Federated R-MAML with plain-MAML clients",
+    "membership": "Membership inference on distributed MAML",
+}
+DATASETS = {"omniglot": "Omniglot", "miniimagenet": "mini-ImageNet", "mnist": "MNIST", "fashionmnist": "Fashion-MNIST"}
+
+
+def title_of(experiment: str, configs: Sequence[dict[str, Any]]) -> str:
+    """The experiment and its dataset (never a preset's description, which may be long or stale)."""
+    datasets = dict.fromkeys(DATASETS.get(c.get("data", {}).get("dataset"), str(c.get("data", {}).get("dataset")))
+                             for c in configs)
+    seeds = sorted({int(c.get("seed", 0)) for c in configs})
+    return (f"{TITLES.get(experiment, experiment)}, {', '.join(datasets)}"
+            + (f" (seed {seeds[0]})" if len(seeds) == 1 else f" (seeds {', '.join(map(str, seeds))})"))
+
+
 def plot_runs(folders: Sequence[Path], out: Path) -> Path:
     """Draw the figure for one run, or side-by-side panels for runs of one experiment family."""
     runs = [load_run(f) for f in folders]
@@ -52,7 +78,7 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         raise ValueError(f"runs of different experiments cannot share a figure: {sorted(experiments)}")
     experiment = experiments.pop()
     records = [r for _, rs in runs for r in rs]
-    title = "\n".join(dict.fromkeys(textwrap.shorten(config.get("description", ""), 110) for config, _ in runs))
+    title = title_of(experiment, [config for config, _ in runs])
     if experiment == "pretrain":
         fig = _pretrain(records)
     elif experiment == "backdoor-rounds":
@@ -68,6 +94,7 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         fig = _robustness(records, *(("learner", "step") if experiment == "robustness" else ("case", "round")))
     else:
         raise ValueError(f"no figure for experiment '{experiment}'")
+    title = textwrap.fill(title, 70)
     fig.suptitle(title, fontsize=9, y=1.0 + 0.05 * (title.count("\n") + 1))  # above the panel titles
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120, bbox_inches="tight")
@@ -110,18 +137,38 @@ def _grid(records: list[dict[str, Any]], rows: list[Any], cols: list[Any], axis:
             else:
                 points, label = [r for r in records if r["case"] == row and r.get("user") == col], f"case ({row}), user {col}"
             for name, (legend, color) in LINES.items():
-                xs = [r[axis] for r in points if name in r]
-                ax.plot(xs, [r[name] for r in points if name in r], color=color, label=legend, lw=1.4)
+                _curve(ax, [r for r in points if name in r], axis, name, legend, color)
             ax.set_title(label, fontsize=9)
             ax.set_ylim(0, 1.02)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if i == len(rows) - 1:
-                ax.set_xlabel("round" if axis == "round" else "fine-tuning step")
+                ax.set_xlabel(ROUND_LABEL if axis == "round" else "fine-tuning step (step 0: before any)")
             if j == 0:
                 ax.set_ylabel("accuracy")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, names = axes[0][0].get_legend_handles_labels()
     fig.tight_layout()
+    fig.legend(handles, names, fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, 0.0))
     return fig
+
+
+ROUND_LABEL = "round (0: before the attack; 1: the attack round,\nwhich the paper numbers 2: ours r is its r + 1)"
+
+
+def _curve(ax: plt.Axes, points: list[dict[str, Any]], axis: str, name: str, legend: str, color: str) -> None:
+    """One accuracy against ``axis`` with its 95% band where the lines log one. A fine-tuning
+    curve's step 0 (before any adaptation) is a lone marker: a line would draw the unadapted model
+    and the first fine-tuned point as one continuous curve."""
+    start = [r for r in points if axis == "step" and r[axis] == 0]
+    rest = [r for r in points if r not in start]
+    xs, ys = [r[axis] for r in rest], [r[name] for r in rest]
+    ax.plot(xs, ys, color=color, label=legend, lw=1.4)
+    if rest and all(f"{name}_ci95" in r for r in rest):
+        half = [r[f"{name}_ci95"] for r in rest]
+        ax.fill_between(xs, [y - h for y, h in zip(ys, half, strict=True)], [y + h for y, h in zip(ys, half, strict=True)],
+                        color=color, alpha=0.15, lw=0)
+    for r in start:
+        ax.errorbar(r[axis], r[name], yerr=r.get(f"{name}_ci95"), color=color, marker="o", ms=3, capsize=2)
 
 
 def _comparison(records: list[dict[str, Any]]) -> plt.Figure:
@@ -160,7 +207,8 @@ def _robustness(records: list[dict[str, Any]], key: str, axis: str) -> plt.Figur
     return fig
 
 
-DEFENSE_COLORS = {"gradient": "tab:red", "support": "tab:blue", "query": "tab:green", "inner": "tab:orange"}
+DEFENSE_COLORS = {"gradient": "tab:red", "support": "tab:blue", "query": "tab:green", "inner": "tab:orange",
+                  "dp": "tab:purple"}
 SCORE_STYLES = {"l0-l2": "-", "l0-cos": "--", "distance": ":", "class": "-.", "lt": (0, (1, 3))}
 CANDIDATES = ("member", "same-class", "other-class")
 
@@ -171,15 +219,18 @@ def _membership(records: list[dict[str, Any]], images: Path) -> plt.Figure:
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1]) if images.is_file() else (None, fig)
     if top is not None:
         _reconstructions(top, images)
-    axes = bottom.subplots(1, 4)
     nonmember = records[0]["nonmember"]  # the first kind in the config: same-class by default
     rows = [r for r in records if r["nonmember"] == nonmember]
-    for ax, target in zip(axes[:2], ("support", "query")):
-        _defense_curves(ax, [r for r in rows if r["stage"] == "defense" and r["target"] == target], target)
-    _sweep(axes[2], [r for r in rows if r["stage"] == "ways"], "ways", "attack_accuracy", "number of ways (N)")
-    _sweep(axes[3], [r for r in rows if r["stage"] == "aggregation"], "k", "attack_auc", "tasks aggregated (k)")
+    panels = [(_defense_curves, [r for r in rows if r["stage"] == "defense" and r["target"] == target], (target,))
+              for target in ("support", "query")]
+    panels += [(_sweep, [r for r in rows if r["stage"] == "ways"], ("ways", "attack_accuracy", "number of ways (N)")),
+               (_sweep, [r for r in rows if r["stage"] == "aggregation"], ("k", "attack_auc", "tasks aggregated (k)"))]
+    panels = [p for p in panels if p[1]] or panels[:1]  # only the stages the run has
+    axes = bottom.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (draw, points, args) in zip(axes, panels, strict=True):
+        draw(ax, points, *args)
     axes[0].set_ylabel(f"attack AUC (non-members: {nonmember})")
-    bottom.subplots_adjust(wspace=0.3, bottom=0.16)
+    bottom.subplots_adjust(wspace=0.3, bottom=0.3)
     return fig
 
 
@@ -224,7 +275,7 @@ def _defense_curves(ax: plt.Axes, rows: list[dict[str, Any]], target: str) -> No
     ax.set(xlabel="meta-test accuracy", title=f"{target} attack under noise defenses", ylim=(0.4, 1.02))
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=5, ncol=2)
+    ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
 
 
 def _sweep(ax: plt.Axes, rows: list[dict[str, Any]], axis: str, metric: str, xlabel: str) -> None:

@@ -53,10 +53,12 @@ class LinfAttack:
     step: float
     steps: int
     random_start: bool
+    restarts: int = 1
+    """Independent random starts; a query counts as robust only if it withstands every one."""
 
     @classmethod
-    def pgd(cls, epsilon: float, step: float, steps: int) -> LinfAttack:
-        return cls(epsilon, step, steps, random_start=True)
+    def pgd(cls, epsilon: float, step: float, steps: int, restarts: int = 1) -> LinfAttack:
+        return cls(epsilon, step, steps, random_start=True, restarts=restarts)
 
     @classmethod
     def fgsm(cls, epsilon: float) -> LinfAttack:
@@ -67,6 +69,7 @@ class LinfAttack:
         return cls(epsilon, step_factor * epsilon, 1, random_start=True)
 
     def __call__(self, loss_fn: LossFn, x: Tensor, gen: torch.Generator) -> Tensor:
+        """One run of the attack (one random start); ``restarts`` are taken by the scorer."""
         return pgd(loss_fn, x, epsilon=self.epsilon, step=self.step, steps=self.steps,
                    random_start=self.random_start, gen=gen)
 
@@ -118,14 +121,18 @@ def attacked_query_accuracy(
     episodes: Episodes,
     attacks: Mapping[str, LinfAttack],
     transductive: bool,
-    gen: torch.Generator,
+    gens: Mapping[str, torch.Generator],
 ) -> EpisodeScore:
     """Scores each adapted episode by its clean query accuracy and its accuracy under each attack.
 
     The attacks target the adapted weights through the same classifier that is evaluated (one
     batch of all queries when transductive; each query with the support set otherwise), so BatchNorm
     statistics are the ones the attacked prediction really uses. Returns ``standard`` and one entry
-    per attack name, each the worst case over clean and attacked input.
+    per attack name, each the worst case over the clean input and every restart of the attack, per
+    query (as restarts are counted for per-example classifiers; with a transductive batch the
+    restarts' worst cases may come from different batches, which only makes the attack stronger).
+    Each attack draws its random starts from ``gens[name]``, so adding an attack leaves the others'
+    numbers unchanged when it has its own generator.
     """
     labels = episodes.query_labels().to(images.device)
 
@@ -137,9 +144,12 @@ def attacked_query_accuracy(
             clean = correct(queries)
         out = {"standard": clean.float().mean()}
         for name, attack in attacks.items():
-            adv = attack(cross_entropy_of(logits, labels), queries, gen)
-            with torch.no_grad():
-                out[name] = (clean & correct(adv)).float().mean()
+            robust = clean
+            for _ in range(attack.restarts):
+                adv = attack(cross_entropy_of(logits, labels), queries, gens[name])
+                with torch.no_grad():
+                    robust = robust & correct(adv)
+            out[name] = robust.float().mean()
         return out
 
     return score
@@ -156,7 +166,7 @@ def robust_meta_test(
     episodes: int,
     lr: float,
     gen: torch.Generator,
-    attack_gen: torch.Generator,
+    attack_gens: Mapping[str, torch.Generator],
     desc: str | None = None,
 ) -> dict[str, Accuracy]:
     """Standard accuracy and accuracy under each attack on fresh meta-test episodes of ``pool``.
@@ -165,7 +175,7 @@ def robust_meta_test(
     as in R-MAML's evaluation: the attacker strikes at test time, after adaptation.
     """
     sampled = sample_episodes(pool, episodes, cfg.ways, shots, cfg.queries, gen)
-    score = attacked_query_accuracy(learner, pool.images, sampled, attacks, cfg.transductive, attack_gen)
+    score = attacked_query_accuracy(learner, pool.images, sampled, attacks, cfg.transductive, attack_gens)
     return evaluate_episodes(
         learner, params, pool.images, sampled, steps=cfg.steps, batch=cfg.batch, lr=lr, gen=gen, score=score, desc=desc
     )

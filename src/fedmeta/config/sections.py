@@ -468,6 +468,11 @@ class RobustConfig(Section):
     pgd_steps: int = Field(10, ge=0)
     pgd_step: PositiveFloat = 2.0
     """Step of the evaluation PGD (random start in the ball)."""
+    strong_steps: PositiveInt = 50
+    """Steps of the stronger attack of the final evaluation (same radius and step as PGD)."""
+    strong_restarts: NonNegativeInt = 5
+    """Random starts of the stronger attack: a query is robust only against all of them (0: not run).
+    It runs on the final evaluation only, so robust accuracy is not an artifact of a weak PGD-10."""
     client_learner: str = "rmaml-trades"
     """robustness-federated: what every client runs, except the plain-MAML ones."""
     maml_clients: list[NonNegativeInt] = [0, 1]

@@ -48,7 +48,8 @@ from fedmeta.runs import Resumed, RunDir, Session, accuracy_fields
 from fedmeta.runtime import synchronized_time
 from fedmeta.scenario.builder import Phase, build_population, build_server
 
-METRICS = {"standard": "standard_accuracy", "pgd": "robust_accuracy", "fgsm": "fgsm_accuracy"}
+METRICS = {"standard": "standard_accuracy", "pgd": "robust_accuracy", "fgsm": "fgsm_accuracy",
+           "strong": "strong_robust_accuracy"}
 
 
 @dataclass(frozen=True)
@@ -66,19 +67,29 @@ class Bench:
         """The evaluation radius in pixel levels."""
         return self.cfg.robust.eval_epsilon or self.cfg.robust.epsilon
 
-    def attacks(self) -> dict[str, LinfAttack]:
+    def attacks(self, final: bool) -> dict[str, LinfAttack]:
+        """PGD and FGSM at every point; the stronger PGD with restarts at the final one only (its cost)."""
         robust, epsilon = self.cfg.robust, pixels(self.eval_epsilon)
-        return {"pgd": LinfAttack.pgd(epsilon, pixels(robust.pgd_step), robust.pgd_steps), "fgsm": LinfAttack.fgsm(epsilon)}
+        attacks = {"pgd": LinfAttack.pgd(epsilon, pixels(robust.pgd_step), robust.pgd_steps), "fgsm": LinfAttack.fgsm(epsilon)}
+        if final and robust.strong_restarts:
+            attacks["strong"] = LinfAttack.pgd(epsilon, pixels(robust.pgd_step), robust.strong_steps, robust.strong_restarts)
+        return attacks
 
     def evaluate(
-        self, learner: MetaLearner, params: Params, shots: int, episodes: int, stream_name: str, desc: str | None = None
+        self, learner: MetaLearner, params: Params, shots: int, episodes: int, stream_name: str,
+        desc: str | None = None, final: bool = False,
     ) -> dict[str, Accuracy]:
-        """SA and accuracy under each attack; every learner sees the same episodes and attack noise."""
+        """SA and accuracy under each attack; every learner sees the same episodes and attack noise.
+
+        PGD and FGSM share one stream (as before the stronger attack existed, so their numbers did
+        not change); the stronger attack has its own.
+        """
         cfg = self.cfg
+        shared = stream(cfg.seed, stream_name, "attack", shots)
+        gens = {"pgd": shared, "fgsm": shared, "strong": stream(cfg.seed, stream_name, "attack-strong", shots)}
         return robust_meta_test(
-            learner, params, self.test, cfg.eval, self.attacks(), shots=shots, episodes=episodes,
-            lr=cfg.eval.lr or cfg.meta.inner_lr, gen=stream(cfg.seed, stream_name, shots),
-            attack_gen=stream(cfg.seed, stream_name, "attack", shots), desc=desc,
+            learner, params, self.test, cfg.eval, self.attacks(final), shots=shots, episodes=episodes,
+            lr=cfg.eval.lr or cfg.meta.inner_lr, gen=stream(cfg.seed, stream_name, shots), attack_gens=gens, desc=desc,
         )
 
     def record(self, where: dict[str, Any], shots: int, accs: dict[str, Accuracy], final: bool) -> dict[str, Any]:
@@ -89,8 +100,11 @@ class Bench:
                   "pgd_steps": cfg.robust.pgd_steps}
         if final:
             record["final"] = True
+        if "strong" in accs:
+            record |= {"strong_steps": cfg.robust.strong_steps, "strong_restarts": cfg.robust.strong_restarts}
         for key, metric in METRICS.items():
-            record |= accuracy_fields(metric, accs[key])
+            if key in accs:
+                record |= accuracy_fields(metric, accs[key])
         self.session.log(record)
         return record
 
@@ -131,17 +145,18 @@ def final_evaluation(bench: Bench, learner: MetaLearner, params: Params, where: 
     finals = []
     for shots in cfg.eval.shots:
         accs = bench.evaluate(learner, params, shots, cfg.eval.episodes, "eval-final",
-                              f"{desc}: meta-test {cfg.eval.ways}-way {shots}-shot")
+                              f"{desc}: meta-test {cfg.eval.ways}-way {shots}-shot", final=True)
         finals.append(bench.record(where, shots, accs, final=True))
-    return {k: v for k, v in finals[0].items() if k.endswith(("_accuracy", "_ci95"))}
+    return {k: v for k, v in finals[0].items() if k.removesuffix("_ci95") in METRICS.values()}
 
 
 def results_table(cfg: Base, rows: dict[str, dict[str, Any]], label: str = "learner") -> str:
     """The comparison as a Markdown table (what docs/robustness.md shows), one row per ``label``."""
     lines = [f"{cfg.eval.ways}-way {cfg.eval.shots[0]}-shot, {cfg.eval.mode}, {cfg.eval.episodes} episodes, 95% CI",
-             f"| {label} | SA | RA (PGD) | FGSM | s / meta-iteration |", "| --- | --- | --- | --- | --- |"]
+             f"| {label} | SA | RA (PGD) | FGSM | RA (strong PGD) | s / meta-iteration |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, row in rows.items():
-        cells = [f"{100 * row[m]:.2f}% ± {100 * row[m + '_ci95']:.2f}" for m in METRICS.values()]
+        cells = [f"{100 * row[m]:.2f}% ± {100 * row[m + '_ci95']:.2f}" if m in row else "-" for m in METRICS.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {row['seconds_per_iteration']:.3f} |")
     return "\n".join(lines)
 
@@ -157,7 +172,8 @@ def protocol(bench: Bench) -> dict[str, Any]:
         "eval_episodes": cfg.eval.episodes,
         "eval_finetune_steps": cfg.eval.steps,
         "eval_attack": f"PGD-{robust.pgd_steps} L-inf eps {eps}, step {robust.pgd_step:g}/255, random start; "
-                       f"FGSM eps {eps}",
+                       f"FGSM eps {eps}" + (f"; final: PGD-{robust.strong_steps}, {robust.strong_restarts} restarts"
+                                            if robust.strong_restarts else ""),
         "train_attack": f"FGSM-RS L-inf eps {robust.epsilon:g}/255, step {robust.fgsm_step:g} eps",
     }
 

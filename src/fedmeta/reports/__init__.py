@@ -150,7 +150,11 @@ def paired_markdown(pairs: list[dict[str, Any]]) -> list[str]:
 
 
 def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: str) -> list[str]:
-    """One row per setting and position of ``experiment``: each metric's mean ± t-interval over seeds."""
+    """One row per setting and position of ``experiment``: each metric's mean ± t-interval over seeds.
+
+    What every row's position shares is said once above the table, so the column shows what differs.
+    The count column is evaluation episodes per seed, or trials for membership inference.
+    """
     metrics = list(dict.fromkeys(k[3] for k in table if k[0] == experiment))
     rows: dict[tuple[str, tuple], dict[str, Any]] = {}
     for (exp, group, position, metric), cell in table.items():
@@ -159,12 +163,16 @@ def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
             row[metric] = interval([cell.values[s] for s in sorted(cell.values)])
             row["n"].add(len(cell.values))
             row["episodes"] |= cell.episodes
-    head = ["setting", "position", *metrics, "seeds", "episodes"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    positions = [position for _, position in rows]
+    shared = tuple(pair for pair in positions[0] if all(pair in p for p in positions)) if len(rows) > 1 else ()
+    head = ["setting", "position", *metrics, "seeds", "trials" if experiment == "membership" else "episodes"]
+    out = ([f"Every row: {position_text(shared).strip()}.", ""] if shared else []) + [
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = group_order(names)
     for (group, position), row in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
         numbers = [_cell_text(m, row[m]) if m in row else "" for m in metrics]
-        out.append("| " + " | ".join([label_text(names[group]), position_text(position), *numbers,
+        own = tuple(pair for pair in position if pair not in shared)
+        out.append("| " + " | ".join([label_text(names[group]), position_text(own), *numbers,
                                       _span(row["n"]), _span(row["episodes"])]) + " |")
     return out
 

@@ -3,7 +3,7 @@ metric line sits (its position), and which lines make the table.
 
 - A **group** is the runs whose resolved configs differ only in ``seed`` (and keys that do not
   change results: threads, data root, description); groups are labelled by the keys that vary.
-- A line's **position** is its values of ``POSITION`` keys (case, user, round, step, defense,
+- A line's **position** is its values of ``POSITION`` keys (case, user, threat, round, step, defense,
   shots, ...): lines of different seeds at one position are averaged.
 - The **table** holds, for each curve (position without its axis), the ``final`` lines if it has
   any, else its last point; lines without an axis (one row per defense, say) are all rows.
@@ -23,8 +23,8 @@ from fedmeta.config import ConfigError, validate
 from fedmeta.runs import RunDir, flat_keys, in_use, matches
 from fedmeta.storage import atomic_write
 
-POSITION = ("learner", "case", "user", "stage", "target", "nonmember", "score", "ways", "k", "defense", "scale",
-            "shots", "round", "step", "final")
+POSITION = ("learner", "case", "user", "stage", "threat", "users", "target", "nonmember", "attack", "score", "iterations",
+            "ways", "k", "defense", "scale", "shots", "round", "step", "final")
 AXES = ("round", "step")
 METRIC_SUFFIXES = ("accuracy", "_auc", "_fpr")
 IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "federation.reply_timeout")
@@ -184,6 +184,6 @@ def tabulate(runs: list[Run], pick) -> Table:
                     raise ReportError(f"two runs of one setting have seed {run.seed} (one is {run.path}); "
                                       "report them separately")
                 cell.values[run.seed] = float(value)
-                if (episodes := record.get("episodes", run.episodes)) is not None:
+                if (episodes := record.get("episodes", record.get("trials", run.episodes))) is not None:
                     cell.episodes.add(int(episodes))
     return table

@@ -33,12 +33,15 @@ def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: st
         axes[i][0].set_ylabel(metric.replace("_", " "), fontsize=8)
         for j, column in enumerate(columns):
             axes[i][j].grid(alpha=0.3)
+            if metric.endswith("accuracy"):  # a band over few seeds may pass 0 or 1; an accuracy cannot
+                axes[i][j].set_ylim(0, 1.02)
             if i == 0:
                 axes[i][j].set_title(position_text(column) or experiment, fontsize=9)
     axis = next((a for a in AXES if any(a in dict(k[2]) for k in keys)), "step")
     for ax in axes[-1]:
         ax.set_xlabel(axis)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, ncol=min(len(labels), 4), loc="upper center", bbox_to_anchor=(0.5, 0.0))
     return _save(fig, out)
 
 
