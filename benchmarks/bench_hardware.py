@@ -46,6 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -130,10 +131,18 @@ def conv_peak(repeats: int = 5) -> float:
         return flops / min(_seconds(lambda: F.conv2d(x, w, padding=1)) for _ in range(repeats)) / 1e9
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+T = TypeVar("T")
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    """``fn()`` and the seconds it took."""
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    result = fn()
+    return result, time.perf_counter() - t0
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    return _timed(fn)[1]
 
 
 # --- Reptile -----------------------------------------------------------------------------------
@@ -308,16 +317,10 @@ def _eval_at(images: Tensor, filters: int, episodes: int, gen: torch.Generator) 
 
     orders = learner.adapt_order(25, EVAL_STEPS, EVAL_BATCH, episodes, stream(0, "bench-eval"))
     plain_s = _seconds(lambda: plain_evaluation(learner.model, params, pool.images, sampled, orders))
-    t0 = time.perf_counter()
-    today = run(1, True)
-    today_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sequential = run(1, False)
-    sequential_s = time.perf_counter() - t0
+    today, today_s = _timed(lambda: run(1, True))
+    sequential, sequential_s = _timed(lambda: run(1, False))
     start_s = _seconds(lambda: run(torch.get_num_threads(), False, count=2))  # workers start once per process
-    t0 = time.perf_counter()
-    parallel = run("auto", False)
-    parallel_s = time.perf_counter() - t0
+    parallel, parallel_s = _timed(lambda: run("auto", False))
     return {"s_eval_plain": round(plain_s, 2), "s_eval_today": round(today_s, 2), "s_eval_sequential": round(sequential_s, 2),
             "s_eval_parallel": round(parallel_s, 2), "s_eval_workers_start": round(start_s, 2),
             "speedup_eval": round(today_s / parallel_s, 3), "speedup_eval_vs_plain": round(plain_s / parallel_s, 3),
