@@ -119,6 +119,54 @@ def test_paired_differences_against_a_position(tmp_path):
     assert "| all runs | round 0 | case a, round 2 | meta_test_accuracy | 0.00 ± 0.00 | 3 |" in text
 
 
+def test_mean_over_users_merges_them_within_each_seed(tmp_path):
+    # attack-val = 0.5 - 0.4 [step 500] + 0.1 (user - 2) + 0.01 seed: the users' mean per seed is
+    # 0.50, 0.51, 0.52 at step 0 (s = 0.01), and every seed loses exactly 0.4 by step 500
+    for seed in range(3):
+        _run(tmp_path / "sweep" / f"seed={seed}", seed, [
+            {"case": "a", "user": u, "step": t, "attack_val_accuracy": 0.5 - 0.4 * (t == 500) + 0.1 * (u - 2) + 0.01 * seed,
+             "episodes": 20} for u in (1, 2, 3) for t in (0, 500)], experiment="defense-finetune")
+    query = ["sweep", "--where", "step=0,500", "--mean-over", "user"]
+    text = table_text(TableQuery.parse(query).within(tmp_path))
+    assert "Each seed's value is its mean over `user`" in text and "user 1" not in text
+    assert "| all runs | step 0 | 51.00 ± 2.48 | 3 | 20 |" in text and "| all runs | step 500 | 11.00 ± 2.48 | 3 | 20 |" in text
+    text = table_text(TableQuery.parse([*query[:3], "--where", "step=500", "--against", "step=0", *query[3:]]).within(tmp_path))
+    assert "| all runs | step 0 | case a, step 500 | attack_val_accuracy | -40.00 ± 0.00 * | 3 |" in text
+    with pytest.raises(ReportError, match="--mean-over shots: no two lines differ only in 'shots'"):
+        table_text(TableQuery.parse(["sweep", "--mean-over", "shots"]).within(tmp_path))
+
+
+def test_runs_of_different_learners_of_one_seed_pair_up(tmp_path):
+    """``robust.learners`` only says which learners a run trains (each scores the same alone), so
+    runs of MAML and of ADML on the same seeds are one setting and pair seed by seed."""
+    for learners, name, base in ((["maml"], "maml", 0.4), (["adml"], "adml", 0.7)):
+        for seed in range(3):
+            folder = tmp_path / name / f"seed={seed}"
+            folder.mkdir(parents=True)
+            (folder / "config.toml").write_text(f'experiment = "robustness"\nseed = {seed}\n[robust]\nlearners = {learners}\n')
+            line = {"learner": name, "final": True, "robust_accuracy": base + 0.01 * seed, "episodes": 100}
+            (folder / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+            (folder / "summary.json").write_text("{}\n")
+    text = table_text(TableQuery.parse(["maml", "adml", "--against", "learner=maml"]).within(tmp_path))
+    assert "| all runs | learner maml | learner adml (final) | robust_accuracy | 30.00 ± 0.00 * | 3 |" in text
+
+
+def test_paired_against_a_named_baseline_setting(tmp_path):
+    # three settings; the one named as baseline (inner_lr 0.01) is not the first in order
+    for lr, acc in ((0.001, 0.5), (0.01, 0.6), (0.1, 0.9)):
+        for seed in range(3):
+            _run(tmp_path / f"lr{lr}" / f"seed={seed}", seed, [{"defense": "fedavg", "attack_val_accuracy": acc + 0.01 * seed}],
+                 lr=lr)
+    folders = ["lr0.001", "lr0.01", "lr0.1"]
+    text = table_text(TableQuery.parse([*folders, "--paired", "--baseline", "meta.inner_lr=0.01"]).within(tmp_path))
+    assert "| meta.inner_lr=0.001 | meta.inner_lr=0.01 | defense fedavg | attack_val_accuracy | -10.00 ± 0.00 * | 3 |" in text
+    assert "| meta.inner_lr=0.1 | meta.inner_lr=0.01 | defense fedavg | attack_val_accuracy | 30.00 ± 0.00 * | 3 |" in text
+    with pytest.raises(ReportError, match="give --paired too"):
+        table_text(TableQuery.parse([*folders, "--baseline", "meta.inner_lr=0.01"]).within(tmp_path))
+    with pytest.raises(ReportError, match="--baseline meta.inner_lr=0.5 matches 0 settings, not one"):
+        table_text(TableQuery.parse([*folders, "--paired", "--baseline", "meta.inner_lr=0.5"]).within(tmp_path))
+
+
 def test_docs_table_commands_are_checked(tmp_path):
     _exp1a_like(tmp_path)
     doc = tmp_path / "doc.md"

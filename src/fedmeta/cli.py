@@ -129,14 +129,18 @@ def report(
     where: Annotated[list[str] | None, typer.Option("--where", help="--table: key=v1,v2 (a round, a case...).")] = None,
     paired: Annotated[bool, typer.Option("--paired", help="--table: paired differences instead of means.")] = False,
     against: Annotated[str | None, typer.Option("--against", help="--table: paired differences of each line against "
-                                                "the same run's line at key=value (e.g. round=0).")] = None,
+                                                "the same setting's line at key=value (e.g. round=0).")] = None,
+    mean_over: Annotated[str | None, typer.Option("--mean-over", help="--table: merge lines that differ only in this "
+                                                  "key (e.g. user), each seed's mean over them.")] = None,
+    baseline: Annotated[str | None, typer.Option("--baseline", help="--table --paired: the setting (key=value,...) "
+                                                 "every other one is paired with; default: the first.")] = None,
     docs: Annotated[bool, typer.Option("--docs", help="The arguments are Markdown files: regenerate their tables "
                                        "from their '<!-- fedmeta report ... -->' lines.")] = False,
     check: Annotated[bool, typer.Option("--check", help="--docs: only say which files would change (exit 1).")] = False,
 ) -> None:
     """Tables (Markdown, CSV) and figures: mean and 95% t-interval over seeds, paired differences."""
     from fedmeta.reports import ReportError, default_out, write_report
-    from fedmeta.reports.docs import TableQuery, against_of, refresh_files, table_text, where_filters
+    from fedmeta.reports.docs import TableQuery, against_of, baseline_of, refresh_files, table_text, where_filters
 
     try:
         if not folders:
@@ -150,7 +154,7 @@ def report(
             return
         if table:
             query = TableQuery(folders, experiment, metrics.split(",") if metrics else None, where_filters(where or []),
-                               paired, against_of(against))
+                               paired, against_of(against), mean_over, baseline_of(baseline))
             typer.echo(table_text(query), nl=False)
             return
         written = write_report(folders, out or default_out(folders))

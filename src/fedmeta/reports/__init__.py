@@ -77,12 +77,12 @@ def group_order(names: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(names, key=key)
 
 
-def comparisons_of(table: Table, names: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Paired differences: each setting against the first, each defense against none (see module)."""
+def comparisons_of(table: Table, names: dict[str, dict[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
+    """Paired differences: each setting against the first (or the group ``baseline``), each
+    defense against none (see module)."""
     rows = []
-    order = group_order(names)
+    base_group = baseline or group_order(names)[0]
     for (experiment, group, position, metric), cell in table.items():
-        base_group = order[0]
         if group != base_group and (base := table.get((experiment, base_group, position, metric))):
             rows.append(_pair(experiment, label_text(names[group]), label_text(names[base_group]), position, metric,
                               cell.values, base.values))

@@ -27,9 +27,11 @@ POSITION = ("learner", "case", "user", "stage", "threat", "users", "target", "no
             "ways", "k", "defense", "scale", "shots", "round", "step", "final")
 AXES = ("round", "step")
 METRIC_SUFFIXES = ("accuracy", "_auc", "_fpr")
-IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "federation.reply_timeout")
+IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "federation.reply_timeout", "robust.learners")
 """Config keys that do not change results, so do not make two runs different settings (``runtime.``
-covers threads and device; ``eval.workers`` only where evaluation episodes run)."""
+covers threads and device; ``eval.workers`` only where evaluation episodes run; ``robust.learners``
+which learners' lines a run has, not their numbers: a learner scores the same alone or beside
+others, so runs that trained different learners of one seed pair up as one setting)."""
 
 Position = tuple[tuple[str, Any], ...]
 

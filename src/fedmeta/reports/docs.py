@@ -22,10 +22,15 @@ Options of a table command:
   (``round``, ``step``) it picks those points of the curves; otherwise rows are the report's
   table rows (each curve's final evaluation or last point);
 - ``--paired``: the paired differences (each setting against the first, each defense against
-  none) of the same lines, instead of the means;
+  none) of the same lines, instead of the means; ``--baseline key=value,...`` names the setting
+  every other one is paired with instead of the first (the one setting whose label has those
+  values, e.g. the full defense of an ablation);
 - ``--against key=value``: the paired differences of each selected line against the line of the
-  same run at ``key = value`` (e.g. ``--against round=0``: what the attack round changed, seed by
-  seed), instead of the means.
+  same setting and seed at ``key = value`` (e.g. ``--against round=0``: what the attack round changed, seed by
+  seed), instead of the means;
+- ``--mean-over key``: lines that differ only in ``key`` are merged, each seed's value being its
+  mean over them (e.g. ``--mean-over user``: the benign users of one run), before the interval
+  over seeds: the users of one run share its attacked model, so they are not independent samples.
 """
 
 from __future__ import annotations
@@ -33,10 +38,11 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedmeta.reports.collect import AXES, ReportError, Table, find_runs, labels, table_lines, tabulate
+from fedmeta.reports.collect import AXES, Cell, ReportError, Table, find_runs, labels, table_lines, tabulate
 
 MARKER = re.compile(r"^<!-- fedmeta report (?P<args>.+?) -->\n(?P<table>.*?)^<!-- end -->$", re.MULTILINE | re.DOTALL)
 
@@ -51,6 +57,8 @@ class TableQuery:
     where: dict[str, list[str]] = field(default_factory=dict)
     paired: bool = False
     against: tuple[str, str] | None = None
+    mean_over: str | None = None
+    baseline: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, args: list[str]) -> TableQuery:
@@ -63,8 +71,11 @@ class TableQuery:
         parser.add_argument("--where", action="append", default=[])
         parser.add_argument("--paired", action="store_true")
         parser.add_argument("--against")
+        parser.add_argument("--mean-over")
+        parser.add_argument("--baseline")
         ns = parser.parse_args(args)
-        return cls(ns.folders, ns.experiment, ns.metrics, where_filters(ns.where), ns.paired, against_of(ns.against))
+        return cls(ns.folders, ns.experiment, ns.metrics, where_filters(ns.where), ns.paired, against_of(ns.against),
+                   ns.mean_over, baseline_of(ns.baseline))
 
     def within(self, root: Path) -> TableQuery:
         """The same query with its folders relative to ``root``."""
@@ -79,6 +90,31 @@ def against_of(text: str | None) -> tuple[str, str] | None:
     if len(values) != 1:
         raise ReportError(f"--against takes one key=value, got '{text}'")
     return key, values[0]
+
+
+def baseline_of(text: str | None) -> dict[str, str]:
+    """``"defense.mix=0.3,defense.gates=true"`` -> ``{"defense.mix": "0.3", "defense.gates": "true"}``."""
+    if text is None:
+        return {}
+    pairs = [item.partition("=") for item in text.split(",")]
+    if any(not key or not sep or not value for key, sep, value in pairs):
+        raise ReportError(f"--baseline takes key=value,key=value,..., got '{text}'")
+    return {key: value for key, _, value in pairs}
+
+
+def _baseline_group(names: dict[str, dict], wanted: dict[str, str]) -> str | None:
+    """The one setting whose label has the ``wanted`` values (as the label prints them)."""
+    from fedmeta.reports import label_text
+
+    if not wanted:
+        return None
+    found = [group for group, label in names.items()
+             if all(key in label and label_text({key: label[key]}) == f"{key}={value}" for key, value in wanted.items())]
+    if len(found) != 1:
+        settings = "; ".join(label_text(label) for label in names.values())
+        raise ReportError(f"--baseline {','.join(f'{k}={v}' for k, v in wanted.items())} matches {len(found)} "
+                          f"settings, not one (the settings: {settings})")
+    return found[0]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,24 +142,32 @@ def table_text(query: TableQuery) -> str:
     experiment = query.experiment or (experiments[0] if len(experiments) == 1 else None)
     if experiment not in experiments:
         raise ReportError(f"--experiment: choose one of {', '.join(experiments)}")
+    if query.baseline and not query.paired:
+        raise ReportError("--baseline names the setting of --paired: give --paired too")
     runs = [r for r in runs if r.experiment == experiment]
     on_axis = any(k in AXES for k in (*query.where, *(query.against or ())))
     every = tabulate(runs, (lambda records: records) if on_axis else table_lines)
+    if query.mean_over:
+        every = mean_over(every, query.mean_over)
     table = _select(every, query)
     if not table:
         raise ReportError(f"no line of {', '.join(map(str, query.folders))} matches {_describe(query)}")
     names = labels(runs)
+    merged = (f" Each seed's value is its mean over `{query.mean_over}` (episodes: per {query.mean_over})."
+              if query.mean_over else "")
     if query.against:
-        return "\n".join([AGAINST_NOTE, "", *paired_markdown(_against(table, every, names, query.against))]) + "\n"
+        pairs = _against(table, every, names, query.against)
+        return "\n".join([AGAINST_NOTE + merged, "", *paired_markdown(pairs)]) + "\n"
     if query.paired:
-        return "\n".join([PAIRED_NOTE, "", *paired_markdown(comparisons_of(table, names))]) + "\n"
+        pairs = comparisons_of(table, names, _baseline_group(names, query.baseline))
+        return "\n".join([PAIRED_NOTE + merged, "", *paired_markdown(pairs)]) + "\n"
     seeds = sorted({r.seed for r in runs})
     head = f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}); mean ± half-width of the 95% t-interval over seeds."
-    return "\n".join([head, "", *table_markdown(table, names, experiment)]) + "\n"
+    return "\n".join([head + merged, "", *table_markdown(table, names, experiment)]) + "\n"
 
 
-AGAINST_NOTE = ("Paired differences, seed by seed, each line against the same run's line named under `against` "
-                "(95% t-interval over seeds); `*`: the interval excludes 0.")
+AGAINST_NOTE = ("Paired differences, seed by seed, each line against the line of the same setting and seed named "
+                "under `against` (95% t-interval over seeds); `*`: the interval excludes 0.")
 
 
 def _against(table: Table, every: Table, names: dict, against: tuple[str, str]) -> list[dict]:
@@ -146,6 +190,24 @@ def _against(table: Table, every: Table, names: dict, against: tuple[str, str]) 
     if not rows:
         raise ReportError(f"--against {key}={value}: no line at {key} = {value} to compare with")
     return rows
+
+
+def mean_over(table: Table, key: str) -> Table:
+    """``table`` with the cells that differ only in ``key`` of their position merged into one,
+    whose value for each seed is the mean over them (see ``--mean-over``)."""
+    merged: dict[tuple, list[Cell]] = defaultdict(list)
+    for (experiment, group, position, metric), cell in table.items():
+        merged[(experiment, group, tuple(pair for pair in position if pair[0] != key), metric)].append(cell)
+    if len(merged) == len(table):
+        raise ReportError(f"--mean-over {key}: no two lines differ only in '{key}'")
+    out: Table = {}
+    for where, cells in merged.items():
+        seeds = set(cells[0].values)
+        if any(set(c.values) != seeds for c in cells):
+            raise ReportError(f"--mean-over {key}: the seeds differ between the lines merged at {dict(where[2])}")
+        out[where] = Cell({s: sum(c.values[s] for c in cells) / len(cells) for s in sorted(seeds)},
+                          set().union(*(c.episodes for c in cells)))
+    return out
 
 
 def _select(table: Table, query: TableQuery) -> Table:
