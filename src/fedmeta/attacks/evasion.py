@@ -143,10 +143,11 @@ def attacked_query_accuracy(
         with torch.no_grad():
             clean = correct(queries)
         out = {"standard": clean.float().mean()}
+        loss = cross_entropy_of(logits, labels)
         for name, attack in attacks.items():
             robust = clean
             for _ in range(attack.restarts):
-                adv = attack(cross_entropy_of(logits, labels), queries, gens[name])
+                adv = attack(loss, queries, gens[name])
                 with torch.no_grad():
                     robust = robust & correct(adv)
             out[name] = robust.float().mean()
