@@ -108,17 +108,22 @@ def test_a_query_survives_restarts_only_if_it_survives_each_of_them(trained):
     learner, params, test = trained
     cfg = EvalConfig(ways=5, queries=5, steps=3, transductive=True)
 
-    def robust(restarts: int, attack_gen: torch.Generator) -> float:
-        attack = {"pgd": LinfAttack.pgd(pixels(8), pixels(2), 2, restarts)}
+    def robust(episode: int, restarts: int, attack_gen: torch.Generator) -> float:
+        attack = {"pgd": LinfAttack.pgd(pixels(16), pixels(2), 1, restarts)}  # the random start dominates
         accs = robust_meta_test(learner, params, test, cfg, attack, shots=1, episodes=1, lr=0.4,
-                                gen=torch.Generator().manual_seed(6), attack_gens={"pgd": attack_gen})
+                                gen=torch.Generator().manual_seed(episode), attack_gens={"pgd": attack_gen})
         return accs["pgd"].mean
 
-    gen = torch.Generator().manual_seed(2)  # one episode: single run k draws restart k's start
-    singles = [robust(1, gen) for _ in range(3)]
-    together = robust(3, torch.Generator().manual_seed(2))
-    # on this episode each start fools different queries (measured: 0.44 each, 0.40 together)
-    assert together < min(singles), (singles, together)
+    gains = []
+    for episode in range(6, 13):  # one episode each: single run k draws restart k's start
+        gen = torch.Generator().manual_seed(2)
+        singles = [robust(episode, 1, gen) for _ in range(3)]
+        together = robust(episode, 3, torch.Generator().manual_seed(2))
+        assert together <= min(singles), (episode, singles, together)
+        gains.append(singles[0] - together)
+    # the later starts count: somewhere they fool a query the first start does not (which episode
+    # depends on the threads' round-off; measured on episodes 10 and 12 with 1 thread, 12 with 2)
+    assert max(gains) > 0, gains
 
 
 def test_non_transductive_attack_sees_each_query_alone_with_the_support(tiny):

@@ -54,7 +54,9 @@ def run(
     except OSError as err:  # a path fedmeta cannot read or write (--out, the cache, the data): one line, no traceback
         _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
     typer.echo(summary_table(summary))
-    typer.echo(f"results in {out}")
+    typer.echo(f"results in {out}{_figure(out)}")
+    if "table" in summary:
+        typer.echo(summary["table"])
 
 
 @app.command()
@@ -194,12 +196,27 @@ def _flower():
     return flower_app
 
 
+def _figure(out: Path) -> str:
+    """Draw the run's figure (``OUT/figure.png``); what to append to the "results in" line."""
+    from fedmeta.plots import plot_runs
+
+    try:
+        return f" (figure: {plot_runs([out], out / 'figure.png')})"
+    except (ValueError, OSError) as err:  # the results are written: say why the figure is not, and go on
+        return f" (no figure: {err})"
+
+
 def summary_table(summary: dict) -> str:
-    """The summary as aligned ``key  value`` rows (accuracies as percentages)."""
+    """The summary as aligned ``key  value`` rows (accuracies as percentages); an experiment's own
+    ``table`` is left to be printed after it, and long nested values to ``summary.json``."""
     rows = []
     for key, value in summary.items():
+        if key == "table":
+            continue
         if isinstance(value, dict):
             value = json.dumps(value)
+            if len(value) > 200:
+                value = f"{value[:120]}... (in summary.json)"
         elif isinstance(value, float) and "accuracy" in key:
             value = f"{100 * value:.2f}%"
         rows.append((key, str(value)))

@@ -5,6 +5,8 @@
 - ``backdoor-finetune`` (Figs 5-6) and ``defense-finetune`` (Figs 7-8): one row per case, one
   column per benign user, accuracy against fine-tuning steps.
 - ``defense-comparison``: grouped bars, one group per defense.
+- ``backdoor-core`` (the README's first command): Experiment 1's rounds beside grouped bars for
+  the model right after the attack and under each local defense (Experiments 2 and 3).
 - ``robustness`` and ``robustness-federated`` (paper 002): standard and robust accuracy against
   meta-iterations (or rounds), one line per learner (or per number of plain-MAML clients); the
   final evaluation as a star with its 95% interval.
@@ -54,6 +56,7 @@ TITLES = {
     "backdoor-finetune": "Experiment 2: fine-tuning at each benign user after the attack",
     "defense-finetune": "Experiment 3: the matching-network defense at each benign user",
     "defense-comparison": "One attack, every defense",
+    "backdoor-core": "The backdoor paper's core: attack, benign rounds, local defenses",
     "robustness": "Robust meta-learning (R-MAML): clean and robust accuracy",
     "robustness-federated": "Federated R-MAML with plain-MAML clients",
     "membership": "Membership inference on distributed MAML",
@@ -90,6 +93,8 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         fig = _grid(records, rows=_cases(records), cols=users, axis="step")
     elif experiment == "defense-comparison":
         fig = _comparison(records)
+    elif experiment == "backdoor-core":
+        fig = _core(records, attack_round=max(r for a in runs[0][0]["attack"]["attackers"] for r in a["rounds"]))
     elif experiment in ("robustness", "robustness-federated"):
         fig = _robustness(records, *(("learner", "step") if experiment == "robustness" else ("case", "round")))
     else:
@@ -183,6 +188,37 @@ def _comparison(records: list[dict[str, Any]]) -> plt.Figure:
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, ncol=len(bars), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     return fig
+
+
+def _core(records: list[dict[str, Any]], attack_round: int) -> plt.Figure:
+    """Left, Experiment 1's curves over rounds; right, the model right after the attack and under
+    each local defense (mean over its users), one group of bars each."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    rounds = [r for r in records if "round" in r]
+    for name, (legend, color) in LINES.items():
+        _curve(left, rounds, "round", name, legend, color)
+    left.set(xlabel=ROUND_LABEL, ylabel="accuracy", ylim=(0, 1.02))
+    left.set_title("benign rounds after the attack", fontsize=9)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    left.grid(alpha=0.3)
+    groups = {"no defense": [r for r in rounds if r["round"] == attack_round]}
+    for r in records:
+        if "defense" in r:
+            groups.setdefault(f"{CORE_DEFENSES.get(r['defense'], r['defense'])}, {r['step']} steps", []).append(r)
+    width = 0.8 / len(LINES)
+    for k, (name, (_, color)) in enumerate(LINES.items()):
+        xs = [i + (k - (len(LINES) - 1) / 2) * width for i in range(len(groups))]
+        right.bar(xs, [sum(r[name] for r in g) / len(g) for g in groups.values()], width, color=color)
+    right.set_xticks(range(len(groups)), [textwrap.fill(g, 16) for g in groups], fontsize=8)
+    right.set_title(f"right after the attack (round {attack_round})", fontsize=9)
+    right.grid(alpha=0.3, axis="y")
+    handles, names = left.get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, names, fontsize=7, ncol=len(names), loc="upper center", bbox_to_anchor=(0.5, 0.0))
+    return fig
+
+
+CORE_DEFENSES = {"finetune": "fine-tuning (Exp 2)", "matching": "matching network (Exp 3)"}
 
 
 def _robustness(records: list[dict[str, Any]], key: str, axis: str) -> plt.Figure:

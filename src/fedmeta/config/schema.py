@@ -7,7 +7,7 @@ and the resolved ``config.toml`` holds nothing that does not matter.
 | family | experiments | sections beyond data, model, meta, eval, runtime |
 | --- | --- | --- |
 | centralised | pretrain | - |
-| backdoor | backdoor-rounds, backdoor-finetune, defense-finetune, defense-comparison | federation, rules, pretrain, attack, attacks (+ finetune, defense, compare) |
+| backdoor | backdoor-rounds, backdoor-finetune, defense-finetune, defense-comparison, backdoor-core | federation, rules, pretrain, attack, attacks (+ finetune, defense, compare) |
 | robustness | robustness | robust |
 | robustness, federated | robustness-federated | federation, rules, robust |
 | privacy | membership | mia |
@@ -178,6 +178,12 @@ class DefenseFinetune(BackdoorFinetune):
     defense: DefenseConfig = DefenseConfig()
 
 
+class BackdoorCore(DefenseFinetune):
+    """Experiments 1-3 in one run: the README's first command (``experiments.core``)."""
+
+    experiment: Literal["backdoor-core"]
+
+
 class DefenseComparison(DefenseFinetune):
     experiment: Literal["defense-comparison"]
     compare: CompareConfig = CompareConfig()
@@ -255,12 +261,13 @@ class Membership(Base):
 
 FAMILIES: dict[str, type[Base]] = {
     "pretrain": Pretrain, "backdoor-rounds": Backdoor, "backdoor-finetune": BackdoorFinetune,
-    "defense-finetune": DefenseFinetune, "defense-comparison": DefenseComparison, "robustness": Robustness,
+    "defense-finetune": DefenseFinetune, "defense-comparison": DefenseComparison, "backdoor-core": BackdoorCore,
+    "robustness": Robustness,
     "robustness-federated": RobustnessFederated, "membership": Membership,
 }
 
 Config = Annotated[
-    Union[Pretrain, Backdoor, BackdoorFinetune, DefenseFinetune, DefenseComparison, Robustness,  # noqa: UP007
+    Union[Pretrain, Backdoor, BackdoorFinetune, DefenseFinetune, DefenseComparison, BackdoorCore, Robustness,  # noqa: UP007
           RobustnessFederated, Membership],
     Field(discriminator="experiment"),
 ]

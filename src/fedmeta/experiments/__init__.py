@@ -18,6 +18,7 @@ ENTRY_POINTS = {
     "backdoor-finetune": "fedmeta.experiments.backdoor:run_finetune",
     "defense-finetune": "fedmeta.experiments.backdoor:run_local_defense",
     "defense-comparison": "fedmeta.experiments.comparison:run",
+    "backdoor-core": "fedmeta.experiments.core:run",
     "robustness": "fedmeta.experiments.robustness:run",
     "robustness-federated": "fedmeta.experiments.robustness:run_federated",
     "membership": "fedmeta.experiments.membership:run",

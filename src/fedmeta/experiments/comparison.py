@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tqdm import tqdm
-
 from fedmeta import runtime
 from fedmeta.attacks.strategies import adapts_to_rule
 from fedmeta.config import Backdoor
@@ -69,8 +67,7 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
         session.log(record, f"{record['seconds']:.0f}s")
         session.checkpoint({}, step=index + 1)
     results = out.records()
-    tqdm.write(_table(results))
-    return session.summary(experiment=cfg.experiment, case=name, rows=results, eval_mode=cfg.eval.mode)
+    return session.summary(experiment=cfg.experiment, case=name, rows=results, table=_table(results), eval_mode=cfg.eval.mode)
 
 
 def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings, engine: Engine) -> list[ClientUpdate]:
