@@ -20,12 +20,10 @@ was 2.35x slower than the loop on this CPU and has not been measured on a GPU).
 
 from __future__ import annotations
 
-import functools
 import math
 import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -42,10 +40,11 @@ from fedmeta.runtime import exit_with_parent, keep_freed_memory
 
 Workers = int | Literal["auto"]
 
-MIN_PARALLEL_STEPS = 1000
+MIN_PARALLEL_STEPS = 8000
 """``eval.workers = "auto"`` runs worker processes only for evaluations of at least this many
-fine-tuning steps (episodes x steps): below it, starting the workers (importing torch, about 2-3 s
-each on 2 busy cores) costs more than they save. Workers are started once per process and kept."""
+fine-tuning steps (episodes x steps): below it, starting the workers (importing torch, about 1.5 s
+per evaluation on 2 idle cores) costs more than they save. Measured: 40 Omniglot episodes x 50
+steps (Conv4-32), twice, 14.7 s in this process at 2 threads, 17.6 s in 2 workers started for each."""
 
 CHUNKS_PER_WORKER = 4
 """Contiguous chunks per worker: a worker slowed by another process on its core takes fewer."""
@@ -225,24 +224,20 @@ def eval_workers(workers: Workers, device: torch.device, steps: int) -> int:
 
 def _in_workers(curve: Curve, count: int, workers: int, desc: str | None) -> dict[int, dict[str, Tensor]]:
     """``curve.run`` over contiguous chunks of the episodes in ``workers`` single-threaded
-    processes, concatenated in episode order. Tensors travel through shared memory (the image
-    store is moved there once)."""
+    processes, concatenated in episode order. Tensors travel through shared memory.
+
+    The workers live for this evaluation only. Kept alive between evaluations, idle workers that
+    have computed slow this process's own multi-threaded training down 3-6x until they exit
+    (measured: an attacker's outer step at 2 threads, 1.0 s before a parallel evaluation, 3.3-4.2 s
+    after it, 0.9 s once the pool is shut down; the cause lies below PyTorch), which costs far more
+    than starting them again (about 2 s per evaluation)."""
     step = -(-count // min(count, workers * CHUNKS_PER_WORKER))
     spans = [range(lo, min(lo + step, count)) for lo in range(0, count, step)]
     curve = replace(curve, params={k: v.detach() for k, v in curve.params.items()})
-    try:
-        futures = [_pool(workers).submit(curve.run, span) for span in spans]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup) as pool:
+        futures = [pool.submit(curve.run, span) for span in spans]
         parts = [f.result() for f in tqdm(futures, desc=desc, leave=False, disable=desc is None, unit="chunk")]
-    except BrokenProcessPool:
-        _pool.cache_clear()  # a worker died (killed, out of memory): the next evaluation starts new ones
-        raise
     return {t: {name: torch.cat([p[t][name] for p in parts]) for name in parts[0][t]} for t in curve.at}
-
-
-@functools.cache
-def _pool(workers: int) -> ProcessPoolExecutor:
-    """Spawned single-threaded workers, started once per process and kept for its later evaluations."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_setup)
 
 
 def _worker_setup() -> None:
