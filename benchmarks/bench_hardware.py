@@ -20,7 +20,7 @@ Parts (``--parts``, all by default):
   Conv4-64 on real images when the data is found, else random; mini-ImageNet 84x84 with Conv4-32
   on random images: timing does not depend on pixel values): the plain reference (``nn.Module``,
   ``deepcopy`` and ``torch.optim.Adam`` per episode), today's path (sequential, queries scored
-  through ``vmap``), fedmeta sequential and fedmeta with ``eval.workers = "auto"``; the
+  through ``vmap``), fedmeta sequential and fedmeta in one worker per thread (started for it); the
   predictions of today's path and of the workers are compared (``eval_identical_<size>``, and the
   fraction that agree, ``eval_agreement_<size>``), and those of today's path and fedmeta
   sequential at the same thread count (``eval_identical_same_threads_<size>``).
@@ -319,8 +319,8 @@ def _eval_at(images: Tensor, filters: int, episodes: int, gen: torch.Generator) 
     plain_s = _seconds(lambda: plain_evaluation(learner.model, params, pool.images, sampled, orders))
     today, today_s = _timed(lambda: run(1, True))
     sequential, sequential_s = _timed(lambda: run(1, False))
-    start_s = _seconds(lambda: run(torch.get_num_threads(), False, count=2))  # workers start once per process
-    parallel, parallel_s = _timed(lambda: run("auto", False))
+    start_s = _seconds(lambda: run(torch.get_num_threads(), False, count=2))  # mostly the workers' start
+    parallel, parallel_s = _timed(lambda: run(torch.get_num_threads(), False))  # workers started for it, as in a run
     return {"s_eval_plain": round(plain_s, 2), "s_eval_today": round(today_s, 2), "s_eval_sequential": round(sequential_s, 2),
             "s_eval_parallel": round(parallel_s, 2), "s_eval_workers_start": round(start_s, 2),
             "speedup_eval": round(today_s / parallel_s, 3), "speedup_eval_vs_plain": round(plain_s / parallel_s, 3),

@@ -160,7 +160,7 @@ class EvalConfig(Section):
     workers: PositiveInt | Literal["auto"] = "auto"
     """CPU processes (1 thread each) that fine-tune evaluation episodes side by side; same
     predictions as 1. "auto": one per ``runtime.threads`` (default: per core) when the evaluation
-    has at least 8000 fine-tuning steps; always 1 on a GPU (fedmeta.meta.evaluation)."""
+    has at least 4000 fine-tuning steps; always 1 on a GPU (fedmeta.meta.evaluation)."""
 
     @property
     def mode(self) -> str:

@@ -32,6 +32,7 @@ DEFENSES = {"finetune": "fine-tuning alone (Exp 2)", "matching": "matching netwo
 
 
 def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
+    """The stages one after another, checkpointed after each: rounds 0 to the last, then each defense."""
     device = runtime.setup(cfg.runtime)
     session = Session(out, METRICS)
     case = prepare(cfg, cfg.attack.cases[0], device, engine, session)
@@ -49,7 +50,8 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
                 attacked = params
         else:
             _defend(cfg, case, attacked, stage, session)
-        kept = {} if attacked is params else {f"attacked.{k}": v for k, v in attacked.items()}  # until the rounds move on
+        # the attacked model is kept apart once later rounds have moved the global model on
+        kept = {} if attacked is params else {f"attacked.{k}": v for k, v in attacked.items()}
         session.checkpoint({**server.snapshot(params), **kept}, step=index + 1)
     out.save_weights(params)
     stages = _stages(cfg, out.records())

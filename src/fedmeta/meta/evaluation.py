@@ -40,11 +40,12 @@ from fedmeta.runtime import exit_with_parent, keep_freed_memory
 
 Workers = int | Literal["auto"]
 
-MIN_PARALLEL_STEPS = 8000
+MIN_PARALLEL_STEPS = 4000
 """``eval.workers = "auto"`` runs worker processes only for evaluations of at least this many
 fine-tuning steps (episodes x steps): below it, starting the workers (importing torch, about 1.5 s
-per evaluation on 2 idle cores) costs more than they save. Measured: 40 Omniglot episodes x 50
-steps (Conv4-32), twice, 14.7 s in this process at 2 threads, 17.6 s in 2 workers started for each."""
+per evaluation on 2 idle cores) costs more than they save. Measured on 2 idle cores: 40 Omniglot
+episodes x 50 steps (Conv4-32), twice, 14.7 s in this process at 2 threads, 17.6 s in 2 workers
+started for each; 100 episodes x 50 steps (Conv4-64): README, "Benchmark"."""
 
 CHUNKS_PER_WORKER = 4
 """Contiguous chunks per worker: a worker slowed by another process on its core takes fewer."""
