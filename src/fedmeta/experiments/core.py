@@ -67,7 +67,7 @@ def _round(cfg: Backdoor, case: Case, server: Server, params: Params, r: int, en
         report = played.fields()
     scores = curves(cfg, case, params, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
     session.log({"case": case.name, "round": r, **report, **fields(scores)},
-                "attack round" if r and r <= cfg.attack.last_round else "")
+                "attack round" if server.schedule.attacking(r) else "")
     return params
 
 

@@ -231,7 +231,7 @@ def _in_workers(curve: Curve, count: int, workers: int, desc: str | None) -> dic
     have computed slow this process's own multi-threaded training down 3-6x until they exit
     (measured: an attacker's outer step at 2 threads, 1.0 s before a parallel evaluation, 3.3-4.2 s
     after it, 0.9 s once the pool is shut down; the cause lies below PyTorch), which costs far more
-    than starting them again (about 2 s per evaluation)."""
+    than starting them again (about 1.5 s per evaluation)."""
     step = -(-count // min(count, workers * CHUNKS_PER_WORKER))
     spans = [range(lo, min(lo + step, count)) for lo in range(0, count, step)]
     curve = replace(curve, params={k: v.detach() for k, v in curve.params.items()})
