@@ -132,3 +132,14 @@ def test_a_backdoor_scenario_moves_its_one_image_store(omniglot):
     assert store.device == DEVICE
     pools = [*scenario.users, *(e.pool for e in scenario.evaluation), scenario.everyone.pool, scenario.test]
     assert all(p.images is store for p in pools)
+
+
+def test_a_node_builds_its_backdoor_population_on_the_runs_device(omniglot, monkeypatch):
+    """A Flower node or a pool worker builds the population itself (not the experiment that moves
+    its scenario): it must land on the run's device too (found on a GPU: host images, CUDA weights)."""
+    from fedmeta.scenario import builder
+
+    monkeypatch.setattr(builder.runtime, "setup", lambda cfg: DEVICE)
+    cfg = load_config("omniglot-exp1c-quick", ["federation.users=4"])
+    population = builder.build_population(cfg, builder.Phase("main", "c"))
+    assert population.images.device == DEVICE

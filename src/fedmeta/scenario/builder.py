@@ -69,10 +69,11 @@ Population = Scenario | Partition
 
 
 def build_population(cfg: Federated, phase: Phase) -> Population:
-    """Who holds which data in ``cfg``'s federation (a node builds the same from the config)."""
-    if isinstance(cfg, Backdoor):
-        return build_scenario(cfg, phase.case)
+    """Who holds which data in ``cfg``'s federation (a node builds the same from the config), on
+    the run's device (a Flower node or a pool worker builds it here, not in the experiment)."""
     device = runtime.setup(cfg.runtime)
+    if isinstance(cfg, Backdoor):
+        return build_scenario(cfg, phase.case).to(device)
     splits = load_meta_splits(cfg.data, cfg.seed)
     train = splits.train.to(device)
     owners = partition(torch.arange(train.num_classes), cfg.federation.users, stream(cfg.seed, "users"))
