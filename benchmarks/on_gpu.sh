@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks behind the README's "On a GPU" figures, in one short script (minutes):
 #   bash benchmarks/on_gpu.sh OUTDIR
-# 1. the device tests (tests/test_device.py) and one real Reptile step compared between CPU and GPU;
+# 1. the device tests (tests/test_device.py) and 20 Reptile outer steps compared between CPU and GPU;
 # 2. benchmarks/bench_device.py on the GPU: seconds per outer step, attacker episode, evaluation
 #    episode and federated round, loop and batched, and each paper preset's expected time;
 # 3. the first rounds of omniglot-exp1a-paper on real Omniglot: its paper-scale pre-training rounds,
@@ -51,4 +51,4 @@ timeout 200 python3 -m fedmeta.cli run omniglot-exp1a-paper --out /tmp/exp1a-pap
   --set pretrain.rounds=2 --set attacks.boosted.episodes=100 --set federation.rounds=1 >"$out/exp1a-paper.log" 2>&1
 cp /tmp/exp1a-paper-first-rounds/summary.json "$out/exp1a-paper-summary.json" 2>/dev/null
 tr '\r' '\n' <"$out/exp1a-paper.log" | grep -v '^\s*$' | grep -v '/step\]' >"$out/exp1a-paper-lines.txt"
-tail -3 "$out"/*.txt "$out/bench.log"
+tail -n 3 "$out"/*.txt "$out/bench.log"
