@@ -40,7 +40,8 @@ from fedmeta.data.pool import ClassPool
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import IN_PROCESS
 from fedmeta.meta.evaluation import episode_scores, query_accuracy
-from fedmeta.meta.learner import Maml, build_learner
+from fedmeta.meta.learner import MetaLearner, build_learner
+from fedmeta.registry import DATASETS
 from fedmeta.rng import stream
 from fedmeta.runtime import synchronized_time
 from fedmeta.scenario.builder import Phase, build_population, build_server
@@ -66,19 +67,20 @@ def batching(batched: bool) -> list[str]:
     return ["runtime.batched=true", "meta.adam_carry=parallel"] if batched else []
 
 
-def random_pool(size: int, channels: int, device: torch.device, classes: int = 64, per_class: int = 20) -> ClassPool:
-    images = torch.randint(0, 256, (classes, per_class, size, size, channels), dtype=torch.uint8,
+def random_pool(shape: tuple[int, int, int], device: torch.device, classes: int = 64, per_class: int = 20) -> ClassPool:
+    """``classes`` x ``per_class`` random uint8 images of ``shape`` (H, W, C) on ``device``."""
+    images = torch.randint(0, 256, (classes, per_class, *shape), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     return ClassPool.from_class_major(images, [str(c) for c in range(classes)]).to(device)
 
 
-def outer_step(preset: str, device: torch.device, repeats: int, batched: bool, inner_steps: int | None = None) -> float:
-    """Seconds of one outer step of ``preset``'s meta-learner (``inner_steps`` instead of ``meta.inner_steps``)."""
-    cfg = load_config(preset, batching(batched))
-    size, channels = (28, 1) if cfg.data.dataset == "omniglot" else (84, 3)
-    meta = cfg.meta.model_copy(update={"inner_steps": inner_steps or cfg.meta.inner_steps})
-    learner = build_learner(cfg, (size, size, channels), meta)
-    pool = random_pool(size, channels, device, per_class=max(20, meta.shots + meta.queries))
+def image_shape(cfg) -> tuple[int, int, int]:
+    """``(H, W, C)`` of the config's dataset, as its registered sizes state it (nothing loaded)."""
+    return DATASETS.get(cfg.data.dataset).factory.sizes(cfg.data).image_shape
+
+
+def step_seconds(learner: MetaLearner, pool: ClassPool, device: torch.device, repeats: int) -> float:
+    """Seconds of one ``learner.train_step`` on episodes of ``pool``, from a fresh initialisation."""
     gen = stream(0, "bench-device")
     carried = {"params": {k: v.to(device) for k, v in learner.model.init(gen).items()}}
     carried["state"] = learner.init_state(carried["params"])
@@ -87,6 +89,15 @@ def outer_step(preset: str, device: torch.device, repeats: int, batched: bool, i
         carried["params"], carried["state"], _ = learner.train_step(carried["params"], carried["state"],
                                                                     learner.sample(pool, gen), pool.images, gen, 0.0)
     return seconds(step, device, repeats)
+
+
+def outer_step(preset: str, device: torch.device, repeats: int, batched: bool, inner_steps: int | None = None) -> float:
+    """Seconds of one outer step of ``preset``'s meta-learner (``inner_steps`` instead of ``meta.inner_steps``)."""
+    cfg = load_config(preset, batching(batched))
+    meta = cfg.meta.model_copy(update={"inner_steps": inner_steps or cfg.meta.inner_steps})
+    learner = build_learner(cfg, image_shape(cfg), meta)
+    pool = random_pool(image_shape(cfg), device, per_class=max(20, meta.shots + meta.queries))
+    return step_seconds(learner, pool, device, repeats)
 
 
 def attacker_steps(preset: str) -> int:
@@ -99,25 +110,14 @@ def attacker_steps(preset: str) -> int:
 def maml_step(device: torch.device, repeats: int, algorithm: str) -> float:
     cfg = load_config("omniglot-pretrain-paper", [f"meta.algorithm={algorithm}", "meta.shots=1", "meta.queries=15",
                                                   "meta.inner_steps=5", "meta.inner_lr=0.4", "meta.meta_batch=4"])
-    learner = build_learner(cfg, (28, 28, 1))
-    assert isinstance(learner, Maml)
-    pool = random_pool(28, 1, device)
-    gen = stream(0, "bench-device")
-    carried = {"params": {k: v.to(device) for k, v in learner.model.init(gen).items()}}
-    carried["state"] = learner.init_state(carried["params"])
-
-    def step() -> None:
-        carried["params"], carried["state"], _ = learner.train_step(carried["params"], carried["state"],
-                                                                    learner.sample(pool, gen), pool.images, gen, 0.0)
-    return seconds(step, device, repeats)
+    return step_seconds(build_learner(cfg, (28, 28, 1)), random_pool((28, 28, 1), device), device, repeats)
 
 
 def eval_episode(preset: str, device: torch.device, episodes: int) -> float:
     """Seconds per evaluation episode of ``preset`` (5-shot, its steps, batch and scoring)."""
     cfg = load_config(preset)
-    size, channels = (28, 1) if cfg.data.dataset == "omniglot" else (84, 3)
-    learner = build_learner(cfg, (size, size, channels))
-    pool = random_pool(size, channels, device)
+    learner = build_learner(cfg, image_shape(cfg))
+    pool = random_pool(image_shape(cfg), device)
     gen = stream(0, "bench-device")
     params = {k: v.to(device) for k, v in learner.model.init(gen).items()}
     e = cfg.eval
