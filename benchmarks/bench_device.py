@@ -10,8 +10,10 @@ configuration (model, shots, inner steps, batch), with the device synchronised a
   over each poisoned episode: an outer step with that many more inner steps, divided by B);
 - a **MAML meta-step** (second and first order; 5-way 1-shot, 15 queries, 5 SGD steps, 4 tasks);
 - an **evaluation episode** (5-way 5-shot, 50 steps, non-transductive: the preset's fine-tuning and scoring);
-- one **federated round** of 10 benign users (Omniglot, E = 100 episodes each) in this process,
-  loop and batched.
+- one **federated round** of 10 benign users (Omniglot, E = 100 episodes each) in this process:
+  users one after another (loop, and batched episodes), and all users at once (``--engine batched``:
+  ``s_round_10_users_batched_users`` with the reference's sequential Adam carry, vmapped over
+  users; ``..._users_episodes`` over users x episodes).
 
 From these the expected time of each paper preset's training is the sum over its phases of the
 number of units times the unit's time (``expected_hours_<preset>``; the phases are printed beside
@@ -37,8 +39,9 @@ import torch
 from fedmeta.config import load_config
 from fedmeta.data.episodes import sample_episodes
 from fedmeta.data.pool import ClassPool
+from fedmeta.engines.batched import BatchedUsers
 from fedmeta.federation.client import RoundSettings
-from fedmeta.federation.engine import IN_PROCESS
+from fedmeta.federation.engine import IN_PROCESS, Engine
 from fedmeta.meta.evaluation import episode_scores, query_accuracy
 from fedmeta.meta.learner import MetaLearner, build_learner
 from fedmeta.registry import DATASETS
@@ -130,12 +133,13 @@ def eval_episode(preset: str, device: torch.device, episodes: int) -> float:
     return seconds(run, device, repeats=1, warmup=1) / episodes
 
 
-def federated_round(device: torch.device, batched: bool, users: int = 10, episodes: int = 100) -> float:
+def federated_round(device: torch.device, batched: bool, users: int = 10, episodes: int = 100,
+                    engine: Engine = IN_PROCESS) -> float:
     cfg = load_config("omniglot-exp1a-quick", [
         f"federation.users={users + 1}", f"federation.per_round={users}", f"federation.min_updates={users}",
         f"federation.episodes={episodes}", "attack.enabled=false", f"runtime.device={device.type}", *batching(batched)])
     phase = Phase("main", "a")
-    server = build_server(cfg, phase, build_population(cfg, phase), IN_PROCESS)
+    server = build_server(cfg, phase, build_population(cfg, phase), engine)
     params = next(iter(server.clients.values())).learner.model.init(stream(cfg.seed, "init"))
     params = {k: v.to(device) for k, v in params.items()}
     return seconds(lambda: server.updates(params, RoundSettings(1, "main")), device, repeats=1, warmup=1)
@@ -190,6 +194,8 @@ def main() -> None:
     if "round" in args.parts:
         for mode, batched in (("loop", False), ("batched", True)):
             record(f"s_round_10_users_{mode}", federated_round(device, batched))
+        for mode, batched in (("users", False), ("users_episodes", True)):  # --engine batched
+            record(f"s_round_10_users_batched_{mode}", federated_round(device, batched, engine=BatchedUsers()))
     if "steps" in args.parts:
         for key, value in expected_hours({k: v for k, v in results.items() if isinstance(v, float)}).items():
             record(key, value)

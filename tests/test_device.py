@@ -21,7 +21,7 @@ from fedmeta.data.episodes import sample_episodes
 from fedmeta.data.pool import ClassPool
 from fedmeta.meta.evaluation import episode_scores, query_accuracy
 from fedmeta.meta.learner import Maml, Reptile
-from fedmeta.meta.reptile import reptile_step_batched
+from fedmeta.meta.reptile import reptile_step_batched, reptile_step_users
 from fedmeta.models.conv4 import Conv4
 from fedmeta.rng import stream
 from fedmeta.scenario.backdoor import build_scenario
@@ -106,6 +106,21 @@ def test_batched_reptile_accumulates_its_loss_on_the_device():
         _, _, loss = reptile_step_batched(model, params, Reptile(model, MetaConfig()).init_state(params), x, y,
                                           lr=1e-3, beta2=0.99, epsilon=0.1)
     assert loss.device == DEVICE
+
+
+@pytest.mark.parametrize("carry", ["sequential", "parallel"])
+def test_users_batched_reptile_keeps_its_tensors_on_the_device(carry):
+    """``--engine batched``'s step: weights, moments and losses of every user stay on the device."""
+    model = Conv4(1, 28, 5, filters=4)
+    params = {k: v.to(DEVICE) for k, v in model.init(stream(0, "init")).items()}
+    users = {k: v.unsqueeze(0).repeat(3, *([1] * v.dim())) for k, v in params.items()}
+    x = torch.empty(3, 2, 3, 5, 1, 28, 28, device=DEVICE)
+    y = torch.zeros(3, 2, 3, 5, dtype=torch.long, device=DEVICE)
+    state = Reptile(model, MetaConfig()).init_state(params).expand(3)
+    with OnDevice(DEVICE) as mode:
+        new, state, loss = reptile_step_users(model, users, state, x, y, lr=1e-3, beta2=0.99, epsilon=0.1, carry=carry)
+    assert mode.transfers == 0 and loss.shape == (3,)
+    assert all(v.device == DEVICE for v in [*new.values(), *state.exp_avg, *state.step, loss])
 
 
 @pytest.mark.parametrize("transductive", [False, True])

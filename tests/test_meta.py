@@ -12,7 +12,7 @@ from fedmeta.meta.adam import AdamState
 from fedmeta.meta.evaluation import meta_test, predict
 from fedmeta.meta.learner import Reptile
 from fedmeta.meta.maml import task_meta_gradient
-from fedmeta.meta.reptile import reptile_step, reptile_step_batched
+from fedmeta.meta.reptile import reptile_step, reptile_step_batched, reptile_step_users
 from fedmeta.models.conv4 import Conv4
 
 
@@ -136,3 +136,30 @@ def test_adam_step_handles_gradients_laid_out_unlike_their_parameters():
         adam_step_([p], [g], AdamState.zeros([p]), lr=1e-3, beta1=0.0, beta2=0.999)
         results.append(p)
     assert torch.equal(results[0], results[1])
+
+
+def test_users_batched_reptile_equals_each_users_loop(omniglot, tiny):
+    """Three users' outer steps as one vmapped computation: each user's weights, moments and loss
+    as its own ``reptile_step`` gives them, for both ways of carrying Adam's moments."""
+    batches = [_episode_batch(omniglot, seed=s) for s in range(3)]
+    starts = [tiny.init(torch.Generator().manual_seed(s)) for s in range(3)]
+    kwargs = dict(lr=1e-3, beta2=0.999, epsilon=0.5)
+    for carry in ("sequential", "parallel"):
+        states = []
+        for p, (x, y) in zip(starts, batches):  # warm each user's moments differently, so they matter
+            states.append(reptile_step(tiny, p, AdamState.zeros(list(p.values())), x, y, carry=carry, **kwargs)[1])
+        stacked = {k: torch.stack([p[k] for p in starts]) for k in starts[0]}
+        state = AdamState(*(
+            [torch.stack([getattr(s, part)[i] for s in states]) for i in range(len(states[0].exp_avg))]
+            for part in ("exp_avg", "exp_avg_sq")), [t.clone() for t in states[0].step])
+        x, y = (torch.stack(t) for t in zip(*batches))
+        got_p, got_s, got_loss = reptile_step_users(tiny, stacked, state, x, y, carry=carry, **kwargs)
+        for u, (p, s, (xu, yu)) in enumerate(zip(starts, states, batches)):
+            want_p, want_s, want_loss = reptile_step(tiny, p, s.clone(), xu, yu, carry=carry, **kwargs)
+            for k in p:
+                torch.testing.assert_close(got_p[k][u], want_p[k], rtol=0, atol=1e-5)
+                assert not torch.equal(got_p[k][u], p[k]), (carry, k)
+            for a, b in zip(got_s.exp_avg_sq, want_s.exp_avg_sq):
+                torch.testing.assert_close(a[u], b, rtol=1e-4, atol=1e-12)
+            assert float(got_s.step[0]) == float(want_s.step[0])
+            torch.testing.assert_close(got_loss[u], want_loss, rtol=0, atol=1e-5)

@@ -27,8 +27,8 @@ def run(
     ] = None,
     engine: Annotated[
         str, typer.Option("--engine", help="'local': all clients in this process; 'pool': a round's clients in "
-                          "single-threaded worker processes (CPU); 'flower': Flower's simulation engine (needs "
-                          "fedmeta[flower]).")
+                          "single-threaded worker processes (CPU); 'batched': a round's Reptile users as one vmapped "
+                          "computation (GPU); 'flower': Flower's simulation engine (needs fedmeta[flower]).")
     ] = "local",
 ) -> None:
     """Run an experiment and write config.toml, metrics.jsonl and summary.json to OUT."""
@@ -47,8 +47,13 @@ def run(
 
             experiments.check_engine(cfg, LocalPool.name)
             summary = experiments.run(cfg, RunDir.open(out, cfg), LocalPool())
+        elif engine == "batched":
+            from fedmeta.engines.batched import BatchedUsers
+
+            experiments.check_engine(cfg, BatchedUsers.name)
+            summary = experiments.run(cfg, RunDir.open(out, cfg), BatchedUsers())
         else:
-            raise ConfigError(f"--engine takes 'local', 'pool' or 'flower', got '{engine}'")
+            raise ConfigError(f"--engine takes 'local', 'pool', 'batched' or 'flower', got '{engine}'")
     except (ConfigError, DataError, RunError, Diverged, CorruptFile, Locked) as err:
         _fail(str(err))
     except OSError as err:  # a path fedmeta cannot read or write (--out, the cache, the data): one line, no traceback

@@ -21,7 +21,7 @@ from fedmeta.data.episodes import Episodes, gather, minibatch_order, sample_epis
 from fedmeta.data.pool import ClassPool
 from fedmeta.meta.adam import AdamState
 from fedmeta.meta.maml import Task, maml_step, sgd_adapt
-from fedmeta.meta.reptile import adam_finetune, reptile_step, reptile_step_batched
+from fedmeta.meta.reptile import adam_finetune, reptile_step, reptile_step_batched, reptile_step_users
 from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Conv4, Params
 from fedmeta.registry import LEARNERS
@@ -82,16 +82,29 @@ class Reptile:
     def train_step(
         self, params: Params, state: AdamState, episodes: Episodes, images: Tensor, gen: torch.Generator, progress: float
     ) -> tuple[Params, AdamState, Tensor]:
+        x, y = self.step_inputs(episodes, images, gen)
+        if self.batched:
+            return reptile_step_batched(self.model, params, state, x, y, **self._rates(progress))
+        return reptile_step(self.model, params, state, x, y, carry=self.cfg.adam_carry, **self._rates(progress))
+
+    def step_inputs(self, episodes: Episodes, images: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The inner mini-batches of one outer step: ``x [B, e, b, C, H, W]``, ``y [B, e, b]`` (draws
+        the mini-batch order from ``gen``, after the episodes)."""
         cfg = self.cfg
         count = episodes.rows.shape[0]
         order = minibatch_order(episodes.support.shape[1], cfg.inner_steps, cfg.inner_batch, count, gen)
-        rows = episodes.support.gather(1, order.flatten(1)).view_as(order)
-        x = gather(images, rows)
-        y = episodes.support_labels()[order].to(x.device)
-        kwargs = dict(lr=cfg.inner_lr, beta2=cfg.adam_beta2, epsilon=outer_rate(cfg, progress))
-        if self.batched:
-            return reptile_step_batched(self.model, params, state, x, y, **kwargs)
-        return reptile_step(self.model, params, state, x, y, carry=cfg.adam_carry, **kwargs)
+        x = gather(images, episodes.support.gather(1, order.flatten(1)).view_as(order))
+        return x, episodes.support_labels()[order].to(x.device)
+
+    def train_step_users(
+        self, params: Params, state: AdamState, x: Tensor, y: Tensor, progress: float
+    ) -> tuple[Params, AdamState, Tensor]:
+        """``train_step`` of several users at once, from their stacked ``step_inputs``
+        (``reptile_step_users``; ``params`` and ``state`` stacked per user)."""
+        return reptile_step_users(self.model, params, state, x, y, carry=self.cfg.adam_carry, **self._rates(progress))
+
+    def _rates(self, progress: float) -> dict[str, float]:
+        return dict(lr=self.cfg.inner_lr, beta2=self.cfg.adam_beta2, epsilon=outer_rate(self.cfg, progress))
 
     def adapt_order(self, examples: int, steps: int, batch: int, episodes: int, gen: torch.Generator) -> Tensor:
         return minibatch_order(examples, steps, min(batch, examples), episodes, gen)

@@ -99,6 +99,57 @@ def reptile_step_batched(
     return _interpolate(names, start, total, batch, epsilon), state.mean_over_batch(), loss_sum / (batch * x.shape[1])
 
 
+def reptile_step_users(
+    model: Conv4,
+    params: Params,
+    adam: AdamState,
+    x: Tensor,
+    y: Tensor,
+    *,
+    lr: float,
+    beta2: float,
+    epsilon: float,
+    carry: Carry = "sequential",
+) -> tuple[Params, AdamState, Tensor]:
+    """``reptile_step`` of U users at once: every tensor has a leading user dimension.
+
+    ``params`` and ``adam`` are stacked ``[U, ...]`` (each user's own weights and moments), ``x`` is
+    ``[U, B, e, b, C, H, W]``, ``y`` ``[U, B, e, b]``; returns the users' new parameters and
+    states, stacked, and their mean losses ``[U]``. One ``vmap`` over users (and, with
+    ``carry="parallel"``, over their episodes too) replaces U x B launches of every kernel by one:
+    what a launch-bound GPU needs. ``carry="sequential"`` keeps the reference's moments passing
+    from episode to episode, as the loop does."""
+    names = list(params)
+    users, batch, steps = x.shape[:3]
+    flat = carry == "parallel"  # users x episodes in one vmapped dimension
+
+    def loss_fn(p: Params, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        loss = F.cross_entropy(model(p, xb), yb)
+        return loss, loss.detach()
+
+    grad_fn = vmap(grad(loss_fn, has_aux=True))
+    start = {k: params[k].detach() for k in names}
+    spread = lambda t: t.repeat_interleave(batch, dim=0) if flat else t  # noqa: E731  [U, ...] -> [U*B, ...]
+    state = AdamState([spread(t) for t in adam.exp_avg], [spread(t) for t in adam.exp_avg_sq],
+                      [t.clone() for t in adam.step])
+    total = {k: torch.zeros_like(start[k]) for k in names}
+    loss_sum = torch.zeros(users, device=x.device)
+    for j in [None] if flat else range(batch):
+        weights = {k: spread(start[k]).clone() for k in names}
+        xj, yj = (x.flatten(0, 1), y.flatten(0, 1)) if flat else (x[:, j], y[:, j])
+        for s in range(steps):
+            grads, losses = grad_fn(weights, xj[:, s], yj[:, s])
+            adam_step_([weights[k] for k in names], [grads[k] for k in names], state, lr=lr, beta1=0.0, beta2=beta2)
+            loss_sum += losses.view(users, -1).sum(1)
+        for k in names:
+            total[k] += weights[k].view(users, -1, *start[k].shape[1:]).sum(1)
+    if flat:
+        per_user = lambda t: t.view(users, batch, *t.shape[1:]).mean(1)  # noqa: E731
+        state = AdamState([per_user(t) for t in state.exp_avg], [per_user(t) for t in state.exp_avg_sq], state.step)
+    new = {k: p + epsilon * (total[k] / batch - p) for k, p in start.items()}
+    return new, state, loss_sum / (batch * steps)
+
+
 def _interpolate(names: list[str], start: list[Tensor], total: list[Tensor], count: int, epsilon: float) -> Params:
     """theta + epsilon * (total / count - theta)."""
     return {k: p + epsilon * (t / count - p) for k, p, t in zip(names, start, total)}
