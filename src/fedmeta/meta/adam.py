@@ -56,10 +56,6 @@ class AdamState:
             [t.clone() for t in first.step],
         )
 
-    def mean_over_batch(self) -> AdamState:
-        """Collapse the leading (episode) dimension of an ``expand``-ed state."""
-        return AdamState([t.mean(0) for t in self.exp_avg], [t.mean(0) for t in self.exp_avg_sq], self.step)
-
     def to_tensors(self, prefix: str, names: Sequence[str]) -> dict[str, Tensor]:
         """The state as named tensors (``names``: the parameters, in the order of the lists)."""
         out = {}

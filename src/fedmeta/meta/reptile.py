@@ -78,25 +78,13 @@ def reptile_step_batched(
     beta2: float,
     epsilon: float,
 ) -> tuple[Params, AdamState, Tensor]:
-    """``reptile_step`` with ``carry="parallel"``, all B episodes at once through ``vmap``."""
-    names = list(params)
-    batch = x.shape[0]
-
-    def loss_fn(p: Params, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
-        loss = F.cross_entropy(model(p, xb), yb)
-        return loss, loss.detach()
-
-    grad_fn = vmap(grad(loss_fn, has_aux=True))
-    weights = {k: params[k].detach().unsqueeze(0).repeat(batch, *([1] * params[k].dim())) for k in names}
-    state = adam.expand(batch)
-    loss_sum = torch.zeros((), device=x.device)  # on the device: no host sync per step
-    for s in range(x.shape[1]):
-        grads, losses = grad_fn(weights, x[:, s], y[:, s])
-        adam_step_([weights[k] for k in names], [grads[k] for k in names], state, lr=lr, beta1=0.0, beta2=beta2)
-        loss_sum += losses.sum()
-    start = [params[k].detach() for k in names]
-    total = [weights[k].sum(0) for k in names]
-    return _interpolate(names, start, total, batch, epsilon), state.mean_over_batch(), loss_sum / (batch * x.shape[1])
+    """``reptile_step`` with ``carry="parallel"``, all B episodes at once through ``vmap``: the
+    one-user case of ``reptile_step_users``."""
+    one = {k: v[None] for k, v in params.items()}
+    new, state, loss = reptile_step_users(model, one, adam.expand(1), x[None], y[None], lr=lr, beta2=beta2,
+                                          epsilon=epsilon, carry="parallel")
+    state = AdamState([t[0] for t in state.exp_avg], [t[0] for t in state.exp_avg_sq], state.step)
+    return {k: v[0] for k, v in new.items()}, state, loss[0]
 
 
 def reptile_step_users(
