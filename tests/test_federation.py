@@ -259,3 +259,18 @@ def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():
     assert pretrain_key(load_config("omniglot-exp1a-quick", ["rules.trimmed-mean.trim=0.34", "rules.clip.norm=0.2"]), "a") == base
     assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.rule=krum"]), "a") != base
     assert pretrain_key(load_config("omniglot-exp1a-quick"), "b") != base  # benign users hold the backdoor classes
+
+
+def test_the_clean_round_is_one_cache_entry_for_every_attack_strategy():
+    """A threat matrix's cells (one attack strategy each) share the round without attackers."""
+    from fedmeta.scenario.cache import attack_round_key
+
+    def key(strategy: str, *overrides: str, round_: int = 1) -> str:
+        attackers = f'attack.attackers=[{{user=0,rounds=[1],strategy="{strategy}"}}]'
+        return attack_round_key(load_config("omniglot-compare-quick", [attackers, *overrides]), "a", RoundSettings(round_))
+
+    assert key("boosted", "attack.enabled=false") == key("projected", "attack.enabled=false")
+    assert key("boosted", "attack.enabled=false") == key("boosted", "attack.enabled=false", "attacks.boosted.episodes=7")
+    assert key("boosted") != key("projected")
+    assert key("boosted", "attack.enabled=false") != key("boosted")
+    assert key("boosted", "attack.enabled=false", round_=2) != key("boosted", "attack.enabled=false")

@@ -1,8 +1,9 @@
 """One attack, every defense, one table (``experiment = "defense-comparison"``).
 
 The attack round's client updates are computed once (and cached, see
-``federated.attack_round_updates``); every server rule aggregates exactly those updates, so rows
-differ by the defense alone. For each row:
+``scenario.cache.attack_round_updates``); every server rule aggregates exactly those updates, so
+rows differ by the defense alone. The same round without the attackers is cached too, under a key
+without the attack's settings, so the cells of a threat matrix (one per attack strategy) share it. For each row:
 
 - ``clean_meta_test_accuracy``: the same round without the attacker (the benign users that round
   1 would pick without it), aggregated by the row's rule: what the defense costs when nobody attacks;
@@ -56,7 +57,8 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     adaptive = adapts_to_rule(cfg.attack.attackers)  # then each row's rule is attacked anew: a fair comparison
     shared = None if adaptive else _attack_round(cfg, case, cfg.federation.rule, settings, engine)
     no_attack = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
-    clean = main_server(no_attack, case, engine).updates(case.pretrained, settings)
+    clean_server = main_server(no_attack, case, engine)
+    clean = attack_round_updates(no_attack, clean_server, name, case.pretrained, settings, engine)
     table = rows(cfg)
     for index in session.steps(resumed.step if resumed else 0, len(table), desc="defenses", unit="row"):
         label, rule, local, secure = table[index]

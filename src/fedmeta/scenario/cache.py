@@ -109,30 +109,18 @@ def _model_key(cfg: Backdoor) -> dict:
 
 def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Params, settings: RoundSettings,
                          engine: Engine) -> list[ClientUpdate]:
-    """``server.updates`` for an attack round, cached under everything that determines them.
-
-    In round 1 the key holds of the aggregation rule only what the attackers see of it
-    (``rule_seen``: nothing for a strategy that ignores it), since its input, the pre-trained
-    model, does not depend on the rule of the main rounds; later rounds' inputs do, so there it is
-    the whole rule. Settings of strategies no attacker runs stay out of the key.
-    """
+    """``server.updates`` for an attack round, cached under ``attack_round_key``. With the attack
+    disabled it is the same round without attackers (a defense's clean cost), which every attack
+    strategy's cell of a threat matrix then shares."""
     if not engine.local:
         return server.updates(params, settings)
-    fed = cfg.federation
-    first = settings.round == 1
-    rule = rule_seen(cfg.attack.attackers, fed.rule, cfg.rule_options(fed.rule)) if first else cfg.rule_options(fed.rule)
-    parts = {"pretrain": pretrain_key(cfg, case), "attack": cfg.attack.model_dump(exclude={"cases", "case_c_backdoor_ways"}),
-             "attacks": {a.strategy: cfg.attack_options(a.strategy) for a in cfg.attack.attackers},
-             "meta": cfg.meta.model_dump(),
-             "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
-                                             *({"rule", "secure_aggregation"} if first else ())}),
-             "rule": rule, "round": settings.round, "version": VERSION}
-    path = cache_dir() / f"attack-{_digest(parts)}.safetensors"
+    path = cache_dir() / f"attack-{attack_round_key(cfg, case, settings)}.safetensors"
     device = next(iter(params.values())).device
+    kind = "attack" if cfg.attack.enabled else "clean"
 
     def read(path: Path) -> list[ClientUpdate]:
         tensors, meta = read_tensors(path, device)
-        tqdm.write(f"attack round {settings.round}: reusing the client updates in {path}")
+        tqdm.write(f"{kind} round {settings.round}: reusing the client updates in {path}")
         return [ClientUpdate(h["user"], {k: tensors[f"{h['user']}/{k}"] for k in params}, h["examples"], h["metrics"])
                 for h in meta["updates"]]
 
@@ -142,7 +130,33 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
                       {"updates": [{"user": u.user, "examples": u.examples, "metrics": u.metrics} for u in updates]})
         return updates
 
-    return cached(path, f"attack-round cache {path.name}", read, build)
+    return cached(path, f"{kind}-round cache {path.name}", read, build)
+
+
+def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings) -> str:
+    """A digest of everything that determines a round's client updates.
+
+    In round 1 the key holds of the aggregation rule only what the attackers see of it
+    (``rule_seen``: nothing for a strategy that ignores it), since its input, the pre-trained
+    model, does not depend on the rule of the main rounds; later rounds' inputs do, so there it is
+    the whole rule. Settings of strategies no attacker runs stay out of the key; with the attack
+    disabled, so do the attack's own settings (the malicious users sit out, which users they are
+    is in the pre-training key)."""
+    fed, attack = cfg.federation, cfg.attack
+    first = settings.round == 1
+    if first:
+        rule = rule_seen(attack.attackers, fed.rule, cfg.rule_options(fed.rule)) if attack.enabled else None
+    else:
+        rule = cfg.rule_options(fed.rule)
+    own = {"attack": {"enabled": False}, "attacks": {}}
+    if attack.enabled:
+        own = {"attack": attack.model_dump(exclude={"cases", "case_c_backdoor_ways"}),
+               "attacks": {a.strategy: cfg.attack_options(a.strategy) for a in attack.attackers}}
+    parts = {"pretrain": pretrain_key(cfg, case), **own, "meta": cfg.meta.model_dump(),
+             "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
+                                             *({"rule", "secure_aggregation"} if first else ())}),
+             "rule": rule, "round": settings.round, "version": VERSION}
+    return _digest(parts)
 
 
 def _federation(fed: FederationConfig, exclude: set[str]) -> dict:
