@@ -95,6 +95,24 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     assert local["attack_val_accuracy"] == pytest.approx(secure["attack_val_accuracy"], abs=0.05)
 
 
+def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp_path, omniglot, monkeypatch):
+    from fedmeta.experiments import comparison
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))  # entries of this test alone
+    calls = []
+    evaluate = comparison._meta_test
+    monkeypatch.setattr(comparison, "_meta_test", lambda *args: calls.append(1) or evaluate(*args))
+    cell = lambda strategy: _run(tmp_path / strategy, "omniglot-compare-quick", [
+        "compare.rules=['fedavg', 'median']", "compare.local_defenses=[]",
+        "attacks.alie.episodes=4", "attacks.alie.inner_epochs=1",
+        f"attack.attackers=[{{user=0,rounds=[1],strategy='{strategy}'}}]"]).records()
+    boosted = cell("boosted")
+    assert len(calls) == 2
+    alie = cell("alie")  # another attack: the same round without it, the same clean costs, not evaluated again
+    assert len(calls) == 2
+    assert [r["clean_meta_test_accuracy"] for r in alie] == [r["clean_meta_test_accuracy"] for r in boosted]
+
+
 def test_case_c_puts_one_or_all_fitting_backdoor_classes_in_each_episode():
     from types import SimpleNamespace
 

@@ -2,8 +2,9 @@
 
 The attack round's client updates are computed once (and cached, see
 ``scenario.cache.attack_round_updates``); every server rule aggregates exactly those updates, so
-rows differ by the defense alone. The same round without the attackers is cached too, under a key
-without the attack's settings, so the cells of a threat matrix (one per attack strategy) share it. For each row:
+rows differ by the defense alone. The same round without the attackers, and each server rule's
+clean meta-test accuracy on it, are cached too, under keys without the attack's settings, so the
+cells of a threat matrix (one per attack strategy) compute them once. For each row:
 
 - ``clean_meta_test_accuracy``: the same round without the attacker (the benign users that round
   1 would pick without it), aggregated by the row's rule: what the defense costs when nobody attacks;
@@ -21,6 +22,7 @@ updates, one vector, which is all secure aggregation lets it compute.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fedmeta import runtime
@@ -35,7 +37,7 @@ from fedmeta.models.conv4 import Params
 from fedmeta.registry import LOCAL_DEFENSES
 from fedmeta.rng import stream
 from fedmeta.runs import RunDir, Session, accuracy_fields
-from fedmeta.scenario.cache import attack_round_updates
+from fedmeta.scenario.cache import attack_round_updates, clean_accuracy
 
 
 def rows(cfg: Backdoor) -> list[tuple[str, str, str | None, bool]]:
@@ -97,7 +99,9 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
         return {**accuracy_fields("clean_meta_test_accuracy", clean_test["meta_test_accuracy"]), **fields(attack),
                 "rejected": report.rejected, "episodes": attack["attack_val_accuracy"].episodes}  # over its users
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
-    return {**accuracy_fields("clean_meta_test_accuracy", _meta_test(cfg, case, after_clean)), **fields(scores),
+    evaluate = partial(_meta_test, cfg, case, after_clean)
+    clean_test = clean_accuracy(cfg, case.name, rule, evaluate) if engine.local else evaluate()
+    return {**accuracy_fields("clean_meta_test_accuracy", clean_test), **fields(scores),
             "rejected": report.rejected, "episodes": scores["attack_val_accuracy"].episodes}
 
 

@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from fedmeta.attacks.strategies import rule_seen
@@ -32,6 +34,7 @@ from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import Engine
 from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
+from fedmeta.meta.evaluation import Accuracy
 from fedmeta.models.conv4 import Params
 from fedmeta.runs import RunDir, RunError, Session
 from fedmeta.scenario.builder import Phase, Population, build_server
@@ -157,6 +160,29 @@ def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings) -> str:
                                              *({"rule", "secure_aggregation"} if first else ())}),
              "rule": rule, "round": settings.round, "version": VERSION}
     return _digest(parts)
+
+
+def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy]) -> Accuracy:
+    """``evaluate()``, the meta-test accuracy of round 1 without attackers aggregated by ``rule`` (a
+    server rule's clean cost), cached: it depends on neither the attack nor the table's other rows,
+    so the cells of a threat matrix, one per attack strategy, evaluate it once."""
+    without = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
+    parts = {"round": attack_round_key(without, case, RoundSettings(1, "main")), "rule": rule,
+             "options": cfg.rule_options(rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
+             "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
+                                                        "secure_aggregation"}), "version": VERSION}
+    path = cache_dir() / f"clean-{_digest(parts)}.safetensors"
+
+    def read(path: Path) -> Accuracy:
+        mean, ci95, episodes = read_tensors(path)[0]["accuracy"].tolist()
+        return Accuracy(mean, ci95, int(episodes))
+
+    def build() -> Accuracy:
+        found = evaluate()
+        write_tensors(path, {"accuracy": torch.tensor([found.mean, found.ci95, found.episodes], dtype=torch.float64)})
+        return found
+
+    return cached(path, f"clean-accuracy cache {path.name}", read, build)
 
 
 def _federation(fed: FederationConfig, exclude: set[str]) -> dict:
