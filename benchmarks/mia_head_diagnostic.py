@@ -34,6 +34,7 @@ from fedmeta.attacks.mia_metrics import summarize
 from fedmeta.config import load_config
 from fedmeta.data.datasets import load_meta_splits
 from fedmeta.experiments.membership import Context, Point, draw_trial, model_for, observe
+from fedmeta.meta.maml import sgd_adapt
 from fedmeta.models.build import build_model
 from fedmeta.models.conv4 import Params
 from fedmeta.rng import stream
@@ -52,15 +53,6 @@ def features(model, params: Params, x: Tensor) -> Tensor:
     """h(x), the head's input, for any model with a linear head: d logit_0 / d head.weight[0]."""
     head = params[HEAD].detach().requires_grad_()
     return torch.autograd.grad(model({**params, HEAD: head}, x[None])[0, 0], head)[0][0]
-
-
-def adapted(model, params: Params, support: tuple[Tensor, Tensor], steps: int, lr: float) -> Params:
-    """The task learner's inner loop (plain SGD steps, as ``task_meta_gradient``), detached."""
-    weights = {k: v.detach().requires_grad_() for k, v in params.items()}
-    for _ in range(steps):
-        grads = torch.autograd.grad(F.cross_entropy(model(weights, support[0]), support[1]), list(weights.values()))
-        weights = {k: (v - lr * g).detach().requires_grad_() for (k, v), g in zip(weights.items(), grads)}
-    return weights
 
 
 def main() -> None:
@@ -83,7 +75,9 @@ def main() -> None:
     for t in range(args.trials):
         trial = draw_trial(cfg, ctx.test, point.ways, stream(cfg.seed, "mia-trial", point.ways, t))
         observed = observe(ctx, point, params, trial, t)[HEAD]
-        inner = adapted(model, params, trial.support, cfg.meta.inner_steps, cfg.meta.inner_lr)
+        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+        inner = sgd_adapt(model, leaves, *trial.support, steps=cfg.meta.inner_steps, lr=cfg.meta.inner_lr,
+                          create_graph=False)  # the task learner's inner loop
         query_loss = F.cross_entropy(model(inner, trial.query[0]), trial.query[1])
         first_order = torch.autograd.grad(query_loss, inner[HEAD])[0]
         ratios.append(float((observed - first_order).norm() / first_order.norm()))
