@@ -37,7 +37,7 @@ from fedmeta.models.conv4 import Params
 from fedmeta.registry import LOCAL_DEFENSES
 from fedmeta.rng import stream
 from fedmeta.runs import RunDir, Session, accuracy_fields
-from fedmeta.scenario.cache import attack_round_updates, clean_accuracy
+from fedmeta.scenario.cache import attack_round_updates, clean_accuracy, without_attack
 
 
 def rows(cfg: Backdoor) -> list[tuple[str, str, str | None, bool]]:
@@ -58,7 +58,7 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     settings = RoundSettings(1, "main")
     adaptive = adapts_to_rule(cfg.attack.attackers)  # then each row's rule is attacked anew: a fair comparison
     shared = None if adaptive else _attack_round(cfg, case, cfg.federation.rule, settings, engine)
-    no_attack = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
+    no_attack = without_attack(cfg)
     clean_server = main_server(no_attack, case, engine)
     clean = attack_round_updates(no_attack, clean_server, name, case.pretrained, settings, engine)
     table = rows(cfg)

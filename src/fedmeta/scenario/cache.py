@@ -162,12 +162,16 @@ def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings) -> str:
     return _digest(parts)
 
 
+def without_attack(cfg: Backdoor) -> Backdoor:
+    """``cfg`` with the attack disabled: the same federation, its malicious users sitting out."""
+    return cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
+
+
 def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy]) -> Accuracy:
     """``evaluate()``, the meta-test accuracy of round 1 without attackers aggregated by ``rule`` (a
     server rule's clean cost), cached: it depends on neither the attack nor the table's other rows,
     so the cells of a threat matrix, one per attack strategy, evaluate it once."""
-    without = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
-    parts = {"round": attack_round_key(without, case, RoundSettings(1, "main")), "rule": rule, "case": case,
+    parts = {"round": attack_round_key(without_attack(cfg), case, RoundSettings(1, "main")), "rule": rule, "case": case,
              "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,  # the scenario's evaluation episodes
              "options": cfg.rule_options(rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
              "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
