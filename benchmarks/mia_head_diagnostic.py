@@ -29,10 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedmeta import runtime
 from fedmeta.attacks.mia_metrics import summarize
 from fedmeta.config import load_config
-from fedmeta.data.datasets import load_meta_splits
 from fedmeta.experiments.membership import Context, Point, draw_trial, model_for, observe
 from fedmeta.meta.maml import sgd_adapt
 from fedmeta.models.build import build_model
@@ -64,9 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.preset, args.overrides)
-    device = runtime.setup(cfg.runtime)
-    splits = load_meta_splits(cfg.data, cfg.seed)
-    ctx = Context(cfg, splits.train.to(device), splits.test.to(device), device)
+    ctx = Context.build(cfg)
     point = Point("threat", "realistic", cfg.meta.ways)
     params, accuracy = model_for(ctx, point)
     model = build_model(cfg.model, ctx.train.image_shape, cfg.meta.ways)

@@ -33,11 +33,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta import runtime
 from fedmeta.attacks.membership import Target, gradient_distance, place
 from fedmeta.attacks.mia_metrics import summarize
 from fedmeta.config import load_config
-from fedmeta.data.datasets import load_meta_splits
 from fedmeta.experiments.membership import Context, Point, draw_trial, model_for, observe, slot_of
 from fedmeta.meta.maml import MetaGradient
 from fedmeta.models.conv4 import Params
@@ -77,9 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.preset, args.overrides)
-    device = runtime.setup(cfg.runtime)
-    splits = load_meta_splits(cfg.data, cfg.seed)
-    ctx = Context(cfg, splits.train.to(device), splits.test.to(device), device)
+    ctx = Context.build(cfg)
     point = Point("threat", "realistic", cfg.meta.ways)
     params, accuracy = model_for(ctx, point)
     learner = ctx.learner(point.ways, params)

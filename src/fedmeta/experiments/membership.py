@@ -248,6 +248,13 @@ class Context:
     classify: Callable[[Tensor], Tensor] | None = None  # images -> dataset classes (when some stage inverts)
     models: dict[str, tuple[Params, Accuracy]] = field(default_factory=dict)
 
+    @classmethod
+    def build(cls, cfg: Config) -> Context:
+        """The run's context: the runtime set up, the config's splits on its device, no model yet."""
+        device = runtime.setup(cfg.runtime)
+        splits = load_meta_splits(cfg.data, cfg.seed)
+        return cls(cfg, splits.train.to(device), splits.test.to(device), device)
+
     def learner(self, ways: int, params: Params) -> MetaGradient:
         """A task learner of the protocol in ``meta`` (what the server also simulates)."""
         m = self.cfg.meta
@@ -519,10 +526,8 @@ def reference_classifier(ctx: Context) -> tuple[Callable[[Tensor], Tensor], floa
 
 
 def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
-    device = runtime.setup(cfg.runtime)
+    ctx = Context.build(cfg)
     session = Session(out, [])
-    splits = load_meta_splits(cfg.data, cfg.seed)
-    ctx = Context(cfg, splits.train.to(device), splits.test.to(device), device)
     mia = cfg.mia
     classifier_accuracy = None
     if "inversion" in mia.attacks and (mia.iterations or mia.sweep_iterations):
@@ -530,7 +535,7 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
     points = plan(cfg)
     clean_key = Point("threat", "informed", cfg.meta.ways).model_key
     if (resumed := session.resumed()) is not None:  # the undefended model: the later stages attack it again
-        ctx.models[clean_key] = (resumed.group("clean.", device), Accuracy(*resumed.state["accuracy"]))
+        ctx.models[clean_key] = (resumed.group("clean.", ctx.device), Accuracy(*resumed.state["accuracy"]))
     for index in session.steps(resumed.step if resumed else 0, len(points), desc="points", unit="point"):
         point = points[index]
         params, accuracy = model_for(ctx, point)
