@@ -16,6 +16,7 @@ from fedmeta.attacks.membership import (
     zero_scores,
 )
 from fedmeta.attacks.mia_metrics import auc
+from fedmeta.attacks.task_inversion import joint_residual
 from fedmeta.config import load_config
 from fedmeta.defenses.noise import DEFENSES, Noise, rms, shared_gradient
 from fedmeta.experiments import run
@@ -117,6 +118,25 @@ def test_a_member_reproduces_the_shared_gradient_and_a_non_member_does_not():
     assert auc(torch.tensor(members).numpy(), torch.tensor(nonmembers).numpy()) == 1.0
 
 
+def test_joint_inversion_scores_a_member_zero_and_reconstructs_a_perturbed_task():
+    """If the fill is the true task a member's residual is 0 and a non-member's is not; from a
+    perturbed fill the Adam steps bring a member's residual down."""
+    gen = torch.Generator().manual_seed(5)
+    learner, _ = _learner(Mlp(64, 2, (8,)), seed=5)
+    support, query = _task(gen)
+    observed = learner(support, query)
+    stranger = torch.rand(1, 8, 8, generator=gen, dtype=torch.float64)
+    assert joint_residual(learner, (support, query), "support", 1, support[0][1], observed, 0, 0.05) < 1e-12
+    assert joint_residual(learner, (support, query), "support", 1, stranger, observed, 0, 0.05) > 1e-4
+
+    def perturbed(images: torch.Tensor) -> torch.Tensor:
+        return (images + 0.2 * torch.rand(images.shape, generator=gen, dtype=torch.float64)).clamp(0, 1)
+
+    noisy = (perturbed(support[0]), support[1]), (perturbed(query[0]), query[1])
+    start = joint_residual(learner, noisy, "support", 1, support[0][1], observed, 0, 0.01)
+    assert joint_residual(learner, noisy, "support", 1, support[0][1], observed, 30, 0.01) < 0.5 * start
+
+
 def test_random_independent_gradients_give_chance_level_scores():
     """An observation independent of the task carries no membership signal: AUC about 0.5."""
     gen = torch.Generator().manual_seed(5)
@@ -175,7 +195,8 @@ TINY = [
     "mia.sweep_trials=2", "mia.users_per_round=[2]", "mia.ways=[2]", "mia.classifier_steps=2", "mia.shadow_tasks=2",
     "mia.reconstructions=2", "mia.defenses.gradient=[1.0]", "mia.defenses.support=[0.1]",
     "mia.defenses.query=[0.1]", "mia.defenses.inner=[1.0]", "mia.dp.noise_multipliers=[1.0]", "mia.sweep_iterations=1",
-    "mia.lira.shadows=2", "mia.bootstrap=10",
+    "mia.lira.shadows=2", "mia.bootstrap=10", "mia.attacks=['inversion', 'threshold', 'lira', 'joint']",
+    "mia.joint.iterations=1", "mia.joint.trials=2",
 ]
 
 
@@ -196,6 +217,9 @@ def test_membership_run_writes_every_point_and_resumes_to_the_same_metrics(tmp_p
     assert {r["score"] for r in lines if r["threat"] == "informed"} == {
         "l0-cos", "l0-l2", "lt", "distance", "class", "loss", "grad-norm", "alignment"}  # no LiRA: nothing to calibrate
     assert "lira" in {r["score"] for r in lines if r["threat"] == "secagg"}
+    joint = [r for r in lines if r["attack"] == "joint"]
+    assert {r["threat"] for r in joint} == {"realistic"} and {r["score"] for r in joint} == {"joint", "joint-cal"}
+    assert {(r["trials"], r["iterations"]) for r in joint} == {(2, 1)}
     assert all(r["upper_bound"] == (r["threat"] == "informed") for r in lines)
     assert all(r["epsilon"] > 0 for r in lines if r["defense"] == "dp")
     for r in lines:

@@ -194,3 +194,5 @@ def test_threat_models_are_separate_points_and_validated():
             load_config("mnist-mia-quick", [bad])
     with pytest.raises(ConfigError, match="secagg"):
         load_config("mnist-mia-quick", ["mia.users_per_round=[]"])
+    with pytest.raises(ConfigError, match="joint.*realistic"):
+        load_config("mnist-mia-quick", ["mia.attacks=['joint']", "mia.threats=['informed']", "mia.sweep_threats=[]"])

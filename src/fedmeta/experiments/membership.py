@@ -32,7 +32,9 @@ quantity into a sign-like Adam step. For the same reason ``--engine flower`` is 
 
 Attacks (``mia.attacks``): the paper's gradient inversion with its scores
 (``fedmeta.attacks.membership``), the threshold baseline and LiRA (``fedmeta.attacks.mia_scores``;
-LiRA's shadows use the point's defense and ``M``). Metrics with bootstrap intervals:
+LiRA's shadows use the point's defense and ``M``), and the realistic server's joint inversion of
+the rest of the task (``fedmeta.attacks.task_inversion``; the first ``mia.joint.trials`` tasks of
+each realistic point). Metrics with bootstrap intervals:
 ``fedmeta.attacks.mia_metrics``.
 
 Stages of the run, each a list of points (a model meta-trained once per defense and number of
@@ -74,6 +76,7 @@ from fedmeta.attacks.membership import (
 )
 from fedmeta.attacks.mia_metrics import summarize
 from fedmeta.attacks.mia_scores import likelihood_ratio, lira_statistic, threshold_scores
+from fedmeta.attacks.task_inversion import joint_residual
 from fedmeta.config import Base as Config
 from fedmeta.data.datasets import load_meta_splits
 from fedmeta.data.episodes import gather, sample_episodes, way_labels
@@ -104,7 +107,7 @@ RECONSTRUCTIONS = "reconstructions.safetensors"
 CLASSIFIER_BATCH = 128
 ATTACK_OF = {"l0-cos": "inversion", "l0-l2": "inversion", "lt": "inversion", "distance": "inversion",
              "class": "inversion", "loss": "threshold", "grad-norm": "threshold", "alignment": "threshold",
-             "lira": "lira"}
+             "lira": "lira", "joint": "joint", "joint-cal": "joint"}
 """The attack each score belongs to (``mia.attacks`` selects attacks)."""
 
 
@@ -353,6 +356,7 @@ class Adversary:
     others: Params | None  # its estimate of the mean of another user's gradient (inversion, M > 1)
     shadow_others: list[Params]  # per LiRA shadow: the sum of M - 1 simulated public updates
     out_cache: dict[tuple[int, int], list[Params]] = field(default_factory=dict)  # see ``out_shadows``
+    references: dict[tuple[int, str, int], float] = field(default_factory=dict)  # see ``joint_scores``
 
 
 def _sum(grads: list[Params], like: Params) -> Params:
@@ -414,17 +418,37 @@ class PointResult:
     images: dict[str, list[Tensor]]  # "target.kind.start|end", "target.true" -> per kept trial
 
 
-def score_candidate(ctx: Context, server: Adversary, trial: Trial, target: Target, kind: str, observed: Params,
-                    gen: torch.Generator, iterations: int, result: PointResult, keep: bool) -> dict[str, float]:
-    """Every selected attack's scores for one candidate of one trial."""
+def joint_scores(ctx: Context, server: Adversary, fill: Task, target: Target, slot: int, x: Tensor,
+                 observed: Params, key: tuple[int, str, int]) -> dict[str, float]:
+    """The joint inversion's scores for candidate ``x`` in ``slot`` of ``fill``; the reference (the
+    fill's own image there) is reconstructed once per ``key`` = (trial, target, class) and shared
+    by the candidates of that class, whose fills are the same draw."""
+    joint = ctx.cfg.mia.joint
+
+    def residual(image: Tensor) -> float:
+        return joint_residual(server.learner, fill, target, slot, image, observed, joint.iterations, joint.lr)
+
+    if key not in server.references:
+        server.references[key] = residual((fill[0] if target == "support" else fill[1])[0][slot])
+    loss = residual(x)
+    return {"joint": -loss, "joint-cal": server.references[key] - loss}
+
+
+def score_candidate(ctx: Context, server: Adversary, trial: Trial, t: int, target: Target, kind: str,
+                    observed: Params, gen: torch.Generator, iterations: int, result: PointResult, keep: bool
+                    ) -> dict[str, float]:
+    """Every selected attack's scores for candidate ``kind`` of trial ``t``."""
     mia, point = ctx.cfg.mia, server.point
     x, y, test_class = trial.candidates[target][kind], trial.label(target), trial.classes[target][kind]
     scores: dict[str, float] = {}
+    joint = "joint" in mia.attacks and point.threat == "realistic" and t < mia.joint.trials
+    task, slot = (trial.support, trial.query), trial.slots[target]
+    if point.threat != "informed" and ("inversion" in mia.attacks or joint):
+        task = ctx.public_task(point.ways, y, test_class, gen)  # the public fill of the unknown slots
+        slot = slot_of(task, target, y)
+    if joint:
+        scores |= joint_scores(ctx, server, task, target, slot, x, observed, (t, target, test_class))
     if "inversion" in mia.attacks:
-        task, slot = (trial.support, trial.query), trial.slots[target]
-        if point.threat != "informed":
-            task = ctx.public_task(point.ways, y, test_class, gen)
-            slot = slot_of(task, target, y)
         predict = expected_observation(server.learner, *task, target, slot, k=point.users, others=server.others)
         scores |= zero_scores(predict, observed, x)
         if iterations and point.threat in mia.invert_threats:
@@ -459,14 +483,14 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
                 # its non-members differ only by the candidate (a fill per candidate added its noise
                 # to every score: realistic AUCs spread ±0.15 around 0.5 at 24 trials).
                 gen = stream(seed, "mia-server", point.key, t, target)
-                scores = score_candidate(ctx, server, trial, target, kind, observed, gen, iterations, result, t < keep)
+                scores = score_candidate(ctx, server, trial, t, target, kind, observed, gen, iterations, result,
+                                         t < keep)
                 for name, value in scores.items():
                     result.scores.setdefault((target, kind, name), []).append(value)
     return result
 
 
-def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, trials: int, iterations: int
-            ) -> list[dict]:
+def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, iterations: int) -> list[dict]:
     """One metrics line per target, non-member kind and score, each metric with its 95% interval."""
     lines = []
     dp = cfg.mia.dp
@@ -486,8 +510,8 @@ def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, 
                                 f"{column}_high": round(interval.high, 6)}
                 lines.append({
                     **point.fields(), **privacy, "target": target, "nonmember": kind, "attack": ATTACK_OF[name],
-                    "score": name, "shots": cfg.meta.shots, "queries": cfg.meta.queries, "trials": trials,
-                    "iterations": iterations, **metrics,
+                    "score": name, "shots": cfg.meta.shots, "queries": cfg.meta.queries, "trials": len(members),
+                    "iterations": cfg.mia.joint.iterations if ATTACK_OF[name] == "joint" else iterations, **metrics,
                     "member_mean": round(sum(members) / len(members), 6),
                     "nonmember_mean": round(sum(nonmembers) / len(nonmembers), 6),
                     **accuracy_fields("meta_test_accuracy", accuracy),
@@ -545,7 +569,7 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
         result = attack(ctx, point, params, trials, iterations, keep)
         if result.images:
             out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
-        lines = records(point, result, accuracy, cfg, trials, iterations)
+        lines = records(point, result, accuracy, cfg, iterations)
         for line in lines:
             session.log(line, quiet=True)
         tqdm.write(log_line(point, lines, session.clock))
