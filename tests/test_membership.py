@@ -251,9 +251,12 @@ def test_membership_run_writes_every_point_and_resumes_to_the_same_metrics(tmp_p
     for again, first in zip(resumed, lines):
         assert again == pytest.approx(first, abs=1e-4)
 
-    from fedmeta.plots import plot_runs
+    from fedmeta.plots import _membership, plot_runs
 
     assert plot_runs([whole.path], tmp_path / "figure.png").stat().st_size > 10_000
+    threat_only = [r for r in lines if r["stage"] == "threat" and r["nonmember"] == "same-class"]
+    (panel,) = _membership(threat_only, tmp_path / "none.safetensors").axes  # a run without sweeps: its scores
+    assert len(panel.get_xticklabels()) == len(threat_only)
 
 
 @pytest.mark.slow

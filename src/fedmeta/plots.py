@@ -261,7 +261,8 @@ def _membership(records: list[dict[str, Any]], images: Path) -> plt.Figure:
               for target in ("support", "query")]
     panels += [(_sweep, [r for r in rows if r["stage"] == "ways"], ("ways", "attack_accuracy", "number of ways (N)")),
                (_sweep, [r for r in rows if r["stage"] == "aggregation"], ("k", "attack_auc", "tasks aggregated (k)"))]
-    panels = [p for p in panels if p[1]] or panels[:1]  # only the stages the run has
+    # only the stages the run has; a run without sweeps shows its threat-stage scores
+    panels = [p for p in panels if p[1]] or [(_threat_scores, [r for r in rows if r["stage"] == "threat"], ())]
     axes = bottom.subplots(1, len(panels), squeeze=False)[0]
     for ax, (draw, points, args) in zip(axes, panels, strict=True):
         draw(ax, points, *args)
@@ -312,6 +313,21 @@ def _defense_curves(ax: plt.Axes, rows: list[dict[str, Any]], target: str) -> No
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+
+
+def _threat_scores(ax: plt.Axes, rows: list[dict[str, Any]]) -> None:
+    """Each score's AUC with its 95% bootstrap interval, one point per server, target and score."""
+    x = range(len(rows))
+    auc = [r["attack_auc"] for r in rows]
+    ax.errorbar(x, auc, yerr=[[a - r["attack_auc_low"] for a, r in zip(auc, rows)],
+                              [r["attack_auc_high"] - a for a, r in zip(auc, rows)]], fmt="o", ms=3, capsize=2)
+    servers = [r["threat"] + (f" M={r['users']}" if r["users"] > 1 else "") for r in rows]
+    ax.set_xticks(list(x), [f"{server}, {r['target']}: {r['score']}" for server, r in zip(servers, rows)],
+                  rotation=30, ha="right", fontsize=6)
+    ax.axhline(0.5, color="gray", lw=0.8)
+    ax.set(title="attacks without a defense (95% bootstrap intervals over the trials)", ylim=(0.3, 1.02))
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
 
 
 def _sweep(ax: plt.Axes, rows: list[dict[str, Any]], axis: str, metric: str, xlabel: str) -> None:
