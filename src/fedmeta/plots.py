@@ -12,7 +12,8 @@
   final evaluation as a star with its 95% interval.
 - ``membership`` (paper 001, Figs. 4-5 and the defense curves): reconstructions of members and
   non-members beside their priors; attack AUC against meta-test accuracy for each noise defense;
-  attack accuracy against the number of ways; AUC against the number of aggregated tasks.
+  attack accuracy against the number of ways; AUC against the number of aggregated tasks; for a
+  run without sweeps, each threat-stage score's AUC with its bootstrap interval.
 
 Line colours follow the paper: meta-test black, main task purple, attack training blue, attack
 validation green. Titles name the experiment and the dataset; shaded bands are the 95% intervals

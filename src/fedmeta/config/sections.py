@@ -365,7 +365,7 @@ class JointConfig(Section):
     lr: Rate = 0.05
     """Adam step on the images, in pixel units."""
     trials: int = Field(100, ge=2)
-    """It attacks the first ``trials`` tasks of each realistic point (about 25 s per task and target
+    """It attacks the first ``trials`` tasks of each realistic point (about 27 s per task and target
     on one CPU thread for MNIST 5-way 1-shot at 300 steps; the other scores keep every trial)."""
 
 
