@@ -167,6 +167,41 @@ def test_paired_against_a_named_baseline_setting(tmp_path):
         table_text(TableQuery.parse([*folders, "--paired", "--baseline", "meta.inner_lr=0.5"]).within(tmp_path))
 
 
+def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
+    # two settings (attacks) x three defenses; the local row runs under secure aggregation
+    for lr, base in ((0.001, 0.5), (0.01, 0.8)):
+        for seed in range(3):
+            _run(tmp_path / f"lr{lr}" / f"seed={seed}", seed, [
+                {"defense": d, "attack_val_accuracy": base - drop + 0.1 * (seed - 1), "meta_test_accuracy": 0.9,
+                 "episodes": 40} for d, drop in (("fedavg", 0.0), ("krum", 0.3), ("local matching (FedAvg)", 0.4))],
+                 lr=lr)
+    text = table_text(TableQuery.parse(["lr0.001", "lr0.01", "--columns", "defense", "--metrics",
+                                        "attack_val_accuracy"]).within(tmp_path))
+    assert "| setting | metric | fedavg | krum | local matching (FedAvg) |" in text
+    half = f"{100 * HALF:.2f}"
+    assert f"| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± {half} | 20.00 ± {half} | 10.00 ± {half} |" in text
+    assert "| meta.inner_lr=0.01 | attack_val_accuracy | 80.00 ±" in text
+    with pytest.raises(ReportError, match="--columns turns the table"):
+        table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--paired"]).within(tmp_path))
+    with pytest.raises(ReportError, match="no line of defense-comparison has a 'case'"):
+        table_text(TableQuery.parse(["lr0.001", "--columns", "case"]).within(tmp_path))
+    written = write_report([tmp_path / "lr0.001", tmp_path / "lr0.01"], tmp_path / "report")
+    assert "heatmap-defense-comparison.png" in {p.name for p in written}
+
+
+def test_matrix_labels_and_secure_aggregation_marks():
+    from fedmeta.experiments.comparison import secure_aggregation_ok
+    from fedmeta.reports import short_label
+
+    attackers = [{"user": 0, "rounds": [1], "strategy": "dba"}, {"user": 1, "rounds": [1], "strategy": "dba"}]
+    assert short_label({"attack.attackers": attackers}) == "attackers dba ×2, round 1"
+    assert short_label({"attack.attackers": [{"user": 0, "rounds": [1, 2], "strategy": "boosted"},
+                                             {"user": 1, "rounds": [2], "strategy": "alie"}]}) == \
+        "attackers boosted+alie ×2, rounds 1,2"
+    defenses = ("fedavg", "krum", "flame", "local finetune (FedAvg)", "local matching, secure aggregation")
+    assert [secure_aggregation_ok(d) for d in defenses] == [True, False, False, True, True]
+
+
 def test_docs_table_commands_are_checked(tmp_path):
     _exp1a_like(tmp_path)
     doc = tmp_path / "doc.md"

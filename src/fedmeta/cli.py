@@ -141,6 +141,8 @@ def report(
                                                   "key (e.g. user), each seed's mean over them.")] = None,
     baseline: Annotated[str | None, typer.Option("--baseline", help="--table --paired: the setting (key=value,...) "
                                                  "every other one is paired with; default: the first.")] = None,
+    columns: Annotated[str | None, typer.Option("--columns", help="--table: one column per value of this position "
+                                                "key (e.g. defense: a threat matrix).")] = None,
     docs: Annotated[bool, typer.Option("--docs", help="The arguments are Markdown files: regenerate their tables "
                                        "from their '<!-- fedmeta report ... -->' lines.")] = False,
     check: Annotated[bool, typer.Option("--check", help="--docs: only say which files would change (exit 1).")] = False,
@@ -161,7 +163,7 @@ def report(
             return
         if table:
             query = TableQuery(folders, experiment, metrics.split(",") if metrics else None, where_filters(where or []),
-                               paired, against_of(against), mean_over, baseline_of(baseline))
+                               paired, against_of(against), mean_over, baseline_of(baseline), columns)
             typer.echo(table_text(query), nl=False)
             return
         written = write_report(folders, out or default_out(folders))

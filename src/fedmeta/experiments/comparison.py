@@ -34,7 +34,7 @@ from fedmeta.federation.engine import Engine
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.evaluation import Accuracy, evaluate_curve, query_accuracy
 from fedmeta.models.conv4 import Params
-from fedmeta.registry import LOCAL_DEFENSES
+from fedmeta.registry import LOCAL_DEFENSES, RULES
 from fedmeta.rng import stream
 from fedmeta.runs import RunDir, Session, accuracy_fields
 from fedmeta.scenario.cache import attack_round_updates, clean_accuracy, without_attack
@@ -47,6 +47,14 @@ def rows(cfg: Backdoor) -> list[tuple[str, str, str | None, bool]]:
              for row in ((f"local {name} (FedAvg)", "fedavg", name, False),
                          (f"local {name}, secure aggregation", "fedavg", name, True))]
     return server + local
+
+
+def secure_aggregation_ok(defense: str) -> bool:
+    """Whether the row labelled ``defense`` runs when the server learns only the sum of the
+    updates: a rule that does not need them one by one (FedAvg), or a local defense, which never
+    looks at them."""
+    rule = RULES.get(defense) if defense in RULES.names() else None
+    return defense.startswith("local ") or (rule is not None and not rule.info.get("individual", True))
 
 
 def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:

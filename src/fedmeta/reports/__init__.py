@@ -7,7 +7,9 @@ Writes to the report folder:
   evaluation episodes per seed; then the paired comparisons (``stats``);
 - ``table.csv``, ``curves.csv``, ``paired.csv``: the same numbers, one metric per row;
 - ``curves-<experiment>.png``: each curve's mean over seeds with a shaded 95% band;
-  ``table-<experiment>.png``: the table's means with their intervals as error bars.
+  ``table-<experiment>.png``: the table's means with their intervals as error bars;
+  ``heatmap-<experiment>.png`` where lines have a ``defense``: the threat matrix, attacks down,
+  defenses across.
 
 Paired comparisons: every setting against the first one (the grid's first values) at the same
 position and seed, and within a setting every ``defense`` row against the undefended one
@@ -46,11 +48,12 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
     written = [_markdown(out / "report.md", runs, unfinished, table, comparisons, names),
                _csv(out / "table.csv", table, names), _csv(out / "curves.csv", curves, names),
                _paired_csv(out / "paired.csv", comparisons)]
-    from fedmeta.reports.figures import curve_figure, table_figure
+    from fedmeta.reports.figures import curve_figure, heatmap_figure, table_figure
 
     for experiment in sorted({r.experiment for r in runs}):
         written += [p for p in (curve_figure(curves, names, experiment, out / f"curves-{experiment}.png"),
-                                table_figure(table, names, experiment, out / f"table-{experiment}.png")) if p]
+                                table_figure(table, names, experiment, out / f"table-{experiment}.png"),
+                                heatmap_figure(table, names, experiment, out / f"heatmap-{experiment}.png")) if p]
     return written
 
 
@@ -63,6 +66,19 @@ def label_text(label: dict[str, Any]) -> str:
 
 def _value(v: Any) -> str:
     return v if isinstance(v, str) else json.dumps(v)
+
+
+def short_label(label: dict[str, Any]) -> str:
+    """``label_text`` with a list of attackers written as its strategies (``attackers boosted ×2,
+    round 1``): the row names of a threat matrix, where the full list would fill the page."""
+    def text(key: str, value: Any) -> str:
+        if key == "attack.attackers" and isinstance(value, list) and all(isinstance(a, dict) for a in value):
+            strategies = "+".join(dict.fromkeys(str(a.get("strategy", "boosted")) for a in value))
+            rounds = sorted({r for a in value for r in a.get("rounds", [])})
+            return f"attackers {strategies} ×{len(value)}, round{'s' * (len(rounds) > 1)} {','.join(map(str, rounds))}"
+        return f"{key}={_value(value)}"
+
+    return ", ".join(text(k, v) for k, v in label.items()) or "all runs"
 
 
 def position_text(position: tuple) -> str:
@@ -175,6 +191,36 @@ def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
         out.append("| " + " | ".join([label_text(names[group]), position_text(own), *numbers,
                                       _span(row["n"]), _span(row["episodes"])]) + " |")
     return out
+
+
+def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: str, column: str) -> list[str]:
+    """``table_markdown`` turned so that each value of the position key ``column`` is a column:
+    one row per setting, rest of the position and metric (``column = "defense"``: a threat matrix,
+    attacks down, defenses across). One seed: means without an interval."""
+    values: dict[Any, None] = {}
+    rows: dict[tuple[str, tuple, str], dict[Any, Interval]] = {}
+    for (exp, group, position, metric), cell in table.items():
+        where = dict(position)
+        if exp == experiment and column in where:
+            values.setdefault(where[column])
+            rest = tuple(pair for pair in position if pair[0] != column)
+            ci = interval([cell.values[s] for s in sorted(cell.values)])
+            rows.setdefault((group, rest, metric), {})[where[column]] = ci
+    if not rows:
+        raise ReportError(f"--columns {column}: no line of {experiment} has a '{column}'")
+    with_position = any(rest for _, rest, _ in rows)
+    head = ["setting", *(["position"] if with_position else []), "metric", *map(str, values)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    order = group_order(names)
+    for (group, rest, metric), cells in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
+        numbers = [_pivot_cell(metric, cells[v]) if v in cells else "" for v in values]
+        out.append("| " + " | ".join([short_label(names[group]), *([position_text(rest)] if with_position else []),
+                                      metric, *numbers]) + " |")
+    return out
+
+
+def _pivot_cell(metric: str, ci: Interval) -> str:
+    return _number(metric, ci.mean) if ci.half is None else _cell_text(metric, ci)
 
 
 def _span(values: set[int]) -> str:

@@ -30,7 +30,9 @@ Options of a table command:
   seed), instead of the means;
 - ``--mean-over key``: lines that differ only in ``key`` are merged, each seed's value being its
   mean over them (e.g. ``--mean-over user``: the benign users of one run), before the interval
-  over seeds: the users of one run share its attacked model, so they are not independent samples.
+  over seeds: the users of one run share its attacked model, so they are not independent samples;
+- ``--columns key``: one column per value of the position key (``--columns defense``: a threat
+  matrix, one row per attack and metric), the cells as in the table of means.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class TableQuery:
     against: tuple[str, str] | None = None
     mean_over: str | None = None
     baseline: dict[str, str] = field(default_factory=dict)
+    columns: str | None = None
 
     @classmethod
     def parse(cls, args: list[str]) -> TableQuery:
@@ -73,9 +76,10 @@ class TableQuery:
         parser.add_argument("--against")
         parser.add_argument("--mean-over")
         parser.add_argument("--baseline")
+        parser.add_argument("--columns")
         ns = parser.parse_args(args)
         return cls(ns.folders, ns.experiment, ns.metrics, where_filters(ns.where), ns.paired, against_of(ns.against),
-                   ns.mean_over, baseline_of(ns.baseline))
+                   ns.mean_over, baseline_of(ns.baseline), ns.columns)
 
     def within(self, root: Path) -> TableQuery:
         """The same query with its folders relative to ``root``."""
@@ -135,7 +139,7 @@ def where_filters(items: list[str]) -> dict[str, list[str]]:
 
 def table_text(query: TableQuery) -> str:
     """The Markdown table ``query`` asks for (what the table command prints), ending in a newline."""
-    from fedmeta.reports import PAIRED_NOTE, comparisons_of, paired_markdown, table_markdown
+    from fedmeta.reports import PAIRED_NOTE, comparisons_of, paired_markdown, pivot_markdown, table_markdown
 
     runs, _ = find_runs(query.folders)
     experiments = sorted({r.experiment for r in runs})
@@ -144,6 +148,8 @@ def table_text(query: TableQuery) -> str:
         raise ReportError(f"--experiment: choose one of {', '.join(experiments)}")
     if query.baseline and not query.paired:
         raise ReportError("--baseline names the setting of --paired: give --paired too")
+    if query.columns and (query.paired or query.against):
+        raise ReportError("--columns turns the table of means: leave out --paired and --against")
     runs = [r for r in runs if r.experiment == experiment]
     on_axis = any(k in AXES for k in (*query.where, *(query.against or ())))
     every = tabulate(runs, (lambda records: records) if on_axis else table_lines)
@@ -163,7 +169,9 @@ def table_text(query: TableQuery) -> str:
         return "\n".join([PAIRED_NOTE + merged, "", *paired_markdown(pairs)]) + "\n"
     seeds = sorted({r.seed for r in runs})
     head = f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}); mean ± half-width of the 95% t-interval over seeds."
-    return "\n".join([head + merged, "", *table_markdown(table, names, experiment)]) + "\n"
+    body = pivot_markdown(table, names, experiment, query.columns) if query.columns else table_markdown(
+        table, names, experiment)
+    return "\n".join([head + merged, "", *body]) + "\n"
 
 
 AGAINST_NOTE = ("Paired differences, seed by seed, each line against the line of the same setting and seed named "

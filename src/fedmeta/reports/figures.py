@@ -3,6 +3,7 @@ the table's means with their intervals as error bars. One colour per setting."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,42 @@ def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str
         ax.set_title(metric.replace("_", " "), fontsize=9)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
+    return _save(fig, out)
+
+
+HEATMAP_METRICS = ("attack_val_accuracy", "meta_test_accuracy")
+
+
+def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
+    """A threat matrix: one row per setting (attack), one column per ``defense``, a panel per metric
+    of ``HEATMAP_METRICS``; each cell its mean over seeds (± half-width of the 95% interval). A
+    defense the server can run under secure aggregation is marked "(SA)"."""
+    from fedmeta.experiments.comparison import secure_aggregation_ok
+    from fedmeta.reports import group_order, short_label
+
+    keys = [k for k in table if k[0] == experiment and "defense" in dict(k[2]) and k[3] in HEATMAP_METRICS]
+    if not keys:
+        return None
+    defenses = list(dict.fromkeys(dict(k[2])["defense"] for k in keys))
+    groups = [g for g in group_order(names) if any(k[1] == g for k in keys)]
+    metrics = [m for m in HEATMAP_METRICS if any(k[3] == m for k in keys)]
+    rows = [short_label(names[g]) for g in groups]
+    columns = [textwrap.fill(d + " (SA)" * (secure_aggregation_ok(d) and "secure" not in d), 16) for d in defenses]
+    width = 0.85 * len(defenses) + 0.07 * max(map(len, rows)) + 1
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(width, (0.5 * len(groups) + 2.2) * len(metrics)), squeeze=False)
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        cells = {(k[1], dict(k[2])["defense"]): interval([table[k].values[s] for s in sorted(table[k].values)])
+                 for k in keys if k[3] == metric}
+        grid = [[100 * cells[(g, d)].mean if (g, d) in cells else float("nan") for d in defenses] for g in groups]
+        ax.imshow(grid, cmap="Reds" if metric.startswith("attack") else "Greens", vmin=0, vmax=100, aspect="auto")
+        for (g, d), ci in cells.items():
+            half = "" if ci.half is None else f"\n±{100 * ci.half:.0f}"
+            ax.text(defenses.index(d), groups.index(g), f"{100 * ci.mean:.0f}{half}", ha="center", va="center",
+                    fontsize=7, color="white" if ci.mean > 0.6 else "black")
+        ax.set_xticks(range(len(defenses)), columns, fontsize=7, rotation=40, ha="right")
+        ax.set_yticks(range(len(groups)), rows, fontsize=7)
+        ax.set_title(f"{metric.replace('_', ' ')} (%), mean over seeds ± 95% interval; (SA): runs under secure "
+                     "aggregation", fontsize=8)
     return _save(fig, out)
 
 
