@@ -177,7 +177,7 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
                  lr=lr)
     text = table_text(TableQuery.parse(["lr0.001", "lr0.01", "--columns", "defense", "--metrics",
                                         "attack_val_accuracy"]).within(tmp_path))
-    assert "| setting | metric | fedavg | krum | local matching (FedAvg) |" in text
+    assert "| setting | metric | fedavg (SA) | krum | local matching (FedAvg) (SA) |" in text
     half = f"{100 * HALF:.2f}"
     assert f"| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± {half} | 20.00 ± {half} | 10.00 ± {half} |" in text
     assert "| meta.inner_lr=0.01 | attack_val_accuracy | 80.00 ±" in text

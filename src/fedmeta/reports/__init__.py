@@ -196,7 +196,8 @@ def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
 def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: str, column: str) -> list[str]:
     """``table_markdown`` turned so that each value of the position key ``column`` is a column:
     one row per setting, rest of the position and metric (``column = "defense"``: a threat matrix,
-    attacks down, defenses across). One seed: means without an interval."""
+    attacks down, defenses across; "(SA)" marks a defense that runs under secure aggregation). One
+    seed: means without an interval."""
     values: dict[Any, None] = {}
     rows: dict[tuple[str, tuple, str], dict[Any, Interval]] = {}
     for (exp, group, position, metric), cell in table.items():
@@ -209,7 +210,7 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
     if not rows:
         raise ReportError(f"--columns {column}: no line of {experiment} has a '{column}'")
     with_position = any(rest for _, rest, _ in rows)
-    head = ["setting", *(["position"] if with_position else []), "metric", *map(str, values)]
+    head = ["setting", *(["position"] if with_position else []), "metric", *(_column(column, v) for v in values)]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = group_order(names)
     for (group, rest, metric), cells in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
@@ -217,6 +218,14 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
         out.append("| " + " | ".join([short_label(names[group]), *([position_text(rest)] if with_position else []),
                                       metric, *numbers]) + " |")
     return out
+
+
+def _column(key: str, value: Any) -> str:
+    """A pivot column's name; a defense the server can run under secure aggregation is marked (SA)."""
+    from fedmeta.experiments.comparison import secure_aggregation_ok
+
+    text = str(value)
+    return text + " (SA)" if key == "defense" and secure_aggregation_ok(text) and "secure" not in text else text
 
 
 def _pivot_cell(metric: str, ci: Interval) -> str:
