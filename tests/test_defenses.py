@@ -90,6 +90,11 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     assert [r["defense"] for r in records] == [*rows, "local matching (FedAvg)", "local matching, secure aggregation"]
     for r in records:
         assert all(0.0 <= r[m] <= 1.0 for m in ("clean_meta_test_accuracy", "meta_test_accuracy", "attack_val_accuracy"))
+    # what each rule let through: FedAvg all of it, Krum one whole (benign) update, never the outlier
+    fedavg, krum = records[0], records[2]
+    assert fedavg["attacker_weight"] + fedavg["benign_weight"] == pytest.approx(1.0, abs=1e-4)
+    assert fedavg["attacker_weight"] > 0.2
+    assert (krum["attacker_weight"], krum["benign_weight"]) == pytest.approx((0.0, 1.0), abs=1e-4)
     # the local defense reads nothing of the individual updates: the sum alone gives the same numbers
     local, secure = records[-2], records[-1]
     assert local["attack_val_accuracy"] == pytest.approx(secure["attack_val_accuracy"], abs=0.05)
@@ -111,6 +116,23 @@ def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp
     alie = cell("alie")  # another attack: the same round without it, the same clean costs, not evaluated again
     assert len(calls) == 2
     assert [r["clean_meta_test_accuracy"] for r in alie] == [r["clean_meta_test_accuracy"] for r in boosted]
+
+
+def test_an_adaptive_attacker_trains_once_per_kind_of_rule_not_per_row(tmp_path, omniglot, monkeypatch):
+    from fedmeta.federation.server import Server
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    rounds = []
+    updates = Server.updates
+    monkeypatch.setattr(Server, "updates", lambda self, params, settings: rounds.append(settings.phase) or updates(
+        self, params, settings))
+    _run(tmp_path / "r", "omniglot-compare-quick", [
+        "compare.rules=['fedavg', 'median', 'trimmed-mean', 'krum']", "compare.local_defenses=[]",
+        "attacks.replacement.episodes=4", "attacks.replacement.inner_epochs=1", "attacks.replacement.estimates=1",
+        "attack.attackers=[{user=0,rounds=[1],strategy='replacement'}]"])
+    # the clean round, the attack against FedAvg (no cap), one against the rules without a known cap
+    # (whatever their options), each computed once
+    assert rounds.count("main") == 3
 
 
 def test_case_c_puts_one_or_all_fitting_backdoor_classes_in_each_episode():

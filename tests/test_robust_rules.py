@@ -304,3 +304,20 @@ def test_new_rules_need_every_update_and_are_listed():
     assert all(RULES.get(n).info.get("individual", True) for n in new)
     with pytest.raises(ValueError, match="federation.rule = 'flame' needs every update"):
         load_config("omniglot-exp1a-quick", ["federation.rule=flame", "federation.secure_aggregation=true"])
+
+
+def test_effective_weights_read_what_a_rule_let_through():
+    from fedmeta.federation.updates import effective_weights
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(4, 500, generator=gen, dtype=torch.float64).float()
+    rows[3] *= 40  # one boosted update, norm about 40x the others
+    updates = [ClientUpdate(u, {"w": rows[u]}, 1) for u in range(4)]
+    equal = torch.full((4,), 0.25)
+    fedavg = effective_weights(updates, make_rule("fedavg")(rows, equal, gen))
+    assert [fedavg[u] for u in range(4)] == pytest.approx([0.25] * 4, abs=1e-6)
+    krum = effective_weights(updates, make_rule("krum", {"byzantine": 1})(rows, equal, gen))
+    assert sorted(round(w, 6) for w in krum.values()) == [0, 0, 0, 1]  # one update chosen whole
+    norms = rows.norm(dim=1)
+    clipped = effective_weights(updates, make_rule("clip", {"norm": 1.0})(rows, equal, gen))
+    assert [clipped[u] for u in range(4)] == pytest.approx((0.25 / norms.clamp(min=1.0)).tolist(), rel=1e-5)

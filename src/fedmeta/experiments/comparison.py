@@ -10,6 +10,10 @@ cells of a threat matrix (one per attack strategy) compute them once. For each r
   1 would pick without it), aggregated by the row's rule: what the defense costs when nobody attacks;
 - ``meta_test_accuracy``, ``main_task_accuracy``, ``attack_train_accuracy``,
   ``attack_val_accuracy``: right after the attack round (Experiment 1's round 1);
+- ``attacker_weight``, ``benign_weight``: for a server rule, the summed effective weights
+  (``federation.updates.effective_weights``) of the attackers' and the benign users' updates in
+  what the rule applied (FedAvg over 10 users, 2 of them attackers: 0.2 and 0.8; a rule that
+  excludes the attackers: 0); how much of the attack a defense let through;
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
   plus its evaluation).
 
@@ -25,13 +29,15 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+from torch import Tensor
+
 from fedmeta import runtime
 from fedmeta.attacks.strategies import adapts_to_rule
 from fedmeta.config import Backdoor
 from fedmeta.experiments.backdoor import METRICS, Case, curves, eval_sets, fields, main_server, prepare
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import Engine
-from fedmeta.federation.updates import ClientUpdate
+from fedmeta.federation.updates import ClientUpdate, effective_weights, flatten
 from fedmeta.meta.evaluation import Accuracy, evaluate_curve, query_accuracy
 from fedmeta.models.conv4 import Params
 from fedmeta.registry import LOCAL_DEFENSES, RULES
@@ -85,8 +91,9 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
 def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings, engine: Engine) -> list[ClientUpdate]:
     """The attack round's updates (cached where the engine is local) with ``federation.rule = rule``:
     what an attacker that adapts to the rule sends against it."""
-    cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rule": rule})})
-    return attack_round_updates(cfg, main_server(cfg, case, engine), case.name, case.pretrained, settings, engine)
+    row = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rule": rule})})
+    return attack_round_updates(row, main_server(row, case, engine), case.name, case.pretrained, settings, engine,
+                                pretraining=cfg)
 
 
 def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, attacked: list[ClientUpdate],
@@ -110,7 +117,16 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
     evaluate = partial(_meta_test, cfg, case, after_clean)
     clean_test = clean_accuracy(cfg, case.name, rule, evaluate) if engine.local else evaluate()
     return {**accuracy_fields("clean_meta_test_accuracy", clean_test), **fields(scores),
+            **_weights(cfg, attacked, flatten(after_attack) - flatten(case.pretrained)),
             "rejected": report.rejected, "episodes": scores["attack_val_accuracy"].episodes}
+
+
+def _weights(cfg: Backdoor, updates: list[ClientUpdate], applied: Tensor) -> dict[str, float]:
+    """The attackers' and the benign users' summed effective weights in the applied update."""
+    weights = effective_weights(updates, applied)
+    attackers = set(cfg.attack.users)
+    return {"attacker_weight": round(sum(w for u, w in weights.items() if u in attackers), 6),
+            "benign_weight": round(sum(w for u, w in weights.items() if u not in attackers), 6)}
 
 
 def _sum_only(updates: list[ClientUpdate]) -> ClientUpdate:

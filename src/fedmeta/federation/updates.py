@@ -44,3 +44,15 @@ def add(params: Params, delta: Params, scale: float = 1.0) -> Params:
 
 def subtract(a: Params, b: Params) -> Params:
     return {k: a[k] - b[k] for k in a}
+
+
+def effective_weights(updates: list[ClientUpdate], applied: Tensor) -> dict[int, float]:
+    """Each user's weight in the update a rule applied: the ``w`` that best writes ``applied`` as
+    ``sum_i w_i * update_i`` (least squares, float64). Exact for the rules that weight whole
+    updates: FedAvg gives alpha_i, a filter (Krum, FLAME's clusters, FreqFed) 0 for whom it
+    excluded, clipping alpha_i times the clip factor; an approximation for coordinate-wise rules
+    (median, trimmed mean) and noise. What the experimenter, not the server, reads off a round:
+    how much of the attackers' updates a defense let through."""
+    stacked = torch.stack([flatten(u.delta) for u in updates]).double()
+    weights = torch.linalg.lstsq(stacked.T, applied.double().unsqueeze(1)).solution.squeeze(1)
+    return {u.user: float(w) for u, w in zip(updates, weights.tolist(), strict=True)}

@@ -111,13 +111,14 @@ def _model_key(cfg: Backdoor) -> dict:
 
 
 def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Params, settings: RoundSettings,
-                         engine: Engine) -> list[ClientUpdate]:
+                         engine: Engine, pretraining: Backdoor | None = None) -> list[ClientUpdate]:
     """``server.updates`` for an attack round, cached under ``attack_round_key``. With the attack
     disabled it is the same round without attackers (a defense's clean cost), which every attack
-    strategy's cell of a threat matrix then shares."""
+    strategy's cell of a threat matrix then shares. ``pretraining``: the config whose pre-training
+    made ``params``, when ``cfg`` names another rule (a comparison row's; default ``cfg``)."""
     if not engine.local:
         return server.updates(params, settings)
-    path = cache_dir() / f"attack-{attack_round_key(cfg, case, settings)}.safetensors"
+    path = cache_dir() / f"attack-{attack_round_key(cfg, case, settings, pretraining)}.safetensors"
     device = next(iter(params.values())).device
     kind = "attack" if cfg.attack.enabled else "clean"
 
@@ -136,8 +137,12 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
     return cached(path, f"{kind}-round cache {path.name}", read, build)
 
 
-def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings) -> str:
+def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings, pretraining: Backdoor | None = None) -> str:
     """A digest of everything that determines a round's client updates.
+
+    Its input is the pre-trained model of ``pretraining`` (default ``cfg``): a comparison row that
+    attacks another rule from the same pre-trained model must not key it by the row's rule, whose
+    options would otherwise give every row its own entry and retrain the same attack.
 
     In round 1 the key holds of the aggregation rule only what the attackers see of it
     (``rule_seen``: nothing for a strategy that ignores it), since its input, the pre-trained
@@ -155,7 +160,7 @@ def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings) -> str:
     if attack.enabled:
         own = {"attack": attack.model_dump(exclude={"cases", "case_c_backdoor_ways"}),
                "attacks": {a.strategy: cfg.attack_options(a.strategy) for a in attack.attackers}}
-    parts = {"pretrain": pretrain_key(cfg, case), **own, "meta": cfg.meta.model_dump(),
+    parts = {"pretrain": pretrain_key(pretraining or cfg, case), **own, "meta": cfg.meta.model_dump(),
              "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
                                              *({"rule", "secure_aggregation"} if first else ())}),
              "rule": rule, "round": settings.round, "version": VERSION}
