@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -107,14 +108,19 @@ def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp
     calls = []
     evaluate = comparison._meta_test
     monkeypatch.setattr(comparison, "_meta_test", lambda *args: calls.append(1) or evaluate(*args))
+    local = []  # the models a local defense ran on
+    registry = comparison.LOCAL_DEFENSES
+    monkeypatch.setattr(comparison, "LOCAL_DEFENSES", SimpleNamespace(get=lambda name: SimpleNamespace(
+        factory=lambda *args: local.append(name) or registry.get(name).factory(*args))))
     cell = lambda strategy: _run(tmp_path / strategy, "omniglot-compare-quick", [
-        "compare.rules=['fedavg', 'median']", "compare.local_defenses=[]",
+        "compare.rules=['fedavg', 'median']", "compare.local_defenses=['finetune']", "finetune.steps=2",
+        "finetune.every=1", "finetune.episodes=2", "finetune.users=1",
         "attacks.alie.episodes=4", "attacks.alie.inner_epochs=1",
         f"attack.attackers=[{{user=0,rounds=[1],strategy='{strategy}'}}]"]).records()
     boosted = cell("boosted")
-    assert len(calls) == 2
+    assert len(calls) == 2 and len(local) == 4  # two local rows (FedAvg, secure aggregation): attacked and clean
     alie = cell("alie")  # another attack: the same round without it, the same clean costs, not evaluated again
-    assert len(calls) == 2
+    assert len(calls) == 2 and len(local) == 6
     assert [r["clean_meta_test_accuracy"] for r in alie] == [r["clean_meta_test_accuracy"] for r in boosted]
 
 

@@ -7,7 +7,9 @@ clean meta-test accuracy on it, are cached too, under keys without the attack's 
 cells of a threat matrix (one per attack strategy) compute them once. For each row:
 
 - ``clean_meta_test_accuracy``: the same round without the attacker (the benign users that round
-  1 would pick without it), aggregated by the row's rule: what the defense costs when nobody attacks;
+  1 would pick without it), aggregated by the row's rule (and for a local defense, that defense
+  run on it): what the defense costs when nobody attacks; cached, so the cells of a threat matrix
+  compute it once per seed;
 - ``meta_test_accuracy``, ``main_task_accuracy``, ``attack_train_accuracy``,
   ``attack_val_accuracy``: right after the attack round (Experiment 1's round 1);
 - ``attacker_weight``, ``benign_weight``: for a server rule, the summed effective weights
@@ -110,8 +112,11 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
         users = case.scenario.benign[: cfg.finetune.users]
         steps = [cfg.finetune.steps]
         attack = _mean([defend(cfg, case, after_attack, u, steps)[steps[0]] for u in users])
-        clean_test = _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])
-        return {**accuracy_fields("clean_meta_test_accuracy", clean_test["meta_test_accuracy"]), **fields(attack),
+        def evaluate() -> Accuracy:
+            return _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])["meta_test_accuracy"]
+
+        clean_test = clean_accuracy(cfg, case.name, rule, evaluate, (local, secure)) if engine.local else evaluate()
+        return {**accuracy_fields("clean_meta_test_accuracy", clean_test), **fields(attack),
                 "rejected": report.rejected, "episodes": attack["attack_val_accuracy"].episodes}  # over its users
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
     evaluate = partial(_meta_test, cfg, case, after_clean)

@@ -172,15 +172,21 @@ def without_attack(cfg: Backdoor) -> Backdoor:
     return cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
 
 
-def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy]) -> Accuracy:
+def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy],
+                   local: tuple[str, bool] | None = None) -> Accuracy:
     """``evaluate()``, the meta-test accuracy of round 1 without attackers aggregated by ``rule`` (a
     server rule's clean cost), cached: it depends on neither the attack nor the table's other rows,
-    so the cells of a threat matrix, one per attack strategy, evaluate it once."""
+    so the cells of a threat matrix, one per attack strategy, evaluate it once. ``local``: (local
+    defense, secure aggregation) when a local defense then ran on that model; its settings may sit
+    anywhere in the config, so then the whole config but the attack's own settings is in the key."""
     parts = {"round": attack_round_key(without_attack(cfg), case, RoundSettings(1, "main")), "rule": rule, "case": case,
              "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,  # the scenario's evaluation episodes
              "options": cfg.rule_options(rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
              "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
                                                         "secure_aggregation"}), "version": VERSION}
+    if local is not None:
+        own = {"attack": {"attackers", "enabled"}, "attacks": True, "compare": True, "runtime": True, "description": True}
+        parts["local"] = [*local, cfg.model_dump(mode="json", exclude=own)]
     path = cache_dir() / f"clean-{_digest(parts)}.safetensors"
 
     def read(path: Path) -> Accuracy:
