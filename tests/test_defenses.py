@@ -157,3 +157,11 @@ def test_case_c_puts_one_or_all_fitting_backdoor_classes_in_each_episode():
         assert all(len(set(r.tolist())) == len(r) for r in rows)  # distinct classes within an episode
     no_backdoors = EvalPool(pool=None, split=torch.zeros(0), target=7, backdoors=torch.zeros(0, dtype=torch.long))
     assert always_included(settings("all"), no_backdoors, 50, torch.Generator()).tolist() == [7]
+
+
+def test_a_matrix_may_leave_out_the_secure_aggregation_twins_of_local_rows():
+    from fedmeta.config import load_config
+    from fedmeta.experiments.comparison import rows
+
+    cfg = load_config("omniglot-compare-quick", ["compare.secure_rows=false", "compare.local_defenses=['finetune']"])
+    assert [label for label, *_ in rows(cfg)][-2:] == ["clip", "local finetune (FedAvg)"]

@@ -23,7 +23,7 @@ Each local defense of ``compare.local_defenses`` (the matching network of Experi
 ``finetune.users`` benign users, scored after ``finetune.steps`` steps) runs on FedAvg's model. It
 never looks at what the server received, so it runs unchanged when the server only learns the sum
 of the updates (secure aggregation): its second row hands the server nothing but the mean of the
-updates, one vector, which is all secure aggregation lets it compute.
+updates, one vector, which is all secure aggregation lets it compute (``compare.secure_rows``).
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from fedmeta.scenario.cache import attack_round_updates, clean_accuracy, without
 def rows(cfg: Backdoor) -> list[tuple[str, str, str | None, bool]]:
     """``(label, rule, local defense, secure aggregation)`` of each row of the table."""
     server = [(rule, rule, None, False) for rule in cfg.compare.rules]
-    local = [row for name in cfg.compare.local_defenses
-             for row in ((f"local {name} (FedAvg)", "fedavg", name, False),
-                         (f"local {name}, secure aggregation", "fedavg", name, True))]
+    secure = [True] if cfg.compare.secure_rows else []
+    local = [(f"local {name}, secure aggregation" if on_sum else f"local {name} (FedAvg)", "fedavg", name, on_sum)
+             for name in cfg.compare.local_defenses for on_sum in [False, *secure]]
     return server + local
 
 
