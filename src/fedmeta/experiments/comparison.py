@@ -112,6 +112,7 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
         users = case.scenario.benign[: cfg.finetune.users]
         steps = [cfg.finetune.steps]
         attack = _mean([defend(cfg, case, after_attack, u, steps)[steps[0]] for u in users])
+
         def evaluate() -> Accuracy:
             return _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])["meta_test_accuracy"]
 
