@@ -88,7 +88,11 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     rows = ["fedavg", "median", "krum"]
     folder = _run(tmp_path / "c", "omniglot-compare-quick", [f"compare.rules={rows}", "finetune.users=1"])
     records = folder.records()
-    assert [r["defense"] for r in records] == [*rows, "local matching (FedAvg)", "local matching, secure aggregation"]
+    assert [r["defense"] for r in records] == [*rows, "local matching (FedAvg)", "local matching, secure aggregation",
+                                               "before the attack"]
+    before = records[-1]  # the pre-trained model: its meta-test accuracy is its clean one
+    assert before["meta_test_accuracy"] == before["clean_meta_test_accuracy"]
+    records = records[:-1]
     for r in records:
         assert all(0.0 <= r[m] <= 1.0 for m in ("clean_meta_test_accuracy", "meta_test_accuracy", "attack_val_accuracy"))
     # what each rule let through: FedAvg all of it, Krum one whole (benign) update, never the outlier
@@ -108,6 +112,9 @@ def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp
     calls = []
     evaluate = comparison._meta_test
     monkeypatch.setattr(comparison, "_meta_test", lambda *args: calls.append(1) or evaluate(*args))
+    scored = []  # the models scored on all four metrics (the server rows' and the pre-trained one)
+    curves = comparison.curves
+    monkeypatch.setattr(comparison, "curves", lambda *args, **kw: scored.append(1) or curves(*args, **kw))
     local = []  # the models a local defense ran on
     registry = comparison.LOCAL_DEFENSES
     monkeypatch.setattr(comparison, "LOCAL_DEFENSES", SimpleNamespace(get=lambda name: SimpleNamespace(
@@ -119,8 +126,10 @@ def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp
         f"attack.attackers=[{{user=0,rounds=[1],strategy='{strategy}'}}]"]).records()
     boosted = cell("boosted")
     assert len(calls) == 2 and len(local) == 4  # two local rows (FedAvg, secure aggregation): attacked and clean
+    assert len(scored) == 3  # two rules' attacked models and the pre-trained one
     alie = cell("alie")  # another attack: the same round without it, the same clean costs, not evaluated again
-    assert len(calls) == 2 and len(local) == 6
+    assert len(calls) == 2 and len(local) == 6 and len(scored) == 5  # the pre-trained model's scores are shared
+    assert alie[-1] == {**boosted[-1], "seconds": alie[-1]["seconds"]}
     assert [r["clean_meta_test_accuracy"] for r in alie] == [r["clean_meta_test_accuracy"] for r in boosted]
 
 

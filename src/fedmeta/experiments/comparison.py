@@ -19,6 +19,9 @@ cells of a threat matrix (one per attack strategy) compute them once. For each r
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
   plus its evaluation).
 
+The last row, ``before the attack``, scores the pre-trained model itself (cached per seed): the
+backdoor accuracy a defense that removes the attack brings the model back to.
+
 Each local defense of ``compare.local_defenses`` (the matching network of Experiment 3 by default,
 ``finetune.users`` benign users, scored after ``finetune.steps`` steps) runs on FedAvg's model. It
 never looks at what the server received, so it runs unchanged when the server only learns the sum
@@ -45,7 +48,10 @@ from fedmeta.models.conv4 import Params
 from fedmeta.registry import LOCAL_DEFENSES, RULES
 from fedmeta.rng import stream
 from fedmeta.runs import RunDir, Session, accuracy_fields
-from fedmeta.scenario.cache import attack_round_updates, clean_accuracy, without_attack
+from fedmeta.scenario.cache import attack_round_updates, before_attack, clean_accuracy, without_attack
+
+BEFORE = "before the attack"
+"""The label of the table's last row: the pre-trained model, no attack round."""
 
 
 def rows(cfg: Backdoor) -> list[tuple[str, str, str | None, bool]]:
@@ -86,8 +92,23 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
         record["seconds"] = round(session.elapsed - start, 1)
         session.log(record, f"{record['seconds']:.0f}s")
         session.checkpoint({}, step=index + 1)
+    if not any(r["defense"] == BEFORE for r in out.records()):
+        _log_before(cfg, case, session, engine)
     results = out.records()
     return session.summary(experiment=cfg.experiment, case=name, rows=results, table=_table(results), eval_mode=cfg.eval.mode)
+
+
+def _log_before(cfg: Backdoor, case: Case, session: Session, engine: Engine) -> None:
+    """The last row, ``BEFORE``: the pre-trained model's metrics (its meta-test accuracy is also
+    its clean one), the level a defense that removes the backdoor brings it back to."""
+    start = session.elapsed
+    evaluate = lambda: curves(cfg, case, case.pretrained, case.scenario.everyone, [cfg.eval.steps],  # noqa: E731
+                              cfg.eval.episodes)[cfg.eval.steps]
+    scores = before_attack(cfg, case.name, evaluate) if engine.local else evaluate()
+    record = {"defense": BEFORE, **accuracy_fields("clean_meta_test_accuracy", scores["meta_test_accuracy"]),
+              **fields(scores), "rejected": [], "episodes": scores["attack_val_accuracy"].episodes,
+              "seconds": round(session.elapsed - start, 1)}
+    session.log(record, f"{record['seconds']:.0f}s")
 
 
 def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings, engine: Engine) -> list[ClientUpdate]:

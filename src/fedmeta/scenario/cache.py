@@ -201,6 +201,26 @@ def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], A
     return cached(path, f"clean-accuracy cache {path.name}", read, build)
 
 
+def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
+    """``evaluate()``, every metric of the pre-trained model (the level a defense that removes the
+    backdoor brings it back to), cached: the cells of a threat matrix share it."""
+    parts = {"pretrain": pretrain_key(cfg, case), "case": case, "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,
+             "eval": cfg.eval.model_dump(exclude={"workers"}), "version": VERSION}
+    path = cache_dir() / f"before-{_digest(parts)}.safetensors"
+
+    def read(path: Path) -> dict[str, Accuracy]:
+        return {name: Accuracy(mean, ci95, int(episodes))
+                for name, (mean, ci95, episodes) in ((k, v.tolist()) for k, v in read_tensors(path)[0].items())}
+
+    def build() -> dict[str, Accuracy]:
+        found = evaluate()
+        write_tensors(path, {name: torch.tensor([a.mean, a.ci95, a.episodes], dtype=torch.float64)
+                             for name, a in found.items()})
+        return found
+
+    return cached(path, f"before-attack cache {path.name}", read, build)
+
+
 def _federation(fed: FederationConfig, exclude: set[str]) -> dict:
     """``federation`` in a key, less ``exclude``; ``dirichlet_alpha`` only when set, so entries
     made before the key existed (the uniform split) keep their keys."""
