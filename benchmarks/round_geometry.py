@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from sklearn.metrics.pairwise import cosine_distances
 
-from fedmeta.config import load_config
+from fedmeta.config import Backdoor, load_config
 from fedmeta.data.files import cache_dir
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.freqfed import low_frequencies
 from fedmeta.federation.subsets import majority_cluster
 from fedmeta.federation.updates import flatten
+from fedmeta.models.build import build_model
+from fedmeta.registry import DATASETS
 from fedmeta.scenario.cache import attack_round_key
 from fedmeta.storage import read_tensors
 
@@ -41,10 +43,16 @@ def rounds(cell: Path) -> dict[Path, list[str]]:
     return found
 
 
-def describe(path: Path, attackers: set[int]) -> None:
+def parameter_order(cfg: Backdoor) -> list[str]:
+    """The model's parameter names in the order the server flattens updates (the cache file keeps
+    them sorted by name; FreqFed's DCT depends on the order)."""
+    image_shape = DATASETS.get(cfg.data.dataset).factory.sizes(cfg.data).image_shape
+    return list(build_model(cfg.model, image_shape, cfg.meta.ways).init(torch.Generator()))
+
+
+def describe(path: Path, names: list[str], attackers: set[int]) -> None:
     tensors, meta = read_tensors(path)
     users = [h["user"] for h in meta["updates"]]
-    names = sorted({k.split("/", 1)[1] for k in tensors}, key=lambda k: list(tensors).index(f"{users[0]}/{k}"))
     stacked = torch.stack([flatten({k: tensors[f"{u}/{k}"] for k in names}) for u in users])
     print("users   ", users)
     print("norms   ", [round(float(n), 3) for n in stacked.norm(dim=1)])
@@ -67,7 +75,7 @@ def main(cell: Path) -> None:
         sys.exit(f"no cached attack round of {cell} under {cache_dir()}: run the cell first")
     for path, rules in found.items():
         print(f"\n{path.name} (rows: {', '.join(rules)})")
-        describe(path, set(cfg.attack.users))
+        describe(path, parameter_order(cfg), set(cfg.attack.users))
 
 
 if __name__ == "__main__":

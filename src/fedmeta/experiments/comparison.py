@@ -102,8 +102,10 @@ def _log_before(cfg: Backdoor, case: Case, session: Session, engine: Engine) -> 
     """The last row, ``BEFORE``: the pre-trained model's metrics (its meta-test accuracy is also
     its clean one), the level a defense that removes the backdoor brings it back to."""
     start = session.elapsed
-    evaluate = lambda: curves(cfg, case, case.pretrained, case.scenario.everyone, [cfg.eval.steps],  # noqa: E731
-                              cfg.eval.episodes)[cfg.eval.steps]
+    def evaluate() -> dict[str, Accuracy]:
+        steps = cfg.eval.steps
+        return curves(cfg, case, case.pretrained, case.scenario.everyone, [steps], cfg.eval.episodes)[steps]
+
     scores = before_attack(cfg, case.name, evaluate) if engine.local else evaluate()
     record = {"defense": BEFORE, **accuracy_fields("clean_meta_test_accuracy", scores["meta_test_accuracy"]),
               **fields(scores), "rejected": [], "episodes": scores["attack_val_accuracy"].episodes,

@@ -221,11 +221,16 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
 
 
 def _column(key: str, value: Any) -> str:
-    """A pivot column's name; a defense the server can run under secure aggregation is marked (SA)."""
+    """A pivot column's name (a defense's marked as ``defense_text`` marks it)."""
+    return defense_text(str(value)) if key == "defense" else str(value)
+
+
+def defense_text(defense: str) -> str:
+    """A defense's name, with "(SA)" where the server can run it under secure aggregation (unless
+    the name already says so)."""
     from fedmeta.experiments.comparison import secure_aggregation_ok
 
-    text = str(value)
-    return text + " (SA)" if key == "defense" and secure_aggregation_ok(text) and "secure" not in text else text
+    return defense + " (SA)" if secure_aggregation_ok(defense) and "secure aggregation" not in defense else defense
 
 
 def _pivot_cell(metric: str, ci: Interval) -> str:

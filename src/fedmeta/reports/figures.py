@@ -96,8 +96,7 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     """A threat matrix: one row per setting (attack), one column per ``defense``, a panel per metric
     of ``HEATMAP_METRICS``; each cell its mean over seeds (± half-width of the 95% interval). A
     defense the server can run under secure aggregation is marked "(SA)"."""
-    from fedmeta.experiments.comparison import secure_aggregation_ok
-    from fedmeta.reports import group_order, short_label
+    from fedmeta.reports import defense_text, group_order, short_label
 
     keys = [k for k in table if k[0] == experiment and "defense" in dict(k[2]) and k[3] in HEATMAP_METRICS]
     if not keys:
@@ -106,7 +105,7 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     groups = [g for g in group_order(names) if any(k[1] == g for k in keys)]
     metrics = [m for m in HEATMAP_METRICS if any(k[3] == m for k in keys)]
     rows = [short_label(names[g]) for g in groups]
-    columns = [textwrap.fill(d + " (SA)" * (secure_aggregation_ok(d) and "secure" not in d), 16) for d in defenses]
+    columns = [textwrap.fill(defense_text(d), 16) for d in defenses]
     width = 0.85 * len(defenses) + 0.07 * max(map(len, rows)) + 1
     fig, axes = plt.subplots(len(metrics), 1, figsize=(width, (0.5 * len(groups) + 2.2) * len(metrics)), squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics, strict=True):

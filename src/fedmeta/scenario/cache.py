@@ -185,20 +185,11 @@ def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], A
              "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
                                                         "secure_aggregation"}), "version": VERSION}
     if local is not None:
-        own = {"attack": {"attackers", "enabled"}, "attacks": True, "compare": True, "runtime": True, "description": True}
+        own = {"attack": {"attackers", "enabled"}, "attacks": True, "compare": True, "runtime": True,
+               "description": True}
         parts["local"] = [*local, cfg.model_dump(mode="json", exclude=own)]
     path = cache_dir() / f"clean-{_digest(parts)}.safetensors"
-
-    def read(path: Path) -> Accuracy:
-        mean, ci95, episodes = read_tensors(path)[0]["accuracy"].tolist()
-        return Accuracy(mean, ci95, int(episodes))
-
-    def build() -> Accuracy:
-        found = evaluate()
-        write_tensors(path, {"accuracy": torch.tensor([found.mean, found.ci95, found.episodes], dtype=torch.float64)})
-        return found
-
-    return cached(path, f"clean-accuracy cache {path.name}", read, build)
+    return _accuracies(path, "clean-accuracy", lambda: {"accuracy": evaluate()})["accuracy"]
 
 
 def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
@@ -206,8 +197,11 @@ def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Acc
     backdoor brings it back to), cached: the cells of a threat matrix share it."""
     parts = {"pretrain": pretrain_key(cfg, case), "case": case, "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,
              "eval": cfg.eval.model_dump(exclude={"workers"}), "version": VERSION}
-    path = cache_dir() / f"before-{_digest(parts)}.safetensors"
+    return _accuracies(cache_dir() / f"before-{_digest(parts)}.safetensors", "before-attack", evaluate)
 
+
+def _accuracies(path: Path, what: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
+    """``evaluate()``, named accuracies, cached at ``path`` as one ``[mean, ci95, episodes]`` tensor each."""
     def read(path: Path) -> dict[str, Accuracy]:
         return {name: Accuracy(mean, ci95, int(episodes))
                 for name, (mean, ci95, episodes) in ((k, v.tolist()) for k, v in read_tensors(path)[0].items())}
@@ -218,7 +212,7 @@ def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Acc
                              for name, a in found.items()})
         return found
 
-    return cached(path, f"before-attack cache {path.name}", read, build)
+    return cached(path, f"{what} cache {path.name}", read, build)
 
 
 def _federation(fed: FederationConfig, exclude: set[str]) -> dict:
