@@ -86,8 +86,12 @@ def test_defense_run_writes_curves_per_case_and_user(tmp_path, omniglot):
 
 def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     rows = ["fedavg", "median", "krum"]
-    folder = _run(tmp_path / "c", "omniglot-compare-quick", [f"compare.rules={rows}", "finetune.users=1"])
+    folder = _run(tmp_path / "c", "omniglot-compare-quick", [f"compare.rules={rows}", "finetune.users=1",
+                                                              "compare.after_rounds=1"])
     records = folder.records()
+    for r in records[:3]:  # server rows follow the backdoor for one benign round; the others have no count
+        assert r["rounds_followed"] == 1 and r["rounds_survived"] in (0, 1)
+    assert all("rounds_survived" not in r for r in records[3:])
     assert [r["defense"] for r in records] == [*rows, "local matching (FedAvg)", "local matching, secure aggregation",
                                                "before the attack"]
     before = records[-1]  # the pre-trained model: its meta-test accuracy is its clean one
@@ -174,3 +178,25 @@ def test_a_matrix_may_leave_out_the_secure_aggregation_twins_of_local_rows():
 
     cfg = load_config("omniglot-compare-quick", ["compare.secure_rows=false", "compare.local_defenses=['finetune']"])
     assert [label for label, *_ in rows(cfg)][-2:] == ["clip", "local finetune (FedAvg)"]
+
+
+def test_a_backdoor_is_followed_round_by_round_until_its_interval_meets_the_pre_trained_one(monkeypatch):
+    from fedmeta.experiments import comparison
+    from fedmeta.meta.evaluation import Accuracy
+
+    before = Accuracy(0.10, 0.04, 40)
+    assert comparison.present(Accuracy(0.50, 0.05, 40), before)
+    assert not comparison.present(Accuracy(0.20, 0.07, 40), before)  # 0.13 is inside the pre-trained 0.06-0.14
+
+    def follow(levels: list[float], after_rounds: int, right_after: float = 0.6) -> tuple[dict, list[int]]:
+        played, queue = [], list(levels)
+        server = SimpleNamespace(round=lambda params, settings: played.append(settings.round) or (params, None))
+        monkeypatch.setattr(comparison, "curves", lambda *a, **kw: {0: {"attack_val_accuracy": Accuracy(queue.pop(0), 0.05, 40)}})
+        cfg = SimpleNamespace(compare=SimpleNamespace(after_rounds=after_rounds), attack=SimpleNamespace(last_round=1),
+                              eval=SimpleNamespace(steps=0, episodes=40), seed=0)
+        case = SimpleNamespace(scenario=SimpleNamespace(everyone=None))
+        return comparison._survival(cfg, case, server, {}, Accuracy(right_after, 0.05, 40), before), played
+
+    assert follow([0.5, 0.3, 0.1, 0.9], 5) == ({"rounds_survived": 2, "rounds_followed": 5}, [2, 3, 4])
+    assert follow([0.5, 0.5], 2) == ({"rounds_survived": 2, "rounds_followed": 2}, [2, 3])  # still there: ">= 2"
+    assert follow([], 5, right_after=0.12) == ({"rounds_survived": 0, "rounds_followed": 5}, [])  # removed at once

@@ -125,6 +125,19 @@ def test_sweep_presets_grid_over_tables_and_are_not_single_runs():
         load_config("omniglot-matrix-quick")
 
 
+def test_the_quick_matrix_is_the_paper_matrix_at_the_quick_fleets_scale():
+    from fedmeta.config import load_config
+    from fedmeta.scenario.cache import pretrain_key
+
+    quick, paper = plan("omniglot-matrix-quick", [], [], None), plan("omniglot-matrix-paper", [], [], None)
+    assert [c.name for c in quick.cells] == [c.name for c in paper.cells]
+    assert quick.base.compare.rules == paper.base.compare.rules and quick.base.rules == paper.base.rules
+    assert (quick.base.compare.after_rounds, paper.base.compare.after_rounds) == (5, 50)
+    fleet = load_config("omniglot-fleet-quick")  # its cached pre-training is the quick matrix's
+    assert pretrain_key(quick.base, "a") == pretrain_key(fleet, "a")
+    assert quick.base.attacks == fleet.attacks and quick.base.federation == fleet.federation
+
+
 def test_unreachable_ray_address_fails_fast_naming_it():
     start = time.perf_counter()
     for start_ray in (RayCluster, connect):

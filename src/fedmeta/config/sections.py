@@ -335,6 +335,12 @@ class CompareConfig(Section):
     on the other two). False leaves those rows out (a threat matrix, where each local row costs
     minutes, marks the local rows as running under secure aggregation instead)."""
 
+    after_rounds: NonNegativeInt = 0
+    """Benign rounds that follow each server row whose backdoor is present right after the attack
+    (its attack-val interval above the before-the-attack one), under the row's rule, to count the
+    rounds it survives (``rounds_survived``, evaluated after each); 0: none. Each costs a round
+    and an evaluation of the backdoor half; rows that removed the backdoor cost nothing more."""
+
     check_rules = field_validator("rules")(lambda v: [registered(RULES, n) for n in v])
     check_local = field_validator("local_defenses")(lambda v: [registered(LOCAL_DEFENSES, n) for n in v])
 

@@ -158,17 +158,20 @@ def eval_sets(cfg: Backdoor, case: Case, ev: EvalPool, episodes: int) -> EvalSet
 
 
 def curves(cfg: Backdoor, case: Case, params: Params, ev: EvalPool, at: list[int], episodes: int,
-           desc: str | None = None) -> dict[int, dict[str, Accuracy]]:
-    """All four metrics after each number of fine-tuning steps in ``at`` (same episodes every call)."""
+           desc: str | None = None, meta_test: bool = True) -> dict[int, dict[str, Accuracy]]:
+    """All four metrics after each number of fine-tuning steps in ``at`` (same episodes every call);
+    without ``meta_test``, the three of the backdoor episodes only (half the cost)."""
     e = cfg.eval
     lr = e.lr or cfg.meta.inner_lr
     learner, images = case.learner, case.scenario.images
     sets = eval_sets(cfg, case, ev, episodes)
     classify = classifier(learner.model, e.transductive)
-    meta = evaluate_curve(learner, params, images, sets.test, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-meta-test-ft"),
-                          score=query_accuracy(learner, images, sets.test, e.transductive), desc=desc, workers=e.workers)
     main = evaluate_curve(learner, params, images, sets.tasks, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-backdoor-ft"),
                           score=backdoor_score(case, ev, sets.tasks, classify), desc=desc, workers=e.workers)
+    if not meta_test:
+        return main
+    meta = evaluate_curve(learner, params, images, sets.test, at=at, batch=e.batch, lr=lr, gen=stream(cfg.seed, "eval-meta-test-ft"),
+                          score=query_accuracy(learner, images, sets.test, e.transductive), desc=desc, workers=e.workers)
     return {t: {"meta_test_accuracy": meta[t]["accuracy"], **main[t]} for t in at}
 
 

@@ -16,8 +16,13 @@ cells of a threat matrix (one per attack strategy) compute them once. For each r
   (``federation.updates.effective_weights``) of the attackers' and the benign users' updates in
   what the rule applied (FedAvg over 10 users, 2 of them attackers: 0.2 and 0.8; a rule that
   excludes the attackers: 0); how much of the attack a defense let through;
+- ``rounds_survived`` (server rows, with ``compare.after_rounds`` > 0): how many benign rounds
+  after the attack, under the row's rule, the backdoor stays present (its attack-val interval
+  above the before-the-attack one), at most ``rounds_followed``; 0 where the rule removed it in
+  the attack round (then no round is run). A local defense acts on whatever model reaches its
+  user, so its row has none: the rounds in the federation are FedAvg's;
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
-  plus its evaluation).
+  plus its evaluation, plus the rounds followed).
 
 The last row, ``before the attack``, scores the pre-trained model itself (cached per seed): the
 backdoor accuracy a defense that removes the attack brings the model back to.
@@ -42,6 +47,7 @@ from fedmeta.config import Backdoor
 from fedmeta.experiments.backdoor import METRICS, Case, curves, eval_sets, fields, main_server, prepare
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import Engine
+from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate, effective_weights, flatten
 from fedmeta.meta.evaluation import Accuracy, evaluate_curve, query_accuracy
 from fedmeta.models.conv4 import Params
@@ -83,34 +89,39 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     no_attack = without_attack(cfg)
     clean_server = main_server(no_attack, case, engine)
     clean = attack_round_updates(no_attack, clean_server, name, case.pretrained, settings, engine)
+    clock = session.elapsed
+    before = _before_scores(cfg, case, engine)
+    before_seconds = round(session.elapsed - clock, 1)
     table = rows(cfg)
     for index in session.steps(resumed.step if resumed else 0, len(table), desc="defenses", unit="row"):
         label, rule, local, secure = table[index]
         start = session.elapsed
         attacked = _attack_round(cfg, case, rule, settings, engine) if adaptive else shared
-        record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, settings, engine)}
+        record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, settings, engine, before)}
         record["seconds"] = round(session.elapsed - start, 1)
         session.log(record, f"{record['seconds']:.0f}s")
         session.checkpoint({}, step=index + 1)
     if not any(r["defense"] == BEFORE for r in out.records()):
-        _log_before(cfg, case, session, engine)
+        _log_before(before, before_seconds, session)
     results = out.records()
     return session.summary(experiment=cfg.experiment, case=name, rows=results, table=_table(results), eval_mode=cfg.eval.mode)
 
 
-def _log_before(cfg: Backdoor, case: Case, session: Session, engine: Engine) -> None:
-    """The last row, ``BEFORE``: the pre-trained model's metrics (its meta-test accuracy is also
-    its clean one), the level a defense that removes the backdoor brings it back to."""
-    start = session.elapsed
+def _before_scores(cfg: Backdoor, case: Case, engine: Engine) -> dict[str, Accuracy]:
+    """The pre-trained model's four metrics (cached per seed where the engine is local)."""
     def evaluate() -> dict[str, Accuracy]:
         steps = cfg.eval.steps
         return curves(cfg, case, case.pretrained, case.scenario.everyone, [steps], cfg.eval.episodes)[steps]
 
-    scores = before_attack(cfg, case.name, evaluate) if engine.local else evaluate()
+    return before_attack(cfg, case.name, evaluate) if engine.local else evaluate()
+
+
+def _log_before(scores: dict[str, Accuracy], seconds: float, session: Session) -> None:
+    """The last row, ``BEFORE``: the pre-trained model's metrics (its meta-test accuracy is also
+    its clean one), the level a defense that removes the backdoor brings it back to."""
     record = {"defense": BEFORE, **accuracy_fields("clean_meta_test_accuracy", scores["meta_test_accuracy"]),
-              **fields(scores), "rejected": [], "episodes": scores["attack_val_accuracy"].episodes,
-              "seconds": round(session.elapsed - start, 1)}
-    session.log(record, f"{record['seconds']:.0f}s")
+              **fields(scores), "rejected": [], "episodes": scores["attack_val_accuracy"].episodes, "seconds": seconds}
+    session.log(record, f"{seconds:.0f}s")
 
 
 def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings, engine: Engine) -> list[ClientUpdate]:
@@ -122,12 +133,14 @@ def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings,
 
 
 def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, attacked: list[ClientUpdate],
-         clean: list[ClientUpdate], settings: RoundSettings, engine: Engine) -> dict[str, Any]:
+         clean: list[ClientUpdate], settings: RoundSettings, engine: Engine,
+         before: dict[str, Accuracy]) -> dict[str, Any]:
     if secure:
         attacked, clean = [_sum_only(attacked)], [_sum_only(clean)]
     server = main_server(cfg, case, engine, rule)
     start = server.snapshot(case.pretrained)
     after_attack, report = server.aggregate(case.pretrained, attacked, settings)
+    attacked_state = {k: v.clone() for k, v in server.snapshot(after_attack).items()}
     server.restore(start, case.pretrained)  # a stateful rule (FoolsGold, Centered Clipping) starts the clean one afresh
     after_clean, _ = server.aggregate(case.pretrained, clean, settings)
     if local:
@@ -145,9 +158,37 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
     evaluate = partial(_meta_test, cfg, case, after_clean)
     clean_test = clean_accuracy(cfg, case.name, rule, evaluate) if engine.local else evaluate()
+    survival = {}
+    if cfg.compare.after_rounds:
+        server.restore(attacked_state, after_attack)  # the rule's state as the attack round left it
+        survival = _survival(cfg, case, server, after_attack, scores["attack_val_accuracy"],
+                             before["attack_val_accuracy"])
     return {**accuracy_fields("clean_meta_test_accuracy", clean_test), **fields(scores),
-            **_weights(cfg, attacked, flatten(after_attack) - flatten(case.pretrained)),
+            **_weights(cfg, attacked, flatten(after_attack) - flatten(case.pretrained)), **survival,
             "rejected": report.rejected, "episodes": scores["attack_val_accuracy"].episodes}
+
+
+def present(now: Accuracy, before: Accuracy) -> bool:
+    """Whether a backdoor is still there: attack-val's 95% interval lies wholly above the
+    pre-trained model's (measured on the same episodes)."""
+    return now.mean - now.ci95 > before.mean + before.ci95
+
+
+def _survival(cfg: Backdoor, case: Case, server: Server, params: Params, right_after: Accuracy,
+              before: Accuracy) -> dict[str, int]:
+    """Benign rounds after the attack under ``server``'s rule, each followed by the backdoor half
+    of the evaluation, until the backdoor is gone or ``compare.after_rounds`` have run."""
+    survived, rounds = 0, cfg.compare.after_rounds
+    if present(right_after, before):
+        steps = cfg.eval.steps
+        for k in range(1, rounds + 1):
+            params, _ = server.round(params, RoundSettings(cfg.attack.last_round + k, "main"))
+            now = curves(cfg, case, params, case.scenario.everyone, [steps], cfg.eval.episodes,
+                         meta_test=False)[steps]["attack_val_accuracy"]
+            if not present(now, before):
+                break
+            survived = k
+    return {"rounds_survived": survived, "rounds_followed": rounds}
 
 
 def _weights(cfg: Backdoor, updates: list[ClientUpdate], applied: Tensor) -> dict[str, float]:
@@ -181,9 +222,22 @@ def _mean(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'defense':36} {'clean meta-test':>15} {'meta-test':>10} {'main task':>10} {'attack-train':>12} {'attack-val':>10} {'seconds':>8}"
+    survival = any("rounds_survived" in r for r in rows)
+    head = f"{'defense':36} {'clean meta-test':>15} {'meta-test':>10} {'main task':>10} {'attack-train':>12} {'attack-val':>10}"
+    head += f" {'survived':>9} {'seconds':>8}" if survival else f" {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = [f"{100 * r[m]:.1f}%" for m in ["clean_meta_test_accuracy", *METRICS]]
-        lines.append(f"{r['defense']:36} {cells[0]:>15} {cells[1]:>10} {cells[2]:>10} {cells[3]:>12} {cells[4]:>10} {r['seconds']:>8.0f}")
+        line = f"{r['defense']:36} {cells[0]:>15} {cells[1]:>10} {cells[2]:>10} {cells[3]:>12} {cells[4]:>10}"
+        if survival:
+            line += f" {_survived(r):>9}"
+        lines.append(f"{line} {r['seconds']:>8.0f}")
     return "\n".join(lines)
+
+
+def _survived(row: dict[str, Any]) -> str:
+    """Rounds survived, ">= n" when still present after every round followed, "-" where not measured."""
+    if "rounds_survived" not in row:
+        return "-"
+    n = row["rounds_survived"]
+    return f">= {n}" if n == row["rounds_followed"] and n else str(n)

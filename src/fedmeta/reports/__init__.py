@@ -123,7 +123,9 @@ def _pair(experiment: str, what: str, baseline: str, position: tuple, metric: st
 
 
 def _number(metric: str, value: float) -> str:
-    return f"{100 * value:.2f}" if metric.endswith("accuracy") else f"{value:.3f}"
+    if metric.endswith("accuracy"):
+        return f"{100 * value:.2f}"
+    return f"{value:.1f}" if metric.endswith("_survived") else f"{value:.3f}"
 
 
 def _cell_text(metric: str, ci: Interval) -> str:

@@ -7,7 +7,7 @@ metric line sits (its position), and which lines make the table.
   shots, ...): lines of different seeds at one position are averaged.
 - The **table** holds, for each curve (position without its axis), the ``final`` lines if it has
   any, else its last point; lines without an axis (one row per defense, say) are all rows.
-- A **metric** is a float field named ``*accuracy``, ``*_auc``, ``*_fpr`` or ``*_weight``.
+- A **metric** is a number field named ``*accuracy``, ``*_auc``, ``*_fpr``, ``*_weight`` or ``*_survived``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from fedmeta.storage import atomic_write
 POSITION = ("learner", "case", "user", "stage", "threat", "users", "target", "nonmember", "attack", "score", "iterations",
             "ways", "k", "defense", "scale", "shots", "round", "step", "final")
 AXES = ("round", "step")
-METRIC_SUFFIXES = ("accuracy", "_auc", "_fpr", "_weight")
+METRIC_SUFFIXES = ("accuracy", "_auc", "_fpr", "_weight", "_survived")
 IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "federation.reply_timeout", "robust.learners")
 """Config keys that do not change results, so do not make two runs different settings (``runtime.``
 covers threads and device; ``eval.workers`` only where evaluation episodes run; ``robust.learners``
