@@ -173,7 +173,9 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
         for seed in range(3):
             _run(tmp_path / f"lr{lr}" / f"seed={seed}", seed, [
                 {"defense": d, "attack_val_accuracy": base - drop + 0.1 * (seed - 1), "meta_test_accuracy": 0.9,
-                 "episodes": 40} for d, drop in (("fedavg", 0.0), ("krum", 0.3), ("local matching (FedAvg)", 0.4))],
+                 "episodes": 40, **survived} for d, drop, survived in (
+                    ("fedavg", 0.0, {"rounds_survived": 2 + seed, "rounds_followed": 5}),
+                    ("krum", 0.3, {"rounds_survived": 0, "rounds_followed": 5}), ("local matching (FedAvg)", 0.4, {}))],
                  lr=lr)
     text = table_text(TableQuery.parse(["lr0.001", "lr0.01", "--columns", "defense", "--metrics",
                                         "attack_val_accuracy"]).within(tmp_path))
@@ -181,6 +183,10 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
     half = f"{100 * HALF:.2f}"
     assert f"| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± {half} | 20.00 ± {half} | 10.00 ± {half} |" in text
     assert "| meta.inner_lr=0.01 | attack_val_accuracy | 80.00 ±" in text
+    rounds = table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--metrics", "rounds_survived"]
+                                         ).within(tmp_path))
+    # survived 2, 3, 4 rounds under FedAvg over the seeds; a local defense has no count, so no column
+    assert f"| fedavg (SA) | krum |\n|---|---|---|---|\n| all runs | rounds_survived | 3.0 ± {10 * HALF:.1f} | 0.0 ± 0.0 |" in rounds
     with pytest.raises(ReportError, match="--columns turns the table"):
         table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--paired"]).within(tmp_path))
     with pytest.raises(ReportError, match="no line of defense-comparison has a 'case'"):

@@ -89,12 +89,13 @@ def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str
     return _save(fig, out)
 
 
-HEATMAP_METRICS = ("attack_val_accuracy", "meta_test_accuracy")
+HEATMAP_METRICS = ("attack_val_accuracy", "meta_test_accuracy", "rounds_survived")
 
 
 def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
     """A threat matrix: one row per setting (attack), one column per ``defense``, a panel per metric
-    of ``HEATMAP_METRICS``; each cell its mean over seeds (± half-width of the 95% interval). A
+    of ``HEATMAP_METRICS`` the lines have; each cell its mean over seeds (± half-width of the 95%
+    interval), blank where a row has no such metric (a local defense has no rounds survived). A
     defense the server can run under secure aggregation is marked "(SA)"."""
     from fedmeta.reports import defense_text, group_order, short_label
 
@@ -111,15 +112,21 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         cells = {(k[1], dict(k[2])["defense"]): interval([table[k].values[s] for s in sorted(table[k].values)])
                  for k in keys if k[3] == metric}
-        grid = [[100 * cells[(g, d)].mean if (g, d) in cells else float("nan") for d in defenses] for g in groups]
-        ax.imshow(grid, cmap="Reds" if metric.startswith("attack") else "Greens", vmin=0, vmax=100, aspect="auto")
+        percent = metric.endswith("accuracy")
+        scale = 100 if percent else 1
+        top = 100 if percent else max(1.0, max(ci.mean for ci in cells.values()))
+        grid = [[scale * cells[(g, d)].mean if (g, d) in cells else float("nan") for d in defenses] for g in groups]
+        cmap = "Reds" if metric.startswith("attack") else "Greens" if percent else "Purples"
+        ax.imshow(grid, cmap=cmap, vmin=0, vmax=top, aspect="auto")
+        digits = 0 if percent else 1
         for (g, d), ci in cells.items():
-            half = "" if ci.half is None else f"\n±{100 * ci.half:.0f}"
-            ax.text(defenses.index(d), groups.index(g), f"{100 * ci.mean:.0f}{half}", ha="center", va="center",
-                    fontsize=7, color="white" if ci.mean > 0.6 else "black")
+            half = "" if ci.half is None else f"\n±{scale * ci.half:.{digits}f}"
+            ax.text(defenses.index(d), groups.index(g), f"{scale * ci.mean:.{digits}f}{half}", ha="center",
+                    va="center", fontsize=7, color="white" if scale * ci.mean > 0.6 * top else "black")
         ax.set_xticks(range(len(defenses)), columns, fontsize=7, rotation=40, ha="right")
         ax.set_yticks(range(len(groups)), rows, fontsize=7)
-        ax.set_title(f"{metric.replace('_', ' ')} (%), mean over seeds ± 95% interval; (SA): runs under secure "
+        unit = " (%)" if percent else " (benign rounds after the attack; blank: not followed)"
+        ax.set_title(f"{metric.replace('_', ' ')}{unit}, mean over seeds ± 95% interval; (SA): runs under secure "
                      "aggregation", fontsize=8)
     return _save(fig, out)
 
