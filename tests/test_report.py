@@ -186,7 +186,8 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
     rounds = table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--metrics", "rounds_survived"]
                                          ).within(tmp_path))
     # survived 2, 3, 4 rounds under FedAvg over the seeds; a local defense has no count, so no column
-    assert f"| fedavg (SA) | krum |\n|---|---|---|---|\n| all runs | rounds_survived | 3.0 ± {10 * HALF:.1f} | 0.0 ± 0.0 |" in rounds
+    assert "| fedavg (SA) | krum |\n|---|---|---|---|\n" in rounds
+    assert f"| all runs | rounds_survived | 3.0 ± {10 * HALF:.1f} | 0.0 ± 0.0 |" in rounds
     with pytest.raises(ReportError, match="--columns turns the table"):
         table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--paired"]).within(tmp_path))
     with pytest.raises(ReportError, match="no line of defense-comparison has a 'case'"):
