@@ -208,7 +208,8 @@ def test_rule_aware_attacks_are_registered_as_such():
 
 def test_rule_seen_keys_norm_reading_attacks_by_the_norm_alone():
     """Replacement and projected read only the norm a rule lets through: rules without a cap share
-    their cached attack round, a cap's value splits it, and a rule-blind attack sees nothing."""
+    their cached attack round, a cap's value splits it, and a rule-blind attack sees nothing;
+    replacement alone sends another update under plain FedAvg."""
     from fedmeta.attacks.strategies import rule_seen
     from fedmeta.config.sections import AttackerConfig
 
@@ -217,3 +218,7 @@ def test_rule_seen_keys_norm_reading_attacks_by_the_norm_alone():
     assert rule_seen(norm, "fedavg", {}) == ["unchecked"]
     assert rule_seen(norm, "clip", {"norm": 0.2, "noise": 0.0}) == ["cap", 0.2] != rule_seen(norm, "clip", {"norm": 0.3})
     assert rule_seen([AttackerConfig()], "clip", {"norm": 0.2}) is None
+    # projected keeps inside the estimated bound under FedAvg too: its FedAvg round is the others'
+    pgd = [AttackerConfig(strategy="projected"), AttackerConfig(user=1, strategy="projected")]
+    assert rule_seen(pgd, "fedavg", {}) == rule_seen(pgd, "median", {}) == ["estimated"]
+    assert rule_seen(pgd, "clip", {"norm": 0.2}) == ["cap", 0.2]

@@ -137,7 +137,9 @@ def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp
     assert [r["clean_meta_test_accuracy"] for r in alie] == [r["clean_meta_test_accuracy"] for r in boosted]
 
 
-def test_an_adaptive_attacker_trains_once_per_kind_of_rule_not_per_row(tmp_path, omniglot, monkeypatch):
+@pytest.mark.parametrize("strategy, main_rounds", [("replacement", 3), ("projected", 2)])
+def test_an_adaptive_attacker_trains_once_per_kind_of_rule_not_per_row(tmp_path, omniglot, monkeypatch, strategy,
+                                                                       main_rounds):
     from fedmeta.federation.server import Server
 
     monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
@@ -147,11 +149,12 @@ def test_an_adaptive_attacker_trains_once_per_kind_of_rule_not_per_row(tmp_path,
         self, params, settings))
     _run(tmp_path / "r", "omniglot-compare-quick", [
         "compare.rules=['fedavg', 'median', 'trimmed-mean', 'krum']", "compare.local_defenses=[]",
-        "attacks.replacement.episodes=4", "attacks.replacement.inner_epochs=1", "attacks.replacement.estimates=1",
-        "attack.attackers=[{user=0,rounds=[1],strategy='replacement'}]"])
-    # the clean round, the attack against FedAvg (no cap), one against the rules without a known cap
-    # (whatever their options), each computed once
-    assert rounds.count("main") == 3
+        f"attacks.{strategy}.episodes=4", f"attacks.{strategy}.inner_epochs=1", f"attacks.{strategy}.estimates=1",
+        f"attack.attackers=[{{user=0,rounds=[1],strategy='{strategy}'}}]"])
+    # the clean round, then one attack round against the rules without a known cap (whatever their
+    # options), each computed once; replacement sends another update against FedAvg (no cap), the
+    # projected attacker keeps inside the estimated bound there too, so shares that round
+    assert rounds.count("main") == main_rounds
 
 
 def test_case_c_puts_one_or_all_fitting_backdoor_classes_in_each_episode():

@@ -45,7 +45,7 @@ class Projected(SteeredAttack):
         return Steering(ball(global_params, self.radius(global_params, settings)))
 
 
-@ATTACKS.register("projected", options=ProjectedOptions, knows_rule="norm")
+@ATTACKS.register("projected", options=ProjectedOptions, knows_rule="bound")
 def projected(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, slack: float,
               eps: float | str) -> Projected:
     """PGD within an L2 ball around the global model (Sun et al. 2019; Wang et al., NeurIPS 2020)."""

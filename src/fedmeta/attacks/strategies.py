@@ -12,7 +12,9 @@ users may run the same strategy (they then collude on the same backdoor) or diff
 
 Registration facts read elsewhere: ``knows_rule`` (the update depends on the server's rule, so
 cached attack rounds are keyed by it: ``True`` for the rule and all its settings, ``"norm"`` for a
-strategy that reads only the norm the rule lets through, ``rule_seen``) and ``split_trigger``
+strategy that reads only the norm the rule lets through (none under plain FedAvg), ``"bound"`` for
+one that reads only the bound it keeps inside (the rule's cap, else an estimate, FedAvg included),
+``rule_seen``) and ``split_trigger``
 (each user running the strategy gets its own part of the trigger: ``scenario.backdoor``).
 
 Threat model of the adaptive strategies (``fedmeta.attacks.steering``): the attacker knows the
@@ -157,15 +159,16 @@ def adapts_to_rule(attackers: list) -> bool:
 def rule_seen(attackers: list, rule: str, options: Mapping[str, Any]) -> list[Any] | None:
     """What of the server's rule the attackers' updates depend on (part of a cached attack round's
     key): nothing; only the norm it lets through (its cap, none under plain FedAvg, else an
-    estimate), for strategies registered ``knows_rule="norm"``, so that the rules of a comparison
-    without a cap share one attack round; or the rule and all its settings."""
+    estimate), for strategies registered ``knows_rule="norm"``, or only the bound they keep inside
+    (the cap, else an estimate, plain FedAvg included) for ``"bound"``, so that the rules of a
+    comparison without a cap share one attack round; or the rule and all its settings."""
     kinds = {ATTACKS.get(a.strategy).info.get("knows_rule") for a in attackers} - {None, False}
     if not kinds:
         return None
-    if kinds == {"norm"}:
+    if kinds <= {"norm", "bound"}:
         if rule in NORM_BOUNDS:
             return ["cap", options[NORM_BOUNDS[rule]]]
-        return ["unchecked" if rule in UNCHECKED else "estimated"]
+        return ["unchecked" if rule in UNCHECKED and "norm" in kinds else "estimated"]
     return [rule, dict(options)]
 
 
