@@ -35,7 +35,6 @@ from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import IN_PROCESS
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.models.conv4 import Params
-from fedmeta.registry import ATTACKS
 from fedmeta.runs import RunDir, Session
 from fedmeta.scenario.cache import attack_round_updates
 
@@ -49,9 +48,7 @@ def models(cfg: Backdoor, case: Case) -> dict[str, Params]:
     attackers = set(cfg.attack.users)
     out = {"before": theta}
     for a in cfg.attack.attackers:
-        entry = ATTACKS.get(a.strategy)
-        options = entry.options.model_validate(cfg.attacks.get(a.strategy, {})) if entry.options else None
-        boost = float(getattr(options, "boost", 1.0))
+        boost = float(cfg.attack_options(a.strategy).get("boost", 1.0))
         update = next(u for u in updates if u.user == a.user)
         out[f"attacker {a.user} alone (update / {boost:g})"] = {k: theta[k] + update.delta[k] / boost for k in theta}
     zeroed = [u if u.user in attackers else ClientUpdate(u.user, {k: torch.zeros_like(v) for k, v in u.delta.items()},
