@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from fedmeta.config import load_config
@@ -31,6 +32,7 @@ def test_run_folder_has_config_metrics_summary_and_weights(tmp_path, omniglot):
     assert "checkpoint.safetensors" not in names  # a finished run keeps only its results
     summary = json.loads((folder.path / "summary.json").read_text())
     assert 0.0 <= summary["meta_test_accuracy"] <= 1.0 and summary["eval_mode"] == "non-transductive"
+    assert summary["machine"]["cpu"] and summary["machine"]["torch"] == torch.__version__  # where the numbers came from
     records = folder.records()
     assert [r["step"] for r in records if not r.get("final")] == [2, 4, 6]
     assert [r["shots"] for r in records if r.get("final")] == [5, 1]

@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from fedmeta.config import ConfigError, validate
+from fedmeta.runtime import machine
 from fedmeta.storage import CorruptFile, Locked, acquire, atomic_write, read_tensors, write_tensors
 
 T = TypeVar("T")
@@ -309,12 +310,14 @@ class Session:
             tally[key] += value
 
     def summary(self, **fields: Any) -> dict[str, Any]:
-        """``fields`` with the wall time of the whole run (resumed parts included) and, for a
-        federation, what happened to the updates of each phase."""
+        """``fields`` with the wall time of the whole run (resumed parts included), the machine that
+        finished it (``runtime.machine``) and, for a federation, what happened to the updates of
+        each phase."""
         wall = self.elapsed
         tally = {"federation": self.federation,
                  "rejected": {p: t["rejected"] for p, t in self.federation.items()}} if self.federation else {}
-        return {**fields, **tally, "wall_time_s": round(wall, 1), "wall_time": format_duration(wall)}
+        return {**fields, **tally, "wall_time_s": round(wall, 1), "wall_time": format_duration(wall),
+                "machine": machine()}
 
 
 TALLY = ("rounds", "empty_rounds", "updates", "aggregated", "rejected", "missing")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,6 +68,26 @@ def setup(cfg: RuntimeConfig) -> torch.device:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return device
+
+
+def machine() -> dict[str, Any]:
+    """What a run's numbers depend on besides its config and seed: the CPU model (its vector
+    instructions select PyTorch's kernels, so round-off differs between kinds of CPU), the PyTorch
+    version, the threads and a GPU this process used. A long training carries round-off into the
+    results, so ``summary.json`` records this beside them: a number can be traced to the kind of
+    machine that printed it."""
+    gpu = {"gpu": torch.cuda.get_device_name()} if torch.cuda.is_available() and torch.cuda.is_initialized() else {}
+    return {"cpu": _cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads(), **gpu}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronized_time(device: torch.device) -> float:
