@@ -39,7 +39,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import time
@@ -64,7 +63,7 @@ from fedmeta.meta.evaluation import classifier, episode_scores
 from fedmeta.meta.learner import Maml, Reptile
 from fedmeta.models.conv4 import Conv4, Params
 from fedmeta.rng import stream
-from fedmeta.runtime import keep_freed_memory
+from fedmeta.runtime import keep_freed_memory, machine
 from fedmeta.scenario.builder import Phase, build_population, build_server
 
 try:
@@ -368,8 +367,7 @@ def main() -> None:
     keep_freed_memory()
     threads = torch.get_num_threads()
     repeats, eval_episodes, round_episodes = (3, 20, 20) if args.quick else (7, 100, 100)
-    results: dict[str, object] = {"torch": torch.__version__, "threads": threads, "cpu": platform.processor(),
-                                  "quick": args.quick, "load_average": os.getloadavg()[0]}
+    results: dict[str, object] = {**machine(), "quick": args.quick, "load_average": os.getloadavg()[0]}
     results |= fma_peak(threads)
     results["peak_conv_gflops"] = round(conv_peak(), 1)
     if "reptile" in args.parts:
