@@ -106,6 +106,8 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     assert (krum["attacker_weight"], krum["benign_weight"]) == pytest.approx((0.0, 1.0), abs=1e-4)
     # the local defense reads nothing of the individual updates: the sum alone gives the same numbers
     local, secure = records[-2], records[-1]
+    assert all(0.0 <= r["clean_attack_val_accuracy"] <= 1.0 for r in (local, secure))  # the local rows' reference
+    assert all("clean_attack_val_accuracy" not in r for r in records[:3])
     assert local["attack_val_accuracy"] == pytest.approx(secure["attack_val_accuracy"], abs=0.05)
 
 

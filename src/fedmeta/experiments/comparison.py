@@ -10,6 +10,9 @@ cells of a threat matrix (one per attack strategy) compute them once. For each r
   1 would pick without it), aggregated by the row's rule (and for a local defense, that defense
   run on it): what the defense costs when nobody attacks; cached, so the cells of a threat matrix
   compute it once per seed;
+- ``clean_attack_val_accuracy`` (local rows): attack-val of that same clean model after the local
+  defense: the level its row's attack-val is read against (the pre-trained model's is not it,
+  since fine-tuning on a user's own classes moves attack-val too);
 - ``meta_test_accuracy``, ``main_task_accuracy``, ``attack_train_accuracy``,
   ``attack_val_accuracy``: right after the attack round (Experiment 1's round 1);
 - ``attacker_weight``, ``benign_weight``: for a server rule, the summed effective weights
@@ -54,7 +57,13 @@ from fedmeta.models.conv4 import Params
 from fedmeta.registry import LOCAL_DEFENSES, RULES
 from fedmeta.rng import stream
 from fedmeta.runs import RunDir, Session, accuracy_fields
-from fedmeta.scenario.cache import attack_round_updates, before_attack, clean_accuracy, without_attack
+from fedmeta.scenario.cache import (
+    attack_round_updates,
+    before_attack,
+    clean_accuracy,
+    clean_local_scores,
+    without_attack,
+)
 
 BEFORE = "before the attack"
 """The label of the table's last row: the pre-trained model, no attack round."""
@@ -149,11 +158,12 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
         steps = [cfg.finetune.steps]
         attack = _mean([defend(cfg, case, after_attack, u, steps)[steps[0]] for u in users])
 
-        def evaluate() -> Accuracy:
-            return _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])["meta_test_accuracy"]
+        def evaluate() -> dict[str, Accuracy]:
+            return _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])
 
-        clean_test = clean_accuracy(cfg, case.name, rule, evaluate, (local, secure)) if engine.local else evaluate()
-        return {**accuracy_fields("clean_meta_test_accuracy", clean_test), **fields(attack),
+        clean = clean_local_scores(cfg, case.name, rule, evaluate, (local, secure)) if engine.local else evaluate()
+        return {**accuracy_fields("clean_meta_test_accuracy", clean["meta_test_accuracy"]),
+                **accuracy_fields("clean_attack_val_accuracy", clean["attack_val_accuracy"]), **fields(attack),
                 "rejected": report.rejected, "episodes": attack["attack_val_accuracy"].episodes}  # over its users
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
     evaluate = partial(_meta_test, cfg, case, after_clean)

@@ -172,24 +172,34 @@ def without_attack(cfg: Backdoor) -> Backdoor:
     return cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": False})})
 
 
-def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy],
-                   local: tuple[str, bool] | None = None) -> Accuracy:
+def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy]) -> Accuracy:
     """``evaluate()``, the meta-test accuracy of round 1 without attackers aggregated by ``rule`` (a
     server rule's clean cost), cached: it depends on neither the attack nor the table's other rows,
-    so the cells of a threat matrix, one per attack strategy, evaluate it once. ``local``: (local
-    defense, secure aggregation) when a local defense then ran on that model; its settings may sit
-    anywhere in the config, so then the whole config but the attack's own settings is in the key."""
-    parts = {"round": attack_round_key(without_attack(cfg), case, RoundSettings(1, "main")), "rule": rule, "case": case,
-             "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,  # the scenario's evaluation episodes
-             "options": cfg.rule_options(rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
-             "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
-                                                        "secure_aggregation"}), "version": VERSION}
-    if local is not None:
-        own = {"attack": {"attackers", "enabled"}, "attacks": True, "compare": True, "runtime": True,
-               "description": True}
-        parts["local"] = [*local, cfg.model_dump(mode="json", exclude=own)]
-    path = cache_dir() / f"clean-{_digest(parts)}.safetensors"
+    so the cells of a threat matrix, one per attack strategy, evaluate it once."""
+    path = cache_dir() / f"clean-{_digest(_clean_parts(cfg, case, rule))}.safetensors"
     return _accuracies(path, "clean-accuracy", lambda: {"accuracy": evaluate()})["accuracy"]
+
+
+def clean_local_scores(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], dict[str, Accuracy]],
+                       local: tuple[str, bool]) -> dict[str, Accuracy]:
+    """``evaluate()``, every metric of a local defense run on round 1 without attackers, aggregated
+    by ``rule``: its clean cost, and the backdoor accuracy the defense itself gives a model nobody
+    attacked (its row's reference, which the pre-trained model is not: fine-tuning moves
+    attack-val too). ``local``: (local defense, secure aggregation). Cached like ``clean_accuracy``;
+    the defense's settings may sit anywhere in the config, so the whole config but the attack's own
+    settings is in the key."""
+    own = {"attack": {"attackers", "enabled"}, "attacks": True, "compare": True, "runtime": True, "description": True}
+    parts = {**_clean_parts(cfg, case, rule), "local": [*local, cfg.model_dump(mode="json", exclude=own)]}
+    return _accuracies(cache_dir() / f"clean-local-{_digest(parts)}.safetensors", "clean-local", evaluate)
+
+
+def _clean_parts(cfg: Backdoor, case: str, rule: str) -> dict:
+    """What a clean round's scores depend on: the round without attackers, the rule and the evaluation."""
+    return {"round": attack_round_key(without_attack(cfg), case, RoundSettings(1, "main")), "rule": rule, "case": case,
+            "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,  # the scenario's evaluation episodes
+            "options": cfg.rule_options(rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
+            "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
+                                                       "secure_aggregation"}), "version": VERSION}
 
 
 def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
