@@ -232,13 +232,18 @@ def _mean(points: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    """The summary table. ``clean attack-val``: what a local row's attack-val is read against (its
+    defense on the round nobody attacked); a server row's reference is the ``before the attack`` row."""
     survival = any("rounds_survived" in r for r in rows)
-    head = f"{'defense':36} {'clean meta-test':>15} {'meta-test':>10} {'main task':>10} {'attack-train':>12} {'attack-val':>10}"
+    head = (f"{'defense':36} {'clean meta-test':>15} {'meta-test':>10} {'main task':>10} {'attack-train':>12} "
+            f"{'attack-val':>10} {'clean attack-val':>16}")
     head += f" {'survived':>9} {'seconds':>8}" if survival else f" {'seconds':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         cells = [f"{100 * r[m]:.1f}%" for m in ["clean_meta_test_accuracy", *METRICS]]
+        reference = f"{100 * r['clean_attack_val_accuracy']:.1f}%" if "clean_attack_val_accuracy" in r else "-"
         line = f"{r['defense']:36} {cells[0]:>15} {cells[1]:>10} {cells[2]:>10} {cells[3]:>12} {cells[4]:>10}"
+        line += f" {reference:>16}"
         if survival:
             line += f" {_survived(r):>9}"
         lines.append(f"{line} {r['seconds']:>8.0f}")
