@@ -1,13 +1,14 @@
 """Non-transductive scoring: one forward pass per query (fedmeta's) against all queries in one batch.
 
-    python benchmarks/bench_grouped_scoring.py [--size 28|84] [--queries 5 45] [--repeats 5]
+    python benchmarks/bench_grouped_scoring.py [--size 28|84] [--queries 5 45] [--repeats 3]
 
 Non-transductive evaluation runs each query through the network beside the whole support set, so
 BatchNorm's statistics see one query at a time (``fedmeta.meta.evaluation.logits_fn``). The
 alternative timed here puts every query's (support + query) group in one batch and computes
 BatchNorm's statistics per group, from a view of the channels-last activations as
 ``[groups, images x H x W, channels]``: the same function, one convolution call per layer instead
-of one per query. It prints both times (milliseconds per episode, 1 thread, one process) and
+of one per query. It prints both times (median milliseconds per episode, measured round-robin by
+``bench_reptile.time_variants``; 1 thread, one process) and
 whether the predictions agree. With 5 queries a backdoor episode scores its main task; with 45,
 its main task and 40 keyed images.
 """
@@ -15,11 +16,10 @@ its main task and 40 keyed images.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from bench_reptile import time_variants
 from torch import Tensor
 
 from fedmeta.meta.evaluation import logits_fn
@@ -42,19 +42,11 @@ def grouped_logits(model: Conv4, params: Params, support: Tensor, queries: Tenso
     return model.head(params, x.flatten(1)).unflatten(0, (groups, size))[:, -1]
 
 
-def milliseconds(fn: Callable[[], Tensor], repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=28, choices=[28, 84])
     parser.add_argument("--queries", type=int, nargs="+", default=[5, 45])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     channels, filters = (1, 64) if args.size == 28 else (3, 32)
@@ -69,8 +61,9 @@ def main() -> None:
         with torch.no_grad():
             ours = logits_fn(model, params, support, transductive=False)
             same = bool((ours(queries).argmax(-1) == grouped_logits(model, params, support, queries).argmax(-1)).all())
-            per_query = milliseconds(lambda: ours(queries), args.repeats)
-            grouped = milliseconds(lambda: grouped_logits(model, params, support, queries), args.repeats)
+            ms = time_variants({"per_query": lambda: ours(queries),
+                                "grouped": lambda: grouped_logits(model, params, support, queries)}, args.repeats)
+        per_query, grouped = ms["per_query"], ms["grouped"]
         print(f"{args.size}x{args.size}, {count} queries: one pass per query {per_query:.1f} ms, "
               f"one batch {grouped:.1f} ms ({per_query / grouped:.2f}x), same predictions: {same}")
 
