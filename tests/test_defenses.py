@@ -159,6 +159,41 @@ def test_an_adaptive_attacker_trains_once_per_kind_of_rule_not_per_row(tmp_path,
     assert rounds.count("main") == main_rounds
 
 
+def test_an_attack_over_two_rounds_plays_both_under_each_rule_and_fedavg_is_experiment_1(tmp_path, omniglot,
+                                                                                         monkeypatch):
+    from fedmeta.experiments import comparison
+    from fedmeta.federation.server import Server
+    from fedmeta.storage import read_tensors
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
+    trained = []  # (round, whether the attacker sent) of each main round whose users trained
+    updates = Server.updates
+
+    def train(self, params, settings):
+        sent = updates(self, params, settings)
+        if settings.phase == "main":
+            trained.append((settings.round, any(u.user == 0 for u in sent)))
+        return sent
+
+    monkeypatch.setattr(Server, "updates", train)
+    scored = []  # the models each row's four metrics were computed on
+    curves = comparison.curves
+    monkeypatch.setattr(comparison, "curves", lambda cfg, case, params, *a, **kw: scored.append(params) or curves(
+        cfg, case, params, *a, **kw))
+    attackers = "attack.attackers=[{user=0,rounds=[1,2],strategy='boosted'}]"
+    fedavg, median, _ = _run(tmp_path / "c", "omniglot-compare-quick", [
+        "compare.rules=['fedavg', 'median']", "compare.local_defenses=[]", attackers]).records()
+    # round 1 once for every row, with and without the attacker; round 2 per row, attacked and clean
+    assert sorted(trained) == [(1, False), (1, True), (2, False), (2, False), (2, True), (2, True)]
+    assert fedavg["attacker_weight"] == pytest.approx(1 / 3, abs=1e-4)  # 1/M_min in each of the two rounds
+    assert 0 < median["attacker_weight"] < fedavg["attacker_weight"]
+    # FedAvg's row scores Experiment 1's global model after its second attack round: the same rounds
+    _run(tmp_path / "e", "omniglot-exp1a-quick", [attackers, "federation.rounds=0"])
+    reference, _ = read_tensors(tmp_path / "e" / "weights-case-a.safetensors")
+    for name, value in scored[1].items():  # scored[0]: the pre-trained model, the "before the attack" row
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6)
+
+
 def test_case_c_puts_one_or_all_fitting_backdoor_classes_in_each_episode():
     from types import SimpleNamespace
 

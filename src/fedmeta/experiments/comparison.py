@@ -1,28 +1,34 @@
 """One attack, every defense, one table (``experiment = "defense-comparison"``).
 
-The attack round's client updates are computed once (and cached, see
+Round 1's client updates are computed once (and cached, see
 ``scenario.cache.attack_round_updates``); every server rule aggregates exactly those updates, so
 rows differ by the defense alone. The same round without the attackers, and each server rule's
 clean meta-test accuracy on it, are cached too, under keys without the attack's settings, so the
-cells of a threat matrix (one per attack strategy) compute them once. For each row:
+cells of a threat matrix (one per attack strategy) compute them once. An attack over several
+rounds (``attack.attackers[*].rounds``, e.g. ``[1, 2, 3]``, or a late ``[5]``) plays every round
+up to the last attack round under each row's rule: from round 2 on, each row's users (attackers
+included, knowing the row's rule) train on that row's model, so those rounds cost per row. For
+each row:
 
-- ``clean_meta_test_accuracy``: the same round without the attacker (the benign users that round
-  1 would pick without it), aggregated by the row's rule (and for a local defense, that defense
-  run on it): what the defense costs when nobody attacks; cached, so the cells of a threat matrix
-  compute it once per seed;
+- ``clean_meta_test_accuracy``: the same rounds without the attackers (the benign users that
+  each round would pick without them), aggregated by the row's rule (and for a local defense,
+  that defense run on the result): what the defense costs when nobody attacks; cached, so the
+  cells of a threat matrix compute it once per seed;
 - ``clean_attack_val_accuracy`` (local rows): attack-val of that same clean model after the local
   defense: the level its row's attack-val is read against (the pre-trained model's is not it,
   since fine-tuning on a user's own classes moves attack-val too);
 - ``meta_test_accuracy``, ``main_task_accuracy``, ``attack_train_accuracy``,
-  ``attack_val_accuracy``: right after the attack round (Experiment 1's round 1);
+  ``attack_val_accuracy``: right after the last attack round (Experiment 1's round 1 for the
+  paper's one-shot attack);
 - ``attacker_weight``, ``benign_weight``: for a server rule, the summed effective weights
   (``federation.updates.effective_weights``) of the attackers' and the benign users' updates in
   what the rule applied (FedAvg over 10 users, 2 of them attackers: 0.2 and 0.8; a rule that
-  excludes the attackers: 0); how much of the attack a defense let through;
+  excludes the attackers: 0), averaged over the rounds an attacker sent in; how much of the
+  attack a defense let through;
 - ``rounds_survived`` (server rows, with ``compare.after_rounds`` > 0): how many benign rounds
   after the attack, under the row's rule, the backdoor stays present (its attack-val interval
   above the before-the-attack one), at most ``rounds_followed``; 0 where the rule removed it in
-  the attack round (then no round is run). A local defense acts on whatever model reaches its
+  the attack's rounds (then no round is run). A local defense acts on whatever model reaches its
   user, so its row has none: the rounds in the federation are FedAvg's;
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
   plus its evaluation, plus the rounds followed).
@@ -39,7 +45,7 @@ updates, one vector, which is all secure aggregation lets it compute (``compare.
 
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
@@ -106,7 +112,7 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
         label, rule, local, secure = table[index]
         start = session.elapsed
         attacked = _attack_round(cfg, case, rule, settings, engine) if adaptive else shared
-        record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, settings, engine, before)}
+        record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, engine, before)}
         record["seconds"] = round(session.elapsed - start, 1)
         session.log(record, f"{record['seconds']:.0f}s")
         session.checkpoint({}, step=index + 1)
@@ -136,22 +142,22 @@ def _log_before(scores: dict[str, Accuracy], seconds: float, session: Session) -
 def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings, engine: Engine) -> list[ClientUpdate]:
     """The attack round's updates (cached where the engine is local) with ``federation.rule = rule``:
     what an attacker that adapts to the rule sends against it."""
-    row = cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rule": rule})})
+    row = _with_rule(cfg, rule)
     return attack_round_updates(row, main_server(row, case, engine), case.name, case.pretrained, settings, engine,
                                 pretraining=cfg)
 
 
 def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, attacked: list[ClientUpdate],
-         clean: list[ClientUpdate], settings: RoundSettings, engine: Engine,
-         before: dict[str, Accuracy]) -> dict[str, Any]:
-    if secure:
-        attacked, clean = [_sum_only(attacked)], [_sum_only(clean)]
-    server = main_server(cfg, case, engine, rule)
-    start = server.snapshot(case.pretrained)
-    after_attack, report = server.aggregate(case.pretrained, attacked, settings)
-    attacked_state = {k: v.clone() for k, v in server.snapshot(after_attack).items()}
-    server.restore(start, case.pretrained)  # a stateful rule (FoolsGold, Centered Clipping) starts the clean one afresh
-    after_clean, _ = server.aggregate(case.pretrained, clean, settings)
+         clean: list[ClientUpdate], engine: Engine, before: dict[str, Accuracy]) -> dict[str, Any]:
+    """One row: the attack's rounds under ``rule`` (``attacked``: round 1's updates), then the
+    row's local defense or its evaluation and the rounds the backdoor survives."""
+    row = _with_rule(cfg, rule)
+    server = main_server(row, case, engine)  # an attacker of a later round adapts to the row's rule
+    after_attack, played = _play(cfg, server, case.pretrained, attacked, secure)
+
+    def after_clean() -> Params:  # the same rounds without the attackers: computed only when not cached
+        return _play(cfg, main_server(without_attack(row), case, engine), case.pretrained, clean, secure)[0]
+
     if local:
         defend = LOCAL_DEFENSES.get(local).factory
         users = case.scenario.benign[: cfg.finetune.users]
@@ -159,23 +165,59 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
         attack = _mean([defend(cfg, case, after_attack, u, steps)[steps[0]] for u in users])
 
         def evaluate() -> dict[str, Accuracy]:
-            return _mean([defend(cfg, case, after_clean, u, steps)[steps[0]] for u in users])
+            model = after_clean()
+            return _mean([defend(cfg, case, model, u, steps)[steps[0]] for u in users])
 
         clean = clean_local_scores(cfg, case.name, rule, evaluate, (local, secure)) if engine.local else evaluate()
         return {**accuracy_fields("clean_meta_test_accuracy", clean["meta_test_accuracy"]),
                 **accuracy_fields("clean_attack_val_accuracy", clean["attack_val_accuracy"]), **fields(attack),
-                "rejected": report.rejected, "episodes": attack["attack_val_accuracy"].episodes}  # over its users
+                "rejected": played.rejected, "episodes": attack["attack_val_accuracy"].episodes}  # over its users
     scores = curves(cfg, case, after_attack, case.scenario.everyone, [cfg.eval.steps], cfg.eval.episodes)[cfg.eval.steps]
-    evaluate = partial(_meta_test, cfg, case, after_clean)
-    clean_test = clean_accuracy(cfg, case.name, rule, evaluate) if engine.local else evaluate()
+
+    def clean_meta_test() -> Accuracy:
+        return _meta_test(cfg, case, after_clean())
+
+    clean_test = clean_accuracy(cfg, case.name, rule, clean_meta_test) if engine.local else clean_meta_test()
     survival = {}
-    if cfg.compare.after_rounds:
-        server.restore(attacked_state, after_attack)  # the rule's state as the attack round left it
+    if cfg.compare.after_rounds:  # the server's rule state is the one the attack's last round left
         survival = _survival(cfg, case, server, after_attack, scores["attack_val_accuracy"],
                              before["attack_val_accuracy"])
-    return {**accuracy_fields("clean_meta_test_accuracy", clean_test), **fields(scores),
-            **_weights(cfg, attacked, flatten(after_attack) - flatten(case.pretrained)), **survival,
-            "rejected": report.rejected, "episodes": scores["attack_val_accuracy"].episodes}
+    return {**accuracy_fields("clean_meta_test_accuracy", clean_test), **fields(scores), **played.weights,
+            **survival, "rejected": played.rejected, "episodes": scores["attack_val_accuracy"].episodes}
+
+
+@dataclass(frozen=True)
+class Played:
+    """What the server applied in the rounds up to the last attack round."""
+
+    weights: dict[str, float]
+    """``attacker_weight`` and ``benign_weight``, averaged over the rounds an attacker sent in."""
+    rejected: list[int]
+    """The users whose updates the rule excluded in any of those rounds."""
+
+
+def _play(cfg: Backdoor, server: Server, params: Params, first: list[ClientUpdate],
+          secure: bool) -> tuple[Params, Played]:
+    """Rounds 1 to ``attack.last_round`` from ``params`` under ``server``'s rule. Round 1 applies
+    ``first`` (the updates every row shares, computed once); a later round's updates depend on the
+    row's model, so its users train anew. ``secure``: the server receives only each round's mean."""
+    weights, rejected = [], []
+    for r in range(1, max(cfg.attack.last_round, 1) + 1):
+        settings = RoundSettings(r, "main")
+        updates = first if r == 1 else server.updates(params, settings)
+        sent = [_sum_only(updates)] if secure else updates
+        new, report = server.aggregate(params, sent, settings)
+        if any(u.user in cfg.attack.users for u in updates) and not secure:
+            weights.append(_weights(cfg, updates, flatten(new) - flatten(params)))
+        rejected += report.rejected
+        params = new
+    mean = {k: round(sum(w[k] for w in weights) / len(weights), 6) for k in weights[0]} if weights else {}
+    return params, Played(mean, list(dict.fromkeys(rejected)))
+
+
+def _with_rule(cfg: Backdoor, rule: str) -> Backdoor:
+    """``cfg`` with ``federation.rule = rule``: a row's federation, as its attackers know it."""
+    return cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rule": rule})})
 
 
 def present(now: Accuracy, before: Accuracy) -> bool:

@@ -173,8 +173,8 @@ def without_attack(cfg: Backdoor) -> Backdoor:
 
 
 def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy]) -> Accuracy:
-    """``evaluate()``, the meta-test accuracy of round 1 without attackers aggregated by ``rule`` (a
-    server rule's clean cost), cached: it depends on neither the attack nor the table's other rows,
+    """``evaluate()``, the meta-test accuracy of the attack's rounds without attackers aggregated by
+    ``rule`` (a server rule's clean cost), cached: it depends on neither the attack nor the table's other rows,
     so the cells of a threat matrix, one per attack strategy, evaluate it once."""
     path = cache_dir() / f"clean-{_digest(_clean_parts(cfg, case, rule))}.safetensors"
     return _accuracies(path, "clean-accuracy", lambda: {"accuracy": evaluate()})["accuracy"]
@@ -182,8 +182,8 @@ def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], A
 
 def clean_local_scores(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], dict[str, Accuracy]],
                        local: tuple[str, bool]) -> dict[str, Accuracy]:
-    """``evaluate()``, every metric of a local defense run on round 1 without attackers, aggregated
-    by ``rule``: its clean cost, and the backdoor accuracy the defense itself gives a model nobody
+    """``evaluate()``, every metric of a local defense run on the attack's rounds without attackers,
+    aggregated by ``rule``: its clean cost, and the backdoor accuracy the defense itself gives a model nobody
     attacked (its row's reference, which the pre-trained model is not: fine-tuning moves
     attack-val too). ``local``: (local defense, secure aggregation). Cached like ``clean_accuracy``;
     the defense's settings may sit anywhere in the config, so the whole config but the attack's own
@@ -194,8 +194,11 @@ def clean_local_scores(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[
 
 
 def _clean_parts(cfg: Backdoor, case: str, rule: str) -> dict:
-    """What a clean round's scores depend on: the round without attackers, the rule and the evaluation."""
-    return {"round": attack_round_key(without_attack(cfg), case, RoundSettings(1, "main")), "rule": rule, "case": case,
+    """What a clean round's scores depend on: the round without attackers, the rule and the
+    evaluation; with attack rounds after the first, how many rounds the clean model plays too."""
+    rounds = {"rounds": cfg.attack.last_round} if cfg.attack.last_round > 1 else {}  # keys of one round unchanged
+    return {**rounds, "round": attack_round_key(without_attack(cfg), case, RoundSettings(1, "main")), "rule": rule,
+            "case": case,
             "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,  # the scenario's evaluation episodes
             "options": cfg.rule_options(rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
             "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
