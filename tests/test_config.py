@@ -92,3 +92,40 @@ def test_cli_lists_presets_and_reports_config_errors(tmp_path):
     bad = runner.invoke(app, ["run", "omniglot-pretrain-quick", "--out", str(tmp_path / "r"), "--set", "meta.nope=1"])
     assert bad.exit_code == 2 and "meta.nope: unknown key" in bad.output
     assert not (tmp_path / "r").exists()  # nothing written for a config that cannot run
+
+
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("omniglot-compare-quick", ["attack.cases=['a', 'b']"], r"attack\.cases = \['a', 'b'\]: experiment "
+                                                            r"'defense-comparison' runs one case"),
+    ("omniglot-core-quick", ["attack.cases=['b', 'c']"], r"attack\.cases .*'backdoor-core' runs one case"),
+    ("omniglot-exp1a-quick", ["data.omniglot_split=torchmeta"], r"data\.omniglot_split = 'torchmeta': .*seeded"),
+    ("omniglot-exp2-quick", ["meta.meta_lr_final=0.0"], r"meta\.meta_lr_final: .*pretrain\.meta_lr_final"),
+    ("omniglot-exp1a-quick", ["eval.shots=[5, 1]"], r"eval\.shots = \[5, 1\]: .*one shot count"),
+    ("mnist-mia-quick", ["eval.shots=[1, 5]"], r"eval\.shots = \[1, 5\]: .*one shot count"),
+    ("mnist-mia-quick", ["eval.ways=3"], r"eval\.ways = 3: .*meta\.ways = 5"),
+    ("mnist-mia-quick", ["mia.sweep_iterations=50"], r"mia\.sweep_iterations = 50: .*invert nothing"),
+    ("omniglot-rmaml-federated-quick", ["federation.dirichlet_alpha=0.5"], r"federation\.dirichlet_alpha = 0\.5: "
+                                                                          r".*leave it at None"),
+    ("omniglot-rmaml-federated-quick", ["federation.holdout=7"], r"federation\.holdout = 7: .*leave it at 5"),
+    ("omniglot-rmaml-federated-quick", ["robust.learners=['adml']"], r"robust\.learners .*robust\.client_learner"),
+    ("omniglot-rmaml-quick", ["meta.adam_beta2=0.5"], r"meta\.adam_beta2 applies to Reptile only"),
+    ("omniglot-compare-quick", ["federation.min_updates=2"], r"compare\.secure_rows: .*min_updates = per_round"),
+    ("omniglot-compare-quick", ["federation.weighting=size"], r"compare\.secure_rows: .*weighting = 'equal'"),
+    ("omniglot-exp1a-quick", ["attack.attackers=[{user = 0, rounds = []}]"], r"rounds"),
+])
+def test_a_setting_the_experiment_would_not_read_is_refused_by_name(preset, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(preset, overrides)
+
+
+def test_what_the_refused_settings_leave_allowed():
+    assert load_config("mnist-mia-quick", ["mia.sweep_iterations=50", "mia.invert_threats=['informed', 'realistic']"])
+    assert load_config("omniglot-compare-quick", ["federation.min_updates=2", "compare.secure_rows=false"])
+    assert load_config("omniglot-rmaml-quick", ["eval.shots=[1, 5]"])  # robustness evaluates each shot count
+    assert load_config("omniglot-exp1a-quick", ["pretrain.meta_lr_final=0.0"])
+
+
+def test_without_the_attack_the_baseline_plays_the_same_rounds():
+    cfg = load_config("omniglot-exp1a-quick", ["attack.enabled=false",
+                                               "attack.attackers=[{user = 0, rounds = [1, 3]}]"])
+    assert cfg.attack.last_round == 3  # rounds 1-3 with the attacker sitting out, then federation.rounds more

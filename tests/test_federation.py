@@ -205,6 +205,17 @@ def test_server_applies_boosted_attacker_and_size_weights():
     assert torch.allclose(sized["w"], torch.full((2,), 1 + (9 + 0 + 6) / 4))
 
 
+def test_a_server_that_only_sums_applies_every_update_not_the_first_min_updates():
+    schedule = Schedule(users=3, per_round=3, seed=0)
+    clients = {0: _Fixed(0, 9.0), 1: _Fixed(1, 0.0), 2: _Fixed(2, 3.0)}
+    params = {"w": torch.ones(2)}
+    summed, report = Server(clients, schedule, FedAvg(), 2, sums=True).round(params, RoundSettings(1))
+    assert torch.allclose(summed["w"], torch.full((2,), 1 + 12 / 3)) and report.aggregated == [0, 1, 2]
+    first, report = Server(clients, schedule, FedAvg(), 2).round(params, RoundSettings(1))
+    assert len(report.aggregated) == 2  # M_min: the first two to arrive
+    assert torch.allclose(first["w"], 1 + sum(clients[u].value for u in report.aggregated) / 2 * torch.ones(2))
+
+
 def test_non_finite_update_is_rejected_and_logged(caplog):
     schedule = Schedule(users=3, per_round=3, seed=0)
     clients = {0: _Fixed(0, float("nan")), 1: _Fixed(1, 1.0), 2: _Fixed(2, float("inf"))}
@@ -259,6 +270,33 @@ def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():
     assert pretrain_key(load_config("omniglot-exp1a-quick", ["rules.trimmed-mean.trim=0.34", "rules.clip.norm=0.2"]), "a") == base
     assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.rule=krum"]), "a") != base
     assert pretrain_key(load_config("omniglot-exp1a-quick"), "b") != base  # benign users hold the backdoor classes
+
+
+def test_the_pre_trained_models_backdoor_scores_are_cached_per_trigger_and_per_dirichlet_share(tmp_path, monkeypatch):
+    """The keyed images carry the trigger, so the "before the attack" row depends on it; under a
+    Dirichlet split, eval.ways above meta.ways sizes the users' shares, so the pre-training does."""
+    from fedmeta.meta.evaluation import Accuracy
+    from fedmeta.scenario.cache import before_attack, pretrain_key
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path))
+    calls = []
+
+    def attack_val(opacity: float) -> float:
+        """What the cache gives for the pre-trained model with this trigger (each build: the opacity)."""
+        def build() -> dict[str, Accuracy]:
+            calls.append(opacity)
+            return {"attack_val_accuracy": Accuracy(opacity, 0.0, 1)}
+
+        cfg = load_config("omniglot-compare-quick", [f"attack.trigger.opacity={opacity}"])
+        return before_attack(cfg, "a", build)["attack_val_accuracy"].mean
+
+    assert (attack_val(1.0), attack_val(0.5), attack_val(1.0)) == (1.0, 0.5, 1.0)
+    assert calls == [1.0, 0.5]  # the default trigger's entry, reused
+
+    def key(*more: str) -> str:
+        return pretrain_key(load_config("omniglot-exp1a-quick", ["federation.dirichlet_alpha=0.5", *more]), "a")
+
+    assert key("eval.ways=10") != key() == key("eval.ways=3")
 
 
 def test_the_clean_round_is_one_cache_entry_for_every_attack_strategy():

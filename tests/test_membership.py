@@ -194,7 +194,7 @@ TINY = [
     "meta.iterations=3", "meta.meta_batch=2", "eval.episodes=4", "mia.trials=2", "mia.iterations=2",
     "mia.sweep_trials=2", "mia.users_per_round=[2]", "mia.ways=[2]", "mia.classifier_steps=2", "mia.shadow_tasks=2",
     "mia.reconstructions=2", "mia.defenses.gradient=[1.0]", "mia.defenses.support=[0.1]",
-    "mia.defenses.query=[0.1]", "mia.defenses.inner=[1.0]", "mia.dp.noise_multipliers=[1.0]", "mia.sweep_iterations=1",
+    "mia.defenses.query=[0.1]", "mia.defenses.inner=[1.0]", "mia.dp.noise_multipliers=[1.0]", "mia.sweep_iterations=0",
     "mia.lira.shadows=2", "mia.bootstrap=10", "mia.attacks=['inversion', 'threshold', 'lira', 'joint']",
     "mia.joint.iterations=1", "mia.joint.trials=2",
 ]

@@ -71,6 +71,24 @@ class Base(Section):
         return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
 
 
+def _unread(cfg: Base, keys: dict[str, str]) -> None:
+    """Refuse a value other than the default for each dotted key of ``keys`` (key -> why the
+    experiment does not read it): sections are shared between families, their keys not always."""
+    for key, why in keys.items():
+        section, name = key.split(".")
+        part = getattr(cfg, section)
+        default = type(part).model_fields[name].get_default(call_default_factory=True)
+        if getattr(part, name) != default:
+            raise ValueError(f"{key} = {getattr(part, name)!r}: experiment '{cfg.experiment}' does not read it "
+                             f"({why}); leave it at {default!r}")
+
+
+def _one_shot_count(cfg: Base) -> None:
+    if len(cfg.eval.shots) > 1:
+        raise ValueError(f"eval.shots = {cfg.eval.shots}: experiment '{cfg.experiment}' evaluates one shot count; "
+                         "run one config per count (fedmeta sweep --grid 'eval.shots=[5],[1]')")
+
+
 def _with_defaults(raw: dict[str, Any], table: str, names: list[Any], registry: Any) -> dict[str, Any]:
     """``raw`` with an (empty, to be filled with defaults) entry in ``[table]`` for each registered
     name in use, so the resolved config shows every setting that matters."""
@@ -167,6 +185,22 @@ class Backdoor(Federated):
                              f"{sorted(crowded)}")
         return self
 
+    @model_validator(mode="after")
+    def _read(self) -> Backdoor:
+        _unread(self, {
+            "data.omniglot_split": "the backdoor experiments reserve their classes from the seeded 1200/423 split"})
+        if self.meta.meta_lr_final is not None:
+            raise ValueError("meta.meta_lr_final: the main-phase rounds have no schedule to anneal over (each round "
+                             "would restart it); anneal the pre-training with pretrain.meta_lr_final")
+        _one_shot_count(self)
+        return self
+
+
+def _one_case(cfg: Backdoor) -> None:
+    if len(cfg.attack.cases) > 1:
+        raise ValueError(f"attack.cases = {cfg.attack.cases}: experiment '{cfg.experiment}' runs one case; run one "
+                         "config per case (fedmeta sweep --grid 'attack.cases=[\"a\"],[\"b\"],[\"c\"]')")
+
 
 class BackdoorFinetune(Backdoor):
     experiment: Literal["backdoor-finetune"]
@@ -182,6 +216,8 @@ class BackdoorCore(DefenseFinetune):
     """Experiments 1-3 in one run: the README's first command (``experiments.core``)."""
 
     experiment: Literal["backdoor-core"]
+
+    check_case = model_validator(mode="after")(lambda self: _one_case(self) or self)
 
 
 class DefenseComparison(DefenseFinetune):
@@ -208,9 +244,17 @@ class DefenseComparison(DefenseFinetune):
 
     @model_validator(mode="after")
     def _secure_rows(self) -> DefenseComparison:
-        if self.federation.secure_aggregation:
+        fed = self.federation
+        if fed.secure_aggregation:
             raise ValueError("defense-comparison runs its local-defense rows under secure aggregation itself; "
                              "leave federation.secure_aggregation = false")
+        if self.compare.secure_rows and self.compare.local_defenses and (
+                fed.min_updates < fed.per_round or fed.weighting != "equal"):
+            raise ValueError("compare.secure_rows: a secure-aggregation row averages every update of the round with "
+                             "equal weights, FedAvg's row the first federation.min_updates, weighted by "
+                             "federation.weighting; they are the same model only with min_updates = per_round and "
+                             "weighting = 'equal' (or set compare.secure_rows = false)")
+        _one_case(self)
         return self
 
 
@@ -234,6 +278,10 @@ class RobustnessFederated(Federated):
     @model_validator(mode="after")
     def _clients(self) -> RobustnessFederated:
         _maml_variants(self)
+        _unread(self, {"federation.dirichlet_alpha": "its users' classes are dealt out uniformly",
+                       "federation.holdout": "its episodes come from each user's classes, nothing held out",
+                       "robust.learners": "its clients run robust.client_learner, the first robust.maml_clients "
+                                          "plain MAML"})
         if any(k > self.federation.users for k in self.robust.maml_clients):
             raise ValueError(f"robust.maml_clients: at most federation.users = {self.federation.users} clients")
         return self
@@ -256,6 +304,15 @@ class Membership(Base):
     def _maml(self) -> Membership:
         if self.meta.algorithm == "reptile":
             raise ValueError("experiment 'membership' attacks MAML: meta.algorithm must be 'maml' or 'fomaml'")
+        if self.eval.ways != self.meta.ways:
+            raise ValueError(f"eval.ways = {self.eval.ways}: experiment 'membership' measures meta-test accuracy at "
+                             f"each model's own ways (meta.ways = {self.meta.ways}, mia.ways); leave them equal")
+        _one_shot_count(self)
+        mia = self.mia
+        if mia.sweep_iterations and not set(mia.sweep_threats) & set(mia.invert_threats):
+            raise ValueError(f"mia.sweep_iterations = {mia.sweep_iterations}: no server of mia.sweep_threats "
+                             f"{mia.sweep_threats} is in mia.invert_threats {mia.invert_threats}, so the sweeps invert "
+                             "nothing; add one there or set mia.sweep_iterations = 0")
         return self
 
 

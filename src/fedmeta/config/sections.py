@@ -117,13 +117,16 @@ class MetaConfig(Section):
     """Reptile only: mini-batch size of the inner Adam steps (MAML adapts on the full support)."""
     inner_lr: Rate = 1e-3
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    """Reptile only: beta2 of the inner, fine-tuning and outer Adam (MAML's outer Adam keeps 0.999)."""
     adam_carry: Literal["sequential", "parallel"] = "sequential"
     """Reptile: how the inner Adam moments pass between the episodes of a meta-batch."""
     meta_batch: PositiveInt = 5
     meta_lr: Rate = 0.1
     """The outer step size: Reptile's interpolation epsilon, MAML's outer Adam learning rate."""
     meta_lr_final: float | None = Field(None, ge=0.0, le=10.0)
-    """If set, the outer step size anneals linearly to this value over the iterations."""
+    """If set, the outer step size anneals linearly to this value over the iterations
+    (centralised, membership) or the rounds (robustness-federated); the backdoor experiments
+    anneal their pre-training with ``pretrain.meta_lr_final`` instead."""
     iterations: PositiveInt = 1000
     """Outer steps of centralised meta-training."""
 
@@ -136,6 +139,13 @@ class MetaConfig(Section):
         if LEARNERS.get(name).info.get("robust"):
             raise ValueError(f"'{name}' is a robust MAML variant: name it in robust.learners, with meta.algorithm = 'maml'")
         return name
+
+    @model_validator(mode="after")
+    def _beta2(self) -> MetaConfig:
+        if self.algorithm != "reptile" and self.adam_beta2 != 0.999:
+            raise ValueError(f"meta.adam_beta2 applies to Reptile only (MAML's outer Adam uses 0.999); "
+                             f"meta.algorithm is '{self.algorithm}'")
+        return self
 
 
 class EvalConfig(Section):
@@ -161,7 +171,9 @@ class EvalConfig(Section):
     workers: PositiveInt | Literal["auto"] = "auto"
     """CPU processes (1 thread each) that fine-tune evaluation episodes side by side; same
     predictions as 1. "auto": one per ``runtime.threads`` (default: per core) when the evaluation
-    has at least 4000 fine-tuning steps; always 1 on a GPU (fedmeta.meta.evaluation)."""
+    has at least 4000 fine-tuning steps; always 1 on a GPU (fedmeta.meta.evaluation). Used by the
+    pre-training and backdoor evaluations; the robustness experiments and the comparison's clean
+    meta-test run their episodes in the process itself."""
 
     @property
     def mode(self) -> str:
@@ -184,13 +196,16 @@ class FederationConfig(Section):
     """A registered aggregation rule (its settings: the table ``[rules.<name>]``)."""
     secure_aggregation: bool = False
     """The server only learns the sum of the updates (as under SecAgg+): rules that need each
-    update on its own are refused."""
+    update on its own are refused, and every update that arrives is applied (M_min only decides
+    whether a round may go on without a straggler, on Flower)."""
     episodes: PositiveInt = 1000
     """E: episodes each selected user meta-trains per round (E / meta.meta_batch outer steps)."""
     rounds: NonNegativeInt = 50
-    """Rounds after the last attack round (all rounds of a federation nobody attacks)."""
+    """Rounds after the last attack round (all rounds of a federation nobody attacks): Experiment
+    1, the core run and robustness-federated. Experiments 2 and 3 start their local defense right
+    after the attack, and the comparison follows ``compare.after_rounds``: they do not read it."""
     eval_every: PositiveInt = 1
-    """Rounds between evaluation points of the global model."""
+    """Rounds between evaluation points of the global model (Experiment 1, robustness-federated)."""
     holdout: PositiveInt = 5
     """Examples held out of every meta-training class, as queries of main-task episodes."""
     dirichlet_alpha: PositiveFloat | None = None
@@ -236,7 +251,7 @@ class AttackerConfig(Section):
     """One malicious user: who, when, and how (a registered attack strategy)."""
 
     user: NonNegativeInt = 0
-    rounds: list[PositiveInt] = [1]
+    rounds: list[PositiveInt] = Field([1], min_length=1)
     """Main-phase rounds in which this user is selected (the paper: once, in round 1)."""
     strategy: str = "boosted"
     """A registered attack strategy (its settings: the table ``[attacks.<name>]``)."""
@@ -248,7 +263,8 @@ class AttackConfig(Section):
     """The backdoor task (reserved classes, trigger) and the malicious users who pursue it."""
 
     enabled: bool = True
-    """False: the same run with the attackers never selected (the no-attack baseline)."""
+    """False: the same run with the attackers never selected (the no-attack baseline): the same
+    rounds are played, the attack rounds with benign users only."""
     cases: list[Literal["a", "b", "c"]] = ["a"]
     """a: backdoor classes absent from benign data; b: present, correctly labelled, in benign
     meta-training; c: also in benign users' fine-tuning episodes."""
@@ -276,8 +292,9 @@ class AttackConfig(Section):
 
     @property
     def last_round(self) -> int:
-        """The last round any attacker is selected in (0 when the attack is off)."""
-        return max(r for a in self.attackers for r in a.rounds) if self.enabled else 0
+        """The last attack round: the last round any attacker is selected in, or with the attack
+        off would have been (the baseline plays the same rounds)."""
+        return max(r for a in self.attackers for r in a.rounds)
 
     @field_validator("attackers")
     @classmethod
@@ -295,6 +312,8 @@ class FinetuneConfig(Section):
     every: PositiveInt = 25
     """Steps between points of the curves."""
     episodes: PositiveInt = 40
+    """Evaluation episodes of each point, per user: in Experiments 2 and 3 and the comparison's
+    local rows they replace ``eval.episodes`` (and ``finetune.steps`` replaces ``eval.steps``)."""
     users: PositiveInt | None = None
     """How many benign users run it (the first ones by id); default: all of them."""
 

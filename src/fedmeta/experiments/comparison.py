@@ -41,6 +41,10 @@ Each local defense of ``compare.local_defenses`` (the matching network of Experi
 never looks at what the server received, so it runs unchanged when the server only learns the sum
 of the updates (secure aggregation): its second row hands the server nothing but the mean of the
 updates, one vector, which is all secure aggregation lets it compute (``compare.secure_rows``).
+
+A server row is scored on ``eval.episodes`` episodes with ``eval.steps`` fine-tuning steps each; a
+local row on ``finetune.episodes`` episodes per user, of that user's classes, after
+``finetune.steps`` steps of its defense (each row's ``episodes`` says how many).
 """
 
 from __future__ import annotations
@@ -202,7 +206,7 @@ def _play(cfg: Backdoor, server: Server, params: Params, first: list[ClientUpdat
     ``first`` (the updates every row shares, computed once); a later round's updates depend on the
     row's model, so its users train anew. ``secure``: the server receives only each round's mean."""
     weights, rejected = [], []
-    for r in range(1, max(cfg.attack.last_round, 1) + 1):
+    for r in range(1, cfg.attack.last_round + 1):
         settings = RoundSettings(r, "main")
         updates = first if r == 1 else server.updates(params, settings)
         sent = [_sum_only(updates)] if secure else updates

@@ -491,7 +491,11 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
 
 
 def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, iterations: int) -> list[dict]:
-    """One metrics line per target, non-member kind and score, each metric with its 95% interval."""
+    """One metrics line per target, non-member kind and score, each metric with its 95% interval;
+    ``iterations``: the inversion steps the point ran (0 where its server is not in
+    ``mia.invert_threats``: it got the zero-iteration scores)."""
+    if point.threat not in cfg.mia.invert_threats or "inversion" not in cfg.mia.attacks:
+        iterations = 0
     lines = []
     dp = cfg.mia.dp
     privacy = ({"epsilon": round(epsilon(point.defense.noise_multiplier, releases=dp.releases, delta=dp.delta), 6),

@@ -58,6 +58,9 @@ class Server:
     min_updates: int  # M_min: aggregate as soon as this many updates arrived
     weighting: Literal["equal", "size"] = "equal"
     reference: Client | None = None  # the server's own client, for rules that take ``reference=``
+    sums: bool = False
+    """Secure aggregation: the server learns one sum of every update that arrives, so it applies
+    them all (``min_updates`` only decides whether a round may go on without a straggler)."""
 
     def snapshot(self, params: Params) -> dict[str, torch.Tensor]:
         """What a checkpoint of the federation holds: the global weights (``params.*``) and what the
@@ -81,14 +84,15 @@ class Server:
         return [self.clients[u].update(params, settings) for u in self.schedule.participants(settings.round, settings.phase)]
 
     def aggregate(self, params: Params, updates: list[ClientUpdate], settings: RoundSettings) -> tuple[Params, RoundReport]:
-        """Apply the first ``min_updates`` finite updates to arrive (arrival order: seeded), their
-        weights normalised to sum to one over the updates applied (``federation.weighting``)."""
+        """Apply the first ``min_updates`` finite updates to arrive (arrival order: seeded; all of
+        them when the server ``sums``), their weights normalised to sum to one over the updates
+        applied (``federation.weighting``)."""
         order = torch.randperm(len(updates), generator=stream(self.schedule.seed, "arrival", settings.phase, settings.round))
         arrived = [updates[i] for i in order.tolist()]
         rejected = [u.user for u in arrived if not u.is_finite()]
         for user in rejected:
             log.warning("round %d: rejected the update of user %d (NaN or Inf)", settings.round, user)
-        accepted = [u for u in arrived if u.is_finite()][: self.min_updates]
+        accepted = [u for u in arrived if u.is_finite()][: None if self.sums else self.min_updates]
         report = RoundReport(
             settings.round, sorted(u.user for u in updates), sorted(u.user for u in accepted), rejected,
             {u.user: u.metrics.get("loss", float("nan")) for u in updates},

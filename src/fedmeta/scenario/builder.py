@@ -115,7 +115,7 @@ def build_server(cfg: Federated, phase: Phase, population: Population, engine: E
     clients, options = build_clients(cfg, phase, population), cfg.rule_options(name)
     reference = reference_client(cfg, population, clients, name, options) if RULES.get(name).info.get("reference") else None
     server = Server(clients, schedule, make_rule(name, options), min(fed.min_updates, schedule.per_round), fed.weighting,
-                    reference)
+                    reference, sums=fed.secure_aggregation)
     return engine.serve(server, cfg, phase, name)
 
 

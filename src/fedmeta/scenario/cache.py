@@ -101,6 +101,8 @@ def pretrain_key(cfg: Backdoor, case: str) -> str:
         "rule": cfg.rule_options(fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
         "benign_holds_backdoor_classes": case != "a", "version": VERSION,
     }
+    if fed.dirichlet_alpha is not None and cfg.eval.ways > cfg.meta.ways:  # then it sizes the users' shares
+        parts["eval_ways"] = cfg.eval.ways  # (scenario.backdoor._owners); older keys hold
     return _digest(parts)
 
 
@@ -208,8 +210,10 @@ def _clean_parts(cfg: Backdoor, case: str, rule: str) -> dict:
 def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
     """``evaluate()``, every metric of the pre-trained model (the level a defense that removes the
     backdoor brings it back to), cached: the cells of a threat matrix share it."""
+    trigger = cfg.attack.trigger  # it stamps the keyed images; in the key when not the default, so older keys hold
     parts = {"pretrain": pretrain_key(cfg, case), "case": case, "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,
-             "eval": cfg.eval.model_dump(exclude={"workers"}), "version": VERSION}
+             "eval": cfg.eval.model_dump(exclude={"workers"}), "version": VERSION,
+             **({"trigger": trigger.model_dump()} if trigger != type(trigger)() else {})}
     return _accuracies(cache_dir() / f"before-{_digest(parts)}.safetensors", "before-attack", evaluate)
 
 
