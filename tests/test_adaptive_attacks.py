@@ -93,13 +93,22 @@ def test_replacement_without_a_cap_scales_to_the_estimated_benign_median(clients
 
 def test_replacement_against_plain_fedavg_scales_by_n_over_f(clients, start):
     """Bagdasaryan's gamma = n / eta (eta = 1), shared by the f = 7 colluders: with n = 7 the raw
-    update (gamma = 1), with n = 8 exactly 8/7 of it, in the direction sent against the clip."""
+    update (gamma = 1), with n = 8 exactly 8/7 of it. FedAvg checks nothing, so by default there is
+    no anomaly term (alpha_unchecked = 1): the raw update is plain poisoned training; with the
+    term kept (alpha_unchecked = alpha), the direction sent against the clip."""
     attacker = clients[1]
-    sent = {n: flatten(replace(attacker, ctx=replace(attacker.ctx, rule="fedavg", per_round=n)).update(start, SETTINGS).delta)
-            for n in (7, 8)}
-    assert torch.allclose(sent[8], sent[7] * 8 / 7, rtol=1e-5, atol=1e-8)
+
+    def sent(n: int, **change) -> torch.Tensor:
+        fedavg = replace(attacker, ctx=replace(attacker.ctx, rule="fedavg", per_round=n), **change)
+        return flatten(fedavg.update(start, SETTINGS).delta)
+
+    assert torch.allclose(sent(8), sent(7) * 8 / 7, rtol=1e-5, atol=1e-8)
+    plain = flatten(attacker.training.update(start, SETTINGS).delta)
+    torch.testing.assert_close(sent(7), plain, rtol=1e-5, atol=1e-7)
     clipped = flatten(attacker.update(start, SETTINGS).delta)
-    assert torch.nn.functional.cosine_similarity(sent[7], clipped, dim=0).item() == pytest.approx(1.0, abs=1e-5)
+    kept = sent(7, alpha_unchecked=attacker.alpha)
+    assert torch.nn.functional.cosine_similarity(kept, clipped, dim=0).item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.nn.functional.cosine_similarity(plain, clipped, dim=0).item() < 1 - 1e-5
 
 
 def test_replacement_step_descends_the_weighted_loss(clients):
@@ -157,6 +166,8 @@ def test_alie_z_follows_baruch_et_al():
     assert z_max(3, 1) == pytest.approx(norm.ppf(2 / 3))  # s = 2 - 1 = 1
     assert z_max(10, 2) == pytest.approx(0.2533471)  # s = 6 - 2 = 4: Phi^-1(0.6)
     assert z_max(50, 12) == pytest.approx(norm.ppf(36 / 50))  # s = 26 - 12 = 14
+    with pytest.raises(ValueError, match=r"z_max = Phi\^-1\(1/2\) = 0"):
+        z_max(10, 1)  # s = 5 = n / 2: the box would be the benign mean itself
     with pytest.raises(ValueError, match="attacks.alie.z"):
         z_max(3, 2)
 

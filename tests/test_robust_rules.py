@@ -21,7 +21,7 @@ from fedmeta.federation.fltrust import trust_weights
 from fedmeta.federation.freqfed import low_frequencies
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
-from fedmeta.federation.subsets import majority_cluster
+from fedmeta.federation.subsets import local_models, majority_cluster
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.learner import build_learner
 from fedmeta.models.build import build_model
@@ -35,7 +35,10 @@ EQUAL7 = torch.full((7,), 1 / 7)
 
 def call(name: str, updates: torch.Tensor, weights: torch.Tensor | None = None, options: dict | None = None, **kw):
     weights = torch.full((len(updates),), 1 / len(updates)) if weights is None else weights
-    return make_rule(name, options)(updates, weights, GEN().manual_seed(0), users=list(range(len(updates))), **kw)
+    rule = make_rule(name, options)
+    if getattr(rule, "sees_model", False):
+        kw.setdefault("model", torch.zeros(updates.shape[1]))  # G = 0: the local models are the updates
+    return rule(updates, weights, GEN().manual_seed(0), users=list(range(len(updates))), **kw)
 
 
 # --- FLAME -----------------------------------------------------------------------------------
@@ -51,6 +54,29 @@ def test_flame_excludes_the_planted_cluster_and_clips_to_the_median_norm():
     third = BENIGN[2] * median / math.sqrt(9.01)  # the only admitted update above the median, clipped to it
     expected = (BENIGN[0] + BENIGN[1] + third + BENIGN[3] + BENIGN[4]) / 5
     torch.testing.assert_close(call("flame", updates, options={"noise": 0.0}), expected)
+
+
+def test_flame_and_freqfed_cluster_the_local_models_so_a_scaled_up_update_stands_out():
+    """The paper's W_i = G + delta_i: far from the origin, cosines between models see how far each
+    update moves G, where the updates' own cosines see only directions (a boosted copy of a benign
+    direction, or its mirror, looks benign to them)."""
+    global_model = torch.tensor([10.0, 0.0, 0.0, 0.0])
+    benign = torch.tensor([[0.0, 1.0, 0.1, 0.0], [0.0, 1.0, 0.0, 0.1], [0.0, 1.0, -0.1, 0.0],
+                           [0.0, 1.0, 0.0, -0.1], [0.0, 1.0, 0.05, 0.05]])
+    boosted = torch.tensor([[0.0, 12.0, 1.2, 0.0], [0.0, 12.0, 0.0, 1.2]])  # two benign-looking directions x 12
+    updates = torch.cat([benign, boosted])
+    norms = updates.norm(dim=1)
+    bound = norms.median()  # the 4th of 7: a benign norm
+    clipped = updates * torch.clamp(bound / norms, max=1.0)[:, None]
+    expected = {"flame": clipped[:5].mean(dim=0), "freqfed": benign.mean(dim=0)}  # the benign five alone
+    for name, options in (("flame", {"noise": 0.0}), ("freqfed", {"low": 1.0})):
+        torch.testing.assert_close(call(name, updates, options=options, model=global_model), expected[name])
+        on_updates = call(name, updates, options={**options, "cluster": "updates"}, model=global_model)
+        assert not torch.allclose(on_updates, expected[name]), name
+    assert majority_cluster(local_models(updates, global_model, "flame").numpy()).tolist() == [True] * 5 + [False] * 2
+    assert majority_cluster(updates.double().numpy())[5:].any()  # by direction alone a boosted update is in
+    with pytest.raises(ValueError, match="flame clusters the local models"):
+        make_rule("flame")(updates, torch.full((7,), 1 / 7), GEN())
 
 
 def test_flame_noise_has_std_lambda_times_median_norm():
@@ -137,6 +163,20 @@ def test_fltrust_server_hook_runs_through_server_round():
     assert report.aggregated == [0, 1, 2]
     (weights, settings), = reference.seen
     assert torch.equal(weights, torch.ones(2)) and settings.round == 2  # the same global weights and round
+
+
+def test_the_server_hands_flame_the_global_model():
+    """FLAME through ``Server.round`` clusters G + delta_i: a round with G = 0 and one with G far
+    away admit different updates (one sent in the benign direction, scaled up)."""
+    rows = [[1.0, 0.1], [1.0, -0.1], [1.0, 0.0], [8.0, 0.0]]
+    clients = {u: Fixed(u, row) for u, row in enumerate(rows)}
+    server = Server(clients, Schedule(users=4, per_round=4, seed=0), make_rule("flame", {"noise": 0.0}), 4)
+    near, _ = server.round({"w": torch.zeros(2)}, RoundSettings(1))
+    far, _ = server.round({"w": torch.tensor([0.0, 50.0])}, RoundSettings(1))
+    # norms 1.005, 1.005, 1, 8: median 1.005. At G = 0 all four point the same way (the fourth clipped
+    # to 1.005); at G = (0, 50) the fourth moves its model 8 units across: it is left out.
+    torch.testing.assert_close(near["w"], torch.tensor([(3 + 1.0049876) / 4, 0.0]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(far["w"] - torch.tensor([0.0, 50.0]), torch.tensor([1.0, 0.0]), rtol=1e-5, atol=1e-6)
 
 
 def test_flower_engine_keeps_the_reference_client():

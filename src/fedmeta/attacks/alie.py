@@ -32,6 +32,9 @@ def z_max(n: int, f: int) -> float:
     if s <= 0:
         raise ValueError(f"attacks.alie.z: with f = {f} attackers of n = {n} users per round, z_max is unbounded "
                          "(s = floor(n / 2 + 1) - f <= 0); set attacks.alie.z")
+    if 2 * s == n:  # Phi^-1(1/2): the box shrinks to the benign mean, which carries no backdoor
+        raise ValueError(f"attacks.alie.z: with f = {f} attacker of n = {n} users per round, z_max = Phi^-1(1/2) = 0 "
+                         "would send the benign mean (no backdoor); set attacks.alie.z")
     return float(norm.ppf((n - s) / n))
 
 

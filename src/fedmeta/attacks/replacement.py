@@ -21,7 +21,11 @@ from fedmeta.registry import ATTACKS
 
 class ReplacementOptions(BoundOptions):
     alpha: float = Field(0.7, gt=0.0, le=1.0)
-    """Weight of the class loss; 1 - alpha weighs the anomaly term (1: plain training, then scaling)."""
+    """Weight of the class loss against a rule that checks the updates; 1 - alpha weighs the
+    anomaly term (1: plain training, then scaling)."""
+    alpha_unchecked: float = Field(1.0, gt=0.0, le=1.0)
+    """alpha against plain FedAvg, which checks nothing: 1, no anomaly term (both reference
+    implementations' default, ``alpha_loss: 1``); the term is there to evade a detector."""
     anomaly: Literal["global", "benign"] = "global"
     """L_ano = 1/2 ||(theta - theta_G) - r||^2 with r = 0 ("global": distance to the global model)
     or r = the mean of the estimated benign updates ("benign": distance to a benign-looking update)."""
@@ -35,7 +39,8 @@ class Replacement(SteeredAttack):
        FedAvg, which checks nothing; otherwise (a rule that filters without a known cap) ``slack``
        times the median norm of ``estimates`` benign updates the attacker computes from theta_G
        on its own (and its colluders') clean classes (``AttackerContext.norm_bound``).
-    2. Local training on poisoned episodes minimising L = alpha L_class + (1 - alpha) L_ano. The
+    2. Local training on poisoned episodes minimising L = alpha L_class + (1 - alpha) L_ano
+       (against plain FedAvg, ``alpha_unchecked``: by default 1, plain training). The
        meta-learner's outer step is theta' = theta - eps grad L_class (Reptile: eps (phi - theta),
        phi the inner-loop weights; MAML: its outer step), so each outer step becomes
        theta <- theta + alpha (theta' - theta) - (1 - alpha) eps grad L_ano(theta), with
@@ -50,6 +55,7 @@ class Replacement(SteeredAttack):
     slack: float
     alpha: float
     anomaly: str
+    alpha_unchecked: float = 1.0
 
     def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
         ctx = self.ctx
@@ -59,16 +65,18 @@ class Replacement(SteeredAttack):
         gamma = ctx.per_round / len(ctx.attackers)
         bound = None if ctx.unchecked else ctx.norm_bound(benign, self.slack)
         send = (lambda delta: gamma * delta) if bound is None else (lambda delta: scaled(delta, bound))
-        return Steering(self.constrained(global_params, reference), send)
+        alpha = self.alpha_unchecked if ctx.unchecked else self.alpha
+        return Steering(self.constrained(global_params, reference, alpha), send)
 
-    def constrained(self, anchor: Params, reference: Tensor) -> Steer:
-        """The outer step on alpha L_class + (1 - alpha) L_ano (step 2)."""
+    def constrained(self, anchor: Params, reference: Tensor, alpha: float | None = None) -> Steer:
+        """The outer step on alpha L_class + (1 - alpha) L_ano (step 2; default alpha: ``self.alpha``)."""
         centre, cfg = flatten(anchor), self.training.learner.cfg
+        alpha = self.alpha if alpha is None else alpha
 
         def step(before: Params, after: Params, progress: float) -> Params:
             theta = flatten(before)
-            pull = (1.0 - self.alpha) * outer_rate(cfg, progress) * (theta - centre - reference)
-            return unflatten(theta + self.alpha * (flatten(after) - theta) - pull, anchor)
+            pull = (1.0 - alpha) * outer_rate(cfg, progress) * (theta - centre - reference)
+            return unflatten(theta + alpha * (flatten(after) - theta) - pull, anchor)
 
         return step
 
@@ -80,7 +88,8 @@ def scaled(delta: Tensor, norm: float) -> Tensor:
 
 @ATTACKS.register("replacement", options=ReplacementOptions, knows_rule="norm")
 def replacement(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, slack: float, alpha: float,
-                anomaly: str) -> Replacement:
+                anomaly: str, alpha_unchecked: float) -> Replacement:
     """Model replacement with a norm bound (Bagdasaryan et al., AISTATS 2020): training that keeps
     the update close to the global model (or a benign one), then scaled to the largest norm the rule lets through."""
-    return Replacement(ctx, ctx.poisoned_client(episodes, inner_epochs), estimates, slack, alpha, anomaly)
+    return Replacement(ctx, ctx.poisoned_client(episodes, inner_epochs), estimates, slack, alpha, anomaly,
+                       alpha_unchecked)

@@ -45,7 +45,9 @@ class Trigger:
     def split(self, parts: int) -> list[Trigger]:
         """The trigger cut into ``parts`` local triggers for DBA (Xie et al., ICLR 2020): its
         pixels in raster order, in ``parts`` contiguous runs of near-equal length (a square patch
-        becomes horizontal stripes, a line segments, a whole-image blend bands). The parts' masks
+        becomes stripes when ``parts`` divides its rows, else runs that straddle rows; a line
+        segments; a whole-image blend bands), adjacent: without the gap between DBA's local
+        triggers. The parts' masks
         are disjoint and add up to the whole mask; each keeps the pattern and opacity."""
         where = self.mask.flatten().nonzero().flatten()
         if not 1 <= parts <= len(where):

@@ -4,7 +4,9 @@ A rule is called as ``rule(updates, weights, gen, users=...)``: ``updates`` ``[n
 flattened update per client, rows sorted by user id), ``weights`` ``[n]`` (the alpha_i of the
 paper, summing to 1), a generator (for rules that add noise) and the user id of each row (for
 rules that keep per-user history). It returns the update ``[d]`` the server applies:
-theta_G <- theta_G + rule(...).
+theta_G <- theta_G + rule(...). A rule whose class sets ``sees_model = True`` is also given the
+flat global weights theta_G as ``model=`` (FLAME and FreqFed cluster the local models
+theta_G + delta_i), and one registered with ``reference=True`` the server's own update.
 
 A rule that keeps state across rounds also has ``state_dict() -> dict[str, Tensor]`` and
 ``load_state_dict(...)``; the server checkpoints that state with the run, so a resumed run

@@ -2,10 +2,12 @@
 
 A backdoor update points elsewhere than the benign ones (clustering finds it), and one that hides
 among them must stay small to do so (clipping bounds it), and what little is left of it is
-drowned by noise. Algorithm 1 of the paper, on the round's n updates delta_i:
+drowned by noise. Algorithm 1 of the paper, on the round's n updates delta_i from the global
+model G:
 
-1. c_ij = 1 - cos(delta_i, delta_j); HDBSCAN on c with min_cluster_size = n // 2 + 1 (allowing a
-   single cluster): the updates of the majority cluster are admitted, the others (noise) are not;
+1. c_ij = 1 - cos(W_i, W_j) between the local models W_i = G + delta_i; HDBSCAN on c with
+   min_cluster_size = n // 2 + 1 (allowing a single cluster): the updates of the majority cluster
+   are admitted, the others (noise) are not;
 2. S = median of ||delta_i|| over *all* n updates (the paper's e_i, the distance of each local model
    to the global one);
 3. each admitted update is clipped to S: delta_i * min(1, S / ||delta_i||), and the clipped
@@ -16,9 +18,9 @@ drowned by noise. Algorithm 1 of the paper, on the round's n updates delta_i:
 
 Differences, and why:
 
-- The paper clusters the local *models* W_i = G + delta_i; a rule here sees only the updates,
-  so it clusters the updates (the global model G is common to all; many reimplementations do the
-  same). Clipping and noise are the paper's.
+- Clustering the updates instead of the models is not the same (``subsets.local_models``): it
+  ignores how large an update is, and a boosted one can join the benign cluster. That variant,
+  fedmeta's FLAME until 2026-12-06, remains as ``cluster = "updates"``, an ablation.
 - FLPoison (``aggregators/flame.py``) and BackFed (``flame_server.py``) scale the noise of each
   layer by the standard deviation of that layer's weights (lambda * S * std(W_layer)); the paper,
   and this rule, use lambda * S for every coordinate. FLPoison admits the cluster labelled 0 and
@@ -33,31 +35,38 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from fedmeta.federation.aggregation import Options
-from fedmeta.federation.subsets import kept_mean, majority_cluster
+from fedmeta.federation.subsets import kept_mean, local_models, majority_cluster
 from fedmeta.registry import RULES
 
 
 class FlameOptions(Options):
     noise: float = Field(0.001, ge=0.0, le=1.0)
     """lambda: the noise std in units of the median update norm S (the paper: 0.001 for images)."""
+    cluster: Literal["models", "updates"] = "models"
+    """What HDBSCAN clusters: the local models G + delta_i (the paper), or the updates alone (an ablation)."""
 
 
 @RULES.register("flame", options=FlameOptions)
 @dataclass(frozen=True)
 class Flame:
-    """FLAME (Nguyen et al., 2022): HDBSCAN on cosine distances keeps the majority cluster, clipped
+    """FLAME (Nguyen et al., 2022): HDBSCAN on the local models' cosine distances keeps the majority cluster, clipped
     to the median norm, averaged, plus Gaussian noise of std lambda x median norm."""
 
     noise: float = 0.001
+    cluster: str = "models"
+    sees_model: ClassVar[bool] = True
 
-    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None) -> Tensor:
-        admitted = majority_cluster(updates.double().cpu().numpy())
+    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None,
+                 model: Tensor | None = None) -> Tensor:
+        points = local_models(updates, model, "flame") if self.cluster == "models" else updates.double()
+        admitted = majority_cluster(points.cpu().numpy())
         norms = updates.norm(dim=1, keepdim=True)
         bound = torch.quantile(norms, 0.5)  # the median; for even n the mean of the two middle norms
         clipped = updates * torch.where(norms > bound, bound / norms, 1.0)

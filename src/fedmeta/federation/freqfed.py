@@ -4,7 +4,7 @@ Poisoning Attacks in Federated Learning", NDSS 2024).
 The energy of a model's weights concentrates in the low frequencies of their discrete cosine
 transform, and poisoned updates differ from benign ones there. Per round:
 
-1. V_i = DCT-II of update i (SciPy's ``scipy.fft.dct``, ``norm="ortho"``);
+1. V_i = DCT-II of the local model W_i = G + delta_i (SciPy's ``scipy.fft.dct``, ``norm="ortho"``);
 2. F_i = its low-frequency components;
 3. c_ij = 1 - cos(F_i, F_j); HDBSCAN with min_cluster_size = n // 2 + 1 (a single cluster allowed,
    as in FLAME): the cluster with the most members is kept;
@@ -15,15 +15,16 @@ Per layer or flattened: the paper transforms each weight matrix (P x Q) with a 2
 the top-left triangle of coefficients, i + j <= floor(P / 2). A rule here receives the updates
 flattened, without layer shapes, so it applies the 1-D DCT-II to the whole flattened update and
 keeps its first ``floor(low * d) + 1`` coefficients (with ``low = 0.5``, indices k <= floor(d / 2):
-the triangle's rule applied to one axis). The paper also transforms the local models W_i rather than
-the updates; the DCT is linear, so the two differ by the transform of the global model, which
-is the same for every client.
+the triangle's rule applied to one axis). The DCT is linear, but the cosines of the models'
+spectra are not those of the updates' (``subsets.local_models``); transforming the updates alone,
+fedmeta's FreqFed until 2026-12-06, remains as ``cluster = "updates"``, an ablation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -31,13 +32,15 @@ from scipy.fft import dct
 from torch import Tensor
 
 from fedmeta.federation.aggregation import Options
-from fedmeta.federation.subsets import kept_mean, majority_cluster
+from fedmeta.federation.subsets import kept_mean, local_models, majority_cluster
 from fedmeta.registry import RULES
 
 
 class FreqFedOptions(Options):
     low: float = Field(0.5, gt=0.0, le=1.0)
     """Fraction of the DCT coefficients kept, from the lowest frequency up (0.5: indices <= d / 2)."""
+    cluster: Literal["models", "updates"] = "models"
+    """Whose spectra HDBSCAN clusters: the local models G + delta_i (the paper), or the updates alone (an ablation)."""
 
 
 def low_frequencies(updates: Tensor, low: float) -> Tensor:
@@ -51,10 +54,14 @@ def low_frequencies(updates: Tensor, low: float) -> Tensor:
 @dataclass(frozen=True)
 class FreqFed:
     """FreqFed (Fereidooni et al., 2024): HDBSCAN on cosine distances of the low-frequency DCT
-    components of the updates; the majority cluster is averaged."""
+    components of the local models; the majority cluster's updates are averaged."""
 
     low: float = 0.5
+    cluster: str = "models"
+    sees_model: ClassVar[bool] = True
 
-    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None) -> Tensor:
-        kept = majority_cluster(low_frequencies(updates, self.low).numpy())
+    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None,
+                 model: Tensor | None = None) -> Tensor:
+        points = local_models(updates, model, "freqfed") if self.cluster == "models" else updates
+        kept = majority_cluster(low_frequencies(points, self.low).numpy())
         return kept_mean(updates, weights, torch.from_numpy(kept), "freqfed")

@@ -7,7 +7,8 @@ the same loop. An update with a NaN or Inf is rejected and logged, never average
 A rule that compares the updates with the server's own (FLTrust) gets it as ``reference=``: the
 server's ``reference`` client, a benign client trained on the server's root set, computes it each
 round from the same global weights (``scenario.builder.build_server`` builds it for rules
-registered with ``reference=True``).
+registered with ``reference=True``). A rule that looks at the local models G + delta_i (FLAME,
+FreqFed: ``sees_model = True`` on the rule) gets the flat global weights as ``model=``.
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class Server:
         gen = stream(self.schedule.seed, "aggregation", settings.phase, settings.round)
         users = [u.user for u in accepted]
         extra = {} if self.reference is None else {"reference": self._reference(params, settings).to(stacked.device)}
+        if getattr(self.rule, "sees_model", False):
+            extra["model"] = flatten(params).to(stacked.device)
         delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen, users=users, **extra), params)
         return add(params, delta), report
 

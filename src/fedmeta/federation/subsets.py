@@ -1,7 +1,7 @@
 """What the filtering rules share: which updates to keep, and the mean of those kept.
 
-FLAME and FreqFed keep the majority cluster that HDBSCAN finds among the updates (or among
-features of them); DnC keeps the updates with low outlier scores. All of them then average what
+FLAME and FreqFed keep the majority cluster that HDBSCAN finds among the local models
+G + delta_i (or among features of them); DnC keeps the updates with low outlier scores. All of them then average what
 they kept with the weights alpha_i renormalised over it (with equal weights: the plain mean of
 the kept updates, as the papers average them). A rule that keeps nothing logs it, and the round
 leaves the model unchanged.
@@ -46,6 +46,20 @@ def majority_cluster(features: np.ndarray) -> np.ndarray:
     if not len(clusters):
         return np.zeros(n, dtype=bool)
     return labels == clusters[sizes.argmax()]
+
+
+def local_models(updates: Tensor, model: Tensor | None, rule: str) -> Tensor:
+    """The local models W_i = G + delta_i ``[n, d]`` (float64) that FLAME and FreqFed cluster.
+
+    Their cosine distances are not the updates': adding the common G changes every angle, and
+    with ||G|| far above ||delta_i|| (about 20 against 0.2 in the quick presets) the distance
+    between two models is about the Euclidean distance of their updates orthogonal to G over
+    ||G||^2, so an update's size counts where the updates' cosines ignore it. ``model``: the flat
+    global weights G, which the server passes to rules with ``sees_model``."""
+    if model is None:
+        raise ValueError(f"{rule} clusters the local models G + delta_i: call it with model= (the flat global "
+                         "weights; fedmeta's server passes them)")
+    return updates.double() + model.double()
 
 
 def kept_mean(updates: Tensor, weights: Tensor, keep: Tensor, rule: str) -> Tensor:
