@@ -2,7 +2,9 @@
 
 Each family has exactly the sections it reads, so a key that an experiment would ignore is
 refused (``--set robust.epsilon=4`` on a backdoor preset names the key and the allowed ones),
-and the resolved ``config.toml`` holds nothing that does not matter.
+and the resolved ``config.toml`` holds nothing that does not matter. Where families share a
+section but not all of its keys, a family refuses a value other than the default for a key it
+does not read (``_unread``: ``federation.dirichlet_alpha`` in robustness-federated, ...).
 
 | family | experiments | sections beyond data, model, meta, eval, runtime |
 | --- | --- | --- |
@@ -254,8 +256,9 @@ class DefenseComparison(DefenseFinetune):
                              "equal weights, FedAvg's row the first federation.min_updates, weighted by "
                              "federation.weighting; they are the same model only with min_updates = per_round and "
                              "weighting = 'equal' (or set compare.secure_rows = false)")
-        _one_case(self)
         return self
+
+    check_case = model_validator(mode="after")(lambda self: _one_case(self) or self)
 
 
 class Pretrain(Base):

@@ -159,7 +159,8 @@ def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, 
     server = main_server(row, case, engine)  # an attacker of a later round adapts to the row's rule
     after_attack, played = _play(cfg, server, case.pretrained, attacked, secure)
 
-    def after_clean() -> Params:  # the same rounds without the attackers: computed only when not cached
+    def after_clean() -> Params:  # the same rounds without the attackers, on a fresh server (a stateful
+        # rule starts afresh); computed only where the clean scores are not cached
         return _play(cfg, main_server(without_attack(row), case, engine), case.pretrained, clean, secure)[0]
 
     if local:

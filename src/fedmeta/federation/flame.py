@@ -56,8 +56,9 @@ class FlameOptions(Options):
 @RULES.register("flame", options=FlameOptions)
 @dataclass(frozen=True)
 class Flame:
-    """FLAME (Nguyen et al., 2022): HDBSCAN on the local models' cosine distances keeps the majority cluster, clipped
-    to the median norm, averaged, plus Gaussian noise of std lambda x median norm."""
+    """FLAME (Nguyen et al., 2022): HDBSCAN on the local models' cosine distances keeps the
+    majority cluster, clipped to the median norm, averaged, plus Gaussian noise of std lambda x
+    median norm."""
 
     noise: float = 0.001
     cluster: str = "models"
