@@ -220,13 +220,16 @@ def test_a_matrix_may_leave_out_the_secure_aggregation_twins_of_local_rows():
     assert [label for label, *_ in rows(cfg)][-2:] == ["clip", "local finetune (FedAvg)"]
 
 
-def test_a_backdoor_is_followed_round_by_round_until_its_interval_meets_the_pre_trained_one(monkeypatch):
+def test_a_backdoor_is_followed_round_by_round_until_it_is_no_longer_above_the_pre_trained_level(monkeypatch):
     from fedmeta.experiments import comparison
     from fedmeta.meta.evaluation import Accuracy
 
     before = Accuracy(0.10, 0.04, 40)
     assert comparison.present(Accuracy(0.50, 0.05, 40), before)
-    assert not comparison.present(Accuracy(0.20, 0.07, 40), before)  # 0.13 is inside the pre-trained 0.06-0.14
+    # standard error of the difference: hypot(0.07, 0.04) / 1.96 = 0.04113; one-sided 5%: 1.645 of it, 0.0677
+    assert comparison.present(Accuracy(0.17, 0.07, 40), before)  # 0.07 above: z = 1.70 (the intervals overlap)
+    assert not comparison.present(Accuracy(0.16, 0.07, 40), before)  # 0.06 above: z = 1.46
+    assert not comparison.present(Accuracy(0.10, 0.0, 40), Accuracy(0.10, 0.0, 40))  # no spread, no difference
 
     def follow(levels: list[float], after_rounds: int, right_after: float = 0.6) -> tuple[dict, list[int]]:
         played, queue = [], list(levels)

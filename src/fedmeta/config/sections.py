@@ -356,7 +356,7 @@ class CompareConfig(Section):
 
     after_rounds: NonNegativeInt = 0
     """Benign rounds that follow each server row whose backdoor is present right after the attack
-    (its attack-val interval above the before-the-attack one), under the row's rule, to count the
+    (attack-val above the before-the-attack level, ``comparison.present``), under the row's rule, to count the
     rounds it survives (``rounds_survived``, evaluated after each); 0: none. Each costs a round
     and an evaluation of the backdoor half; rows that removed the backdoor cost nothing more."""
 

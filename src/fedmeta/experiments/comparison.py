@@ -26,8 +26,8 @@ each row:
   excludes the attackers: 0), averaged over the rounds an attacker sent in; how much of the
   attack a defense let through;
 - ``rounds_survived`` (server rows, with ``compare.after_rounds`` > 0): how many benign rounds
-  after the attack, under the row's rule, the backdoor stays present (its attack-val interval
-  above the before-the-attack one), at most ``rounds_followed``; 0 where the rule removed it in
+  after the attack, under the row's rule, the backdoor stays present (attack-val above the
+  before-the-attack level by a one-sided test at 5%, ``present``), at most ``rounds_followed``; 0 where the rule removed it in
   the attack's rounds (then no round is run). A local defense acts on whatever model reaches its
   user, so its row has none: the rounds in the federation are FedAvg's;
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
@@ -49,8 +49,11 @@ local row on ``finetune.episodes`` episodes per user, of that user's classes, af
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
+
+from scipy.stats import norm
 
 from torch import Tensor
 
@@ -225,10 +228,19 @@ def _with_rule(cfg: Backdoor, rule: str) -> Backdoor:
     return cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rule": rule})})
 
 
+ABOVE = float(norm.ppf(0.95))
+"""The one-sided 5% point of the standard normal: ``present``'s threshold."""
+
+
 def present(now: Accuracy, before: Accuracy) -> bool:
-    """Whether a backdoor is still there: attack-val's 95% interval lies wholly above the
-    pre-trained model's (measured on the same episodes)."""
-    return now.mean - now.ci95 > before.mean + before.ci95
+    """Whether a backdoor is still there: attack-val above the pre-trained model's by a one-sided
+    z-test at the 5% level on the two episode means (standard errors ``ci95 / 1.96``). Both are
+    measured on the same episodes, a positive correlation this unpaired test leaves out, so it
+    errs towards "removed". (Until 2026-12-06 it asked for the two 95% intervals not to overlap,
+    a one-sided test at about 0.3% that called backdoors gone too soon.)"""
+    error = math.hypot(now.ci95, before.ci95) / 1.96
+    above = now.mean - before.mean
+    return above > ABOVE * error if error > 0 else above > 0
 
 
 def _survival(cfg: Backdoor, case: Case, server: Server, params: Params, right_after: Accuracy,
