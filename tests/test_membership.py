@@ -221,7 +221,7 @@ def test_membership_run_writes_every_point_and_resumes_to_the_same_metrics(tmp_p
     assert {r["threat"] for r in joint} == {"realistic"} and {r["score"] for r in joint} == {"joint", "joint-cal"}
     assert {(r["trials"], r["iterations"]) for r in joint} == {(2, 1)}
     assert all(r["upper_bound"] == (r["threat"] == "informed") for r in lines)
-    assert all(r["epsilon"] > 0 for r in lines if r["defense"] == "dp")
+    assert all(r["epsilon_substitution"] > r["epsilon"] > 0 for r in lines if r["defense"] == "dp")
     for r in lines:
         for m in ("attack_auc", "attack_accuracy", "tpr_at_0.1pct_fpr", "tpr_at_1pct_fpr"):
             assert 0 <= r[m] <= 1 and 0 <= r[f"{m}_low"] <= r[f"{m}_high"] <= 1, (m, r)
@@ -267,3 +267,13 @@ def test_quick_preset_meets_the_bar(tmp_path):
     run(cfg, folder)
     main = [r for r in folder.records() if r["stage"] == "threat" and r["threat"] == "informed" and r["score"] == "distance"]
     assert max(r["attack_auc"] for r in main) >= 0.8
+
+
+def test_epsilon_for_replacing_one_term_is_the_accountants_at_half_the_noise():
+    """Two clipped terms differ by up to 2C: replacing one is the add/remove mechanism at sigma / 2."""
+    from fedmeta.defenses.dp import epsilon
+
+    add_remove = epsilon(1.0, releases=1, delta=1e-5)
+    assert add_remove == pytest.approx(4.7285, abs=1e-3)  # Opacus's RDP accountant, as privacy.md quotes it
+    assert epsilon(1.0, releases=1, delta=1e-5, sensitivity=2.0) == pytest.approx(
+        epsilon(0.5, releases=1, delta=1e-5)) == pytest.approx(10.7255, abs=1e-3)

@@ -498,8 +498,12 @@ def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, 
         iterations = 0
     lines = []
     dp = cfg.mia.dp
-    privacy = ({"epsilon": round(epsilon(point.defense.noise_multiplier, releases=dp.releases, delta=dp.delta), 6),
-                "delta": dp.delta, "clip": dp.clip, "unit": dp.unit} if isinstance(point.defense, DpSgd) else {})
+    privacy = {}
+    if isinstance(point.defense, DpSgd):  # add/remove one clipped term, and replace one (dp.py's docstring)
+        privacy = {name: round(epsilon(point.defense.noise_multiplier, releases=dp.releases, delta=dp.delta,
+                                       sensitivity=factor), 6)
+                   for name, factor in (("epsilon", 1.0), ("epsilon_substitution", 2.0))}
+        privacy |= {"delta": dp.delta, "clip": dp.clip, "unit": dp.unit}
     names = [n for n in ATTACK_OF if (cfg.mia.targets[0], "member", n) in result.scores]
     for target in cfg.mia.targets:
         for kind in cfg.mia.nonmembers:

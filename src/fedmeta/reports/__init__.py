@@ -154,7 +154,8 @@ def _markdown(path: Path, runs: list[Run], unfinished: list[Path], table: Table,
 
 
 PAIRED_NOTE = ("Paired differences (same seeds: same split, initial weights and evaluation episodes); "
-               "`*`: the interval excludes 0.")
+               "`*`: the interval excludes 0 (a t-interval over few seeds "
+               "rests on normality, and nothing corrects for the table's other lines).")
 
 
 def paired_markdown(pairs: list[dict[str, Any]]) -> list[str]:

@@ -175,7 +175,8 @@ def table_text(query: TableQuery) -> str:
 
 
 AGAINST_NOTE = ("Paired differences, seed by seed, each line against the line of the same setting and seed named "
-                "under `against` (95% t-interval over seeds); `*`: the interval excludes 0.")
+                "under `against` (95% t-interval over seeds); `*`: the interval excludes 0 (a t-interval over "
+                "few seeds rests on normality, and nothing corrects for the table's other lines).")
 
 
 def _against(table: Table, every: Table, names: dict, against: tuple[str, str]) -> list[dict]:
