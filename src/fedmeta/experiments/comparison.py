@@ -27,9 +27,9 @@ each row:
   attack a defense let through;
 - ``rounds_survived`` (server rows, with ``compare.after_rounds`` > 0): how many benign rounds
   after the attack, under the row's rule, the backdoor stays present (attack-val above the
-  before-the-attack level by a one-sided test at 5%, ``present``), at most ``rounds_followed``; 0 where the rule removed it in
-  the attack's rounds (then no round is run). A local defense acts on whatever model reaches its
-  user, so its row has none: the rounds in the federation are FedAvg's;
+  before-the-attack level by a one-sided test at 5%, ``present``), at most ``rounds_followed``; 0
+  where the rule removed it in the attack's rounds (then no round is run). A local defense acts on
+  whatever model reaches its user, so its row has none: the rounds in the federation are FedAvg's;
 - ``seconds``: the wall time of the row (aggregation, plus local training for the local defense,
   plus its evaluation, plus the rounds followed).
 
