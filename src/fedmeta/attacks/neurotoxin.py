@@ -38,7 +38,8 @@ class Neurotoxin(SteeredAttack):
     3. Train on poisoned episodes, projecting after every outer step onto the other coordinates:
        masked coordinates are reset to theta_G's values, so the sent update is exactly zero there.
        The inner loop adapts every weight: the mask acts on the outer (sent) update, where the
-       reference code masks every SGD step's gradient; for Reptile the two agree on the update.
+       reference code masks every SGD step's gradient. Both send zero on the masked coordinates;
+       the other coordinates train differently (here the masked weights move within an episode).
     """
 
     top: float
