@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from typer.testing import CliRunner
 
@@ -111,7 +113,8 @@ def test_cli_lists_presets_and_reports_config_errors(tmp_path):
     ("omniglot-rmaml-quick", ["meta.adam_beta2=0.5"], r"meta\.adam_beta2 applies to Reptile only"),
     ("omniglot-compare-quick", ["federation.min_updates=2"], r"compare\.secure_rows: .*min_updates = per_round"),
     ("omniglot-compare-quick", ["federation.weighting=size"], r"compare\.secure_rows: .*weighting = 'equal'"),
-    ("omniglot-exp1a-quick", ["attack.attackers=[{user = 0, rounds = []}]"], r"rounds"),
+    ("omniglot-exp1a-quick", ["attack.attackers=[{user = 0, rounds = []}]"], r"attack\.attackers\.0\.rounds: .*"
+                                                                             r"at least one round"),
 ])
 def test_a_setting_the_experiment_would_not_read_is_refused_by_name(preset, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -125,7 +128,13 @@ def test_what_the_refused_settings_leave_allowed():
     assert load_config("omniglot-exp1a-quick", ["pretrain.meta_lr_final=0.0"])
 
 
-def test_without_the_attack_the_baseline_plays_the_same_rounds():
-    cfg = load_config("omniglot-exp1a-quick", ["attack.enabled=false",
-                                               "attack.attackers=[{user = 0, rounds = [1, 3]}]"])
-    assert cfg.attack.last_round == 3  # rounds 1-3 with the attacker sitting out, then federation.rounds more
+def test_without_the_attack_the_baseline_plays_the_same_rounds_with_the_attacker_sitting_out():
+    from fedmeta.scenario.builder import Phase, build_schedule
+
+    attackers = "attack.attackers=[{user = 0, rounds = [1, 3]}]"
+    on, off = (load_config("omniglot-exp1a-quick", [attackers, f"attack.enabled={flag}"]) for flag in ("true", "false"))
+    assert on.attack.last_round == off.attack.last_round == 3  # then federation.rounds more, in both
+    population = SimpleNamespace(attackers=[0], benign=[1, 2, 3])
+    for cfg, attacking in ((on, True), (off, False)):
+        schedule = build_schedule(cfg, Phase("main", "a"), population)
+        assert [0 in schedule.participants(r, "main") for r in (1, 3)] == [attacking] * 2

@@ -270,6 +270,10 @@ def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():
     assert pretrain_key(load_config("omniglot-exp1a-quick", ["rules.trimmed-mean.trim=0.34", "rules.clip.norm=0.2"]), "a") == base
     assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.rule=krum"]), "a") != base
     assert pretrain_key(load_config("omniglot-exp1a-quick"), "b") != base  # benign users hold the backdoor classes
+    assert pretrain_key(load_config("omniglot-exp1a-quick", ["federation.secure_aggregation=true"]), "a") == base
+    fewer = ["federation.min_updates=2"]  # then secure aggregation applies all 3 updates, FedAvg the first 2
+    assert pretrain_key(load_config("omniglot-exp1a-quick", [*fewer, "federation.secure_aggregation=true"]), "a") != \
+        pretrain_key(load_config("omniglot-exp1a-quick", fewer), "a")
 
 
 def test_the_pre_trained_models_backdoor_scores_are_cached_per_trigger_and_per_dirichlet_share(tmp_path, monkeypatch):

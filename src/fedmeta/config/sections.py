@@ -117,7 +117,7 @@ class MetaConfig(Section):
     """Reptile only: mini-batch size of the inner Adam steps (MAML adapts on the full support)."""
     inner_lr: Rate = 1e-3
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    """Reptile only: beta2 of the inner, fine-tuning and outer Adam (MAML's outer Adam keeps 0.999)."""
+    """Reptile only: beta2 of the inner and fine-tuning Adam (MAML's outer Adam keeps 0.999)."""
     adam_carry: Literal["sequential", "parallel"] = "sequential"
     """Reptile: how the inner Adam moments pass between the episodes of a meta-batch."""
     meta_batch: PositiveInt = 5
@@ -189,7 +189,8 @@ class FederationConfig(Section):
     """M_min: the server aggregates as soon as this many updates arrived."""
     weighting: Literal["equal", "size"] = "equal"
     """alpha_i: equal, or by the size of each user's data; the weights of the updates applied in a
-    round sum to one. Equal is 1/M_min when M_min updates pass; when fewer arrive (a straggler on
+    round sum to one. Equal is 1/M_min when M_min updates pass (1/M_r under secure aggregation,
+    which applies every update that arrives); when fewer arrive (a straggler on
     Flower) or pass screening (a non-finite one), it is 1 over those that did, so a round
     averages what it has instead of shrinking towards the old model."""
     rule: str = "fedavg"
@@ -251,10 +252,18 @@ class AttackerConfig(Section):
     """One malicious user: who, when, and how (a registered attack strategy)."""
 
     user: NonNegativeInt = 0
-    rounds: list[PositiveInt] = Field([1], min_length=1)
+    rounds: list[PositiveInt] = [1]
     """Main-phase rounds in which this user is selected (the paper: once, in round 1)."""
     strategy: str = "boosted"
     """A registered attack strategy (its settings: the table ``[attacks.<name>]``)."""
+
+    @field_validator("rounds")
+    @classmethod
+    def _some_round(cls, rounds: list[int]) -> list[int]:
+        if not rounds:
+            raise ValueError("an attacker needs at least one round to attack in; to run without the attack, "
+                             "set attack.enabled = false")
+        return rounds
 
     check_strategy = field_validator("strategy")(lambda v: registered(ATTACKS, v))
 

@@ -2,9 +2,10 @@
 
 Round 1's client updates are computed once (and cached, see
 ``scenario.cache.attack_round_updates``); every server rule aggregates exactly those updates, so
-rows differ by the defense alone. The same round without the attackers, and each server rule's
-clean meta-test accuracy on it, are cached too, under keys without the attack's settings, so the
-cells of a threat matrix (one per attack strategy) compute them once. An attack over several
+rows differ by the defense alone (an attacker that adapts to the rule sends once per kind of
+rule). The same round without the attackers, and each server rule's clean meta-test accuracy, are
+cached too, under keys without the attack's settings, so the cells of a threat matrix (one per
+attack strategy) compute them once. An attack over several
 rounds (``attack.attackers[*].rounds``, e.g. ``[1, 2, 3]``, or a late ``[5]``) plays every round
 up to the last attack round under each row's rule: from round 2 on, each row's users (attackers
 included, knowing the row's rule) train on that row's model, so those rounds cost per row. For
@@ -201,14 +202,15 @@ class Played:
     weights: dict[str, float]
     """``attacker_weight`` and ``benign_weight``, averaged over the rounds an attacker sent in."""
     rejected: list[int]
-    """The users whose updates the rule excluded in any of those rounds."""
+    """The users whose updates the server screened out as non-finite (NaN or Inf) in any of those rounds."""
 
 
 def _play(cfg: Backdoor, server: Server, params: Params, first: list[ClientUpdate],
           secure: bool) -> tuple[Params, Played]:
     """Rounds 1 to ``attack.last_round`` from ``params`` under ``server``'s rule. Round 1 applies
-    ``first`` (the updates every row shares, computed once); a later round's updates depend on the
-    row's model, so its users train anew. ``secure``: the server receives only each round's mean."""
+    ``first`` (computed once, for every row or every kind of rule an adaptive attacker tells
+    apart); a later round's updates depend on the row's model, so its users train anew.
+    ``secure``: the server receives only each round's mean."""
     weights, rejected = [], []
     for r in range(1, cfg.attack.last_round + 1):
         settings = RoundSettings(r, "main")

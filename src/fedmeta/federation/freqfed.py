@@ -13,7 +13,8 @@ transform, and poisoned updates differ from benign ones there. Per round:
 
 Per layer or flattened: the paper transforms each weight matrix (P x Q) with a 2-D DCT and keeps
 the top-left triangle of coefficients, i + j <= floor(P / 2). A rule here receives the updates
-flattened, without layer shapes, so it applies the 1-D DCT-II to the whole flattened update and
+flattened, without layer shapes, so it applies the 1-D DCT-II to each whole flattened local model
+(the update, with ``cluster = "updates"``) and
 keeps its first ``floor(low * d) + 1`` coefficients (with ``low = 0.5``, indices k <= floor(d / 2):
 the triangle's rule applied to one axis). The DCT is linear, but the cosines of the models'
 spectra are not those of the updates' (``subsets.local_models``); transforming the updates alone,

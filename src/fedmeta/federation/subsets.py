@@ -52,9 +52,9 @@ def local_models(updates: Tensor, model: Tensor | None, rule: str) -> Tensor:
     """The local models W_i = G + delta_i ``[n, d]`` (float64) that FLAME and FreqFed cluster.
 
     Their cosine distances are not the updates': adding the common G changes every angle, and
-    with ||G|| far above ||delta_i|| (about 20 against 0.2 in the quick presets) the distance
-    between two models is about the Euclidean distance of their updates orthogonal to G over
-    ||G||^2, so an update's size counts where the updates' cosines ignore it. ``model``: the flat
+    with ||G|| far above ||delta_i|| (about 20 against 0.2 in the quick presets) the cosine
+    distance between two models is about half the squared Euclidean distance of their updates
+    orthogonal to G over ||G||^2, so an update's size counts where the updates' cosines ignore it. ``model``: the flat
     global weights G, which the server passes to rules with ``sees_model``."""
     if model is None:
         raise ValueError(f"{rule} clusters the local models G + delta_i: call it with model= (the flat global "

@@ -90,8 +90,9 @@ def _pretrain(cfg: Backdoor, population: Population, case: str, init: Params, en
 
 def pretrain_key(cfg: Backdoor, case: str) -> str:
     """A digest of everything that determines benign pre-training (not the attack's own knobs;
-    not the settings of rules other than the one in use, nor secure aggregation, which does not
-    change what FedAvg computes)."""
+    not the settings of rules other than the one in use, nor secure aggregation where it does not
+    change what FedAvg computes: it does when ``min_updates < per_round``, since it applies every
+    update)."""
     att = cfg.attack.model_dump(include={"backdoor_classes", "attacker_examples", "validation_examples", "benign_examples"})
     fed = cfg.federation
     parts = {
@@ -101,6 +102,8 @@ def pretrain_key(cfg: Backdoor, case: str) -> str:
         "rule": cfg.rule_options(fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
         "benign_holds_backdoor_classes": case != "a", "version": VERSION,
     }
+    if fed.secure_aggregation and fed.min_updates < fed.per_round:  # only then another model; older keys hold
+        parts["secure_aggregation"] = True
     if fed.dirichlet_alpha is not None and cfg.eval.ways > cfg.meta.ways:  # then it sizes the users' shares
         parts["eval_ways"] = cfg.eval.ways  # (scenario.backdoor._owners); older keys hold
     return _digest(parts)
@@ -176,8 +179,9 @@ def without_attack(cfg: Backdoor) -> Backdoor:
 
 def clean_accuracy(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[], Accuracy]) -> Accuracy:
     """``evaluate()``, the meta-test accuracy of the attack's rounds without attackers aggregated by
-    ``rule`` (a server rule's clean cost), cached: it depends on neither the attack nor the table's other rows,
-    so the cells of a threat matrix, one per attack strategy, evaluate it once."""
+    ``rule`` (a server rule's clean cost), cached: it depends on neither the attack's strategy (only
+    on how many rounds it spans) nor the table's other rows, so the cells of a threat matrix, one
+    per attack strategy, evaluate it once."""
     path = cache_dir() / f"clean-{_digest(_clean_parts(cfg, case, rule))}.safetensors"
     return _accuracies(path, "clean-accuracy", lambda: {"accuracy": evaluate()})["accuracy"]
 
