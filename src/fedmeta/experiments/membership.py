@@ -78,6 +78,7 @@ from fedmeta.attacks.mia_metrics import summarize
 from fedmeta.attacks.mia_scores import likelihood_ratio, lira_statistic, threshold_scores
 from fedmeta.attacks.task_inversion import joint_residual
 from fedmeta.config import Base as Config
+from fedmeta.config.sections import MiaConfig
 from fedmeta.data.datasets import load_meta_splits
 from fedmeta.data.episodes import gather, sample_episodes, way_labels
 from fedmeta.data.pool import ClassPool
@@ -451,7 +452,7 @@ def score_candidate(ctx: Context, server: Adversary, trial: Trial, t: int, targe
     if "inversion" in mia.attacks:
         predict = expected_observation(server.learner, *task, target, slot, k=point.users, others=server.others)
         scores |= zero_scores(predict, observed, x)
-        if iterations and point.threat in mia.invert_threats:
+        if iterations:
             inversion = invert(predict, observed, x, iterations=iterations, lr=mia.lr, distance=mia.distance,
                                tv=mia.tv, signed=mia.signed)
             scores |= inversion_scores(inversion, ctx.classify)
@@ -490,12 +491,15 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
     return result
 
 
+def inversion_steps(mia: MiaConfig, point: Point, iterations: int) -> int:
+    """The inversion steps ``point`` runs: ``iterations`` where its server is in ``mia.invert_threats``
+    and the inversion is among ``mia.attacks``; 0 elsewhere (the zero-iteration scores)."""
+    return iterations if "inversion" in mia.attacks and point.threat in mia.invert_threats else 0
+
+
 def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, iterations: int) -> list[dict]:
     """One metrics line per target, non-member kind and score, each metric with its 95% interval;
-    ``iterations``: the inversion steps the point ran (0 where its server is not in
-    ``mia.invert_threats``: it got the zero-iteration scores)."""
-    if point.threat not in cfg.mia.invert_threats or "inversion" not in cfg.mia.attacks:
-        iterations = 0
+    ``iterations``: the inversion steps the point ran (``inversion_steps``)."""
     lines = []
     dp = cfg.mia.dp
     privacy = {}
@@ -573,7 +577,8 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
         params, accuracy = model_for(ctx, point)
         first_stage = point.stage == "threat"
         trials, iterations = (mia.trials, mia.iterations) if first_stage else (mia.sweep_trials, mia.sweep_iterations)
-        keep = mia.reconstructions if index == 0 and iterations and "inversion" in mia.attacks else 0
+        iterations = inversion_steps(mia, point, iterations)
+        keep = mia.reconstructions if index == 0 and iterations else 0
         result = attack(ctx, point, params, trials, iterations, keep)
         if result.images:
             out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
