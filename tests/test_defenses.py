@@ -111,6 +111,21 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     assert local["attack_val_accuracy"] == pytest.approx(secure["attack_val_accuracy"], abs=0.05)
 
 
+def _trained_users(monkeypatch) -> list[list[int]]:
+    """The users that train in each main round from now on (``Server.compute``'s calls)."""
+    from fedmeta.federation.server import Server
+
+    trained, compute = [], Server.compute
+
+    def count(self, users, params, settings):
+        if settings.phase == "main":
+            trained.append(users)
+        return compute(self, users, params, settings)
+
+    monkeypatch.setattr(Server, "compute", count)
+    return trained
+
+
 def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp_path, omniglot, monkeypatch):
     from fedmeta.experiments import comparison
 
@@ -125,6 +140,7 @@ def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp
     registry = comparison.LOCAL_DEFENSES
     monkeypatch.setattr(comparison, "LOCAL_DEFENSES", SimpleNamespace(get=lambda name: SimpleNamespace(
         factory=lambda *args: local.append(name) or registry.get(name).factory(*args))))
+    trained = _trained_users(monkeypatch)
     cell = lambda strategy: _run(tmp_path / strategy, "omniglot-compare-quick", [
         "compare.rules=['fedavg', 'median']", "compare.local_defenses=['finetune']", "finetune.steps=2",
         "finetune.every=1", "finetune.episodes=2", "finetune.users=1",
@@ -133,30 +149,47 @@ def test_comparison_cells_of_two_attacks_evaluate_each_rules_clean_cost_once(tmp
     boosted = cell("boosted")
     assert len(calls) == 2 and len(local) == 4  # two local rows (FedAvg, secure aggregation): attacked and clean
     assert len(scored) == 3  # two rules' attacked models and the pre-trained one
+    # round 1's benign users train once (``cache.shared_benign``): the attack round trains the attacker
+    # and 2 of them, the same round without it (3 benign users) only the one the attack round lacked
+    (attacked, clean), trained[:] = trained, []
+    assert 0 in attacked and len(attacked) == 3 and len(clean) == 1 and clean[0] not in attacked
     alie = cell("alie")  # another attack: the same round without it, the same clean costs, not evaluated again
     assert len(calls) == 2 and len(local) == 6 and len(scored) == 5  # the pre-trained model's scores are shared
+    assert trained and all(users == [0] for users in trained)  # only its attacker trains (once per kind of rule)
     assert alie[-1] == {**boosted[-1], "seconds": alie[-1]["seconds"]}
     assert [r["clean_meta_test_accuracy"] for r in alie] == [r["clean_meta_test_accuracy"] for r in boosted]
+
+
+def test_round_1_benign_updates_shared_between_attacked_and_clean_rounds_change_nothing(tmp_path, omniglot,
+                                                                                         monkeypatch):
+    from fedmeta.scenario import cache
+
+    def cell(name: str) -> list[dict]:
+        monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / name))
+        records = _run(tmp_path / name, "omniglot-compare-quick", ["compare.rules=['fedavg']",
+                                                                  "compare.local_defenses=[]"]).records()
+        return [{**r, "seconds": 0} for r in records]
+
+    shared = cell("shared")
+    monkeypatch.setattr(cache, "shared_benign", lambda *args: {})
+    assert cell("alone") == shared  # every benign user trained in both rounds: the same numbers
 
 
 @pytest.mark.parametrize("strategy, main_rounds", [("replacement", 3), ("projected", 2)])
 def test_an_adaptive_attacker_trains_once_per_kind_of_rule_not_per_row(tmp_path, omniglot, monkeypatch, strategy,
                                                                        main_rounds):
-    from fedmeta.federation.server import Server
-
     monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))
-    rounds = []
-    updates = Server.updates
-    monkeypatch.setattr(Server, "updates", lambda self, params, settings: rounds.append(settings.phase) or updates(
-        self, params, settings))
+    trained = _trained_users(monkeypatch)
     _run(tmp_path / "r", "omniglot-compare-quick", [
         "compare.rules=['fedavg', 'median', 'trimmed-mean', 'krum']", "compare.local_defenses=[]",
         f"attacks.{strategy}.episodes=4", f"attacks.{strategy}.inner_epochs=1", f"attacks.{strategy}.estimates=1",
         f"attack.attackers=[{{user=0,rounds=[1],strategy='{strategy}'}}]"])
     # the clean round, then one attack round against the rules without a known cap (whatever their
     # options), each computed once; replacement sends another update against FedAvg (no cap), the
-    # projected attacker keeps inside the estimated bound there too, so shares that round
-    assert rounds.count("main") == main_rounds
+    # projected attacker keeps inside the estimated bound there too, so shares that round. The clean
+    # round trains its 3 benign users; an attack round only the attacker, its 2 benign users' updates
+    # being the clean round's (``shared_benign``)
+    assert len(trained) == main_rounds and len(trained[0]) == 3 and trained[1:] == [[0]] * (main_rounds - 1)
 
 
 def test_an_attack_over_two_rounds_plays_both_under_each_rule_and_fedavg_is_experiment_1(tmp_path, omniglot,
@@ -169,8 +202,8 @@ def test_an_attack_over_two_rounds_plays_both_under_each_rule_and_fedavg_is_expe
     trained = []  # (round, whether the attacker sent) of each main round whose users trained
     updates = Server.updates
 
-    def train(self, params, settings):
-        sent = updates(self, params, settings)
+    def train(self, params, settings, known=None):
+        sent = updates(self, params, settings, known)
         if settings.phase == "main":
             trained.append((settings.round, any(u.user == 0 for u in sent)))
         return sent

@@ -47,6 +47,7 @@ KILLED = 3  # the user whose SuperNode dies after round 1
 TIMEOUT = 40.0  # federation.reply_timeout of the deployment test: 2.5 times its slowest round under load
 
 
+@pytest.mark.slow  # about 2 minutes, 40 s of it waiting for the dead node: a fifth of the CI suite
 def test_secured_deployment_refuses_strangers_and_goes_on_without_a_dead_node(tmp_path, omniglot, monkeypatch):
     """TLS and SuperNode authentication on loopback: a node whose key was never registered is
     refused by the SuperLink, a registered node that claims user 1's partition by the ServerApp;
@@ -93,8 +94,8 @@ def test_secured_deployment_refuses_strangers_and_goes_on_without_a_dead_node(tm
 def _losing(updates: Callable, user: int, round: int) -> Callable:
     """``Server.updates`` in which ``user``'s update of main round ``round`` never arrives."""
 
-    def lossy(self, params, settings):
-        arrived = updates(self, params, settings)
+    def lossy(self, params, settings, known=None):
+        arrived = updates(self, params, settings, known)
         return [u for u in arrived if not (settings.phase == "main" and settings.round == round and u.user == user)]
 
     return lossy

@@ -222,16 +222,17 @@ def cached(path: Path, what: str, read: Callable[[Path], T], build: Callable[[],
     """The cache entry at ``path``: ``read`` if it is there and intact, else ``build()`` (which
     writes it). A corrupt entry is named and rebuilt. Processes that share the cache build an
     entry once: while one builds, the others wait on its lock, then read what it wrote."""
-    if (value := _intact(path, read)) is not None:
+    if (value := intact(path, read)) is not None:
         return value
     say = lambda owner: tqdm.write(f"{what}: waiting for {owner}, which is building it")
     with lock(path.with_name(path.name + ".lock"), what, wait=math.inf, waiting=say):
-        if (value := _intact(path, read)) is not None:
+        if (value := intact(path, read)) is not None:
             return value
         return build()
 
 
-def _intact(path: Path, read: Callable[[Path], T]) -> T | None:
+def intact(path: Path, read: Callable[[Path], T]) -> T | None:
+    """``read(path)`` if the entry is there and intact, else None (a corrupt one is named and removed)."""
     if not path.is_file():
         return None
     try:

@@ -27,8 +27,7 @@ from fedmeta.models.conv4 import Params
 class BatchedServer(Server):
     """``Server`` whose batchable clients of a round compute their updates together."""
 
-    def updates(self, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
-        users = self.schedule.participants(settings.round, settings.phase)
+    def compute(self, users: list[int], params: Params, settings: RoundSettings) -> list[ClientUpdate]:
         groups: dict[tuple, list[int]] = {}
         for u in users:
             client = self.clients[u]

@@ -44,8 +44,7 @@ class PoolServer(Server):
     config: str = dataclasses.field(kw_only=True)  # the run's resolved config (TOML): what a worker rebuilds from
     phase: Phase = dataclasses.field(kw_only=True)
 
-    def updates(self, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
-        users = self.schedule.participants(settings.round, settings.phase)
+    def compute(self, users: list[int], params: Params, settings: RoundSettings) -> list[ClientUpdate]:
         device = next(iter(params.values())).device
         weights = {k: v.detach().cpu() for k, v in params.items()}
         futures = [self.pool.submit(worker_update, self.config, self.phase, user, weights, settings) for user in users]

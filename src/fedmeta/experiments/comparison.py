@@ -5,7 +5,8 @@ Round 1's client updates are computed once (and cached, see
 rows differ by the defense alone (an attacker that adapts to the rule sends once per kind of
 rule). The same round without the attackers, and each server rule's clean meta-test accuracy, are
 cached too, under keys without the attack's settings, so the cells of a threat matrix (one per
-attack strategy) compute them once. An attack over several
+attack strategy) compute them once; round 1's benign users train once for both rounds and every
+attack (``scenario.cache.shared_benign``). An attack over several
 rounds (``attack.attackers[*].rounds``, e.g. ``[1, 2, 3]``, or a late ``[5]``) plays every round
 up to the last attack round under each row's rule: from round 2 on, each row's users (attackers
 included, knowing the row's rule) train on that row's model, so those rounds cost per row. For

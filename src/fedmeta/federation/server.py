@@ -80,9 +80,20 @@ class Server:
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
         return self.aggregate(params, self.updates(params, settings), settings)
 
-    def updates(self, params: Params, settings: RoundSettings) -> list[ClientUpdate]:
-        """The updates of this round's participants (the expensive half of a round)."""
-        return [self.clients[u].update(params, settings) for u in self.schedule.participants(settings.round, settings.phase)]
+    def updates(self, params: Params, settings: RoundSettings,
+                known: Mapping[int, ClientUpdate] | None = None) -> list[ClientUpdate]:
+        """The updates of this round's participants (the expensive half of a round), in the
+        schedule's order. ``known``: updates of some of them already computed for this round from
+        the same ``params`` (a cache), used instead of training those users again."""
+        users = self.schedule.participants(settings.round, settings.phase)
+        known = {u: known[u] for u in users if u in known} if known else {}
+        todo = [u for u in users if u not in known]
+        done = known | dict(zip(todo, self.compute(todo, params, settings), strict=True))
+        return [done[u] for u in users]
+
+    def compute(self, users: list[int], params: Params, settings: RoundSettings) -> list[ClientUpdate]:
+        """The updates of ``users`` this round, in their order (what an engine's server overrides)."""
+        return [self.clients[u].update(params, settings) for u in users]
 
     def aggregate(self, params: Params, updates: list[ClientUpdate], settings: RoundSettings) -> tuple[Params, RoundReport]:
         """Apply the first ``min_updates`` finite updates to arrive (arrival order: seeded; all of

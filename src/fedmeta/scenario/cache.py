@@ -9,7 +9,9 @@ state), so a killed run resumes it too.
 
 The client updates of an attack round (the attackers' long local training dominates it) are
 cached the same way, before aggregation: Experiments 1-3 and the defense comparison, which all
-start from the same attack, share them, whatever rule each then applies. Only updates computed in
+start from the same attack, share them, whatever rule each then applies. Round 1's benign users
+train once for every attack on the same pre-training: an attack round takes their updates from the
+same round without attackers and the other way round (``shared_benign``). Only updates computed in
 this process are cached; a remote engine's clients compute theirs where they run.
 
 Entries carry a content hash (``fedmeta.storage``): a corrupt one is rebuilt. Runs that share
@@ -38,7 +40,7 @@ from fedmeta.meta.evaluation import Accuracy
 from fedmeta.models.conv4 import Params
 from fedmeta.runs import RunDir, RunError, Session
 from fedmeta.scenario.builder import Phase, Population, build_server
-from fedmeta.storage import cached, read_tensors, write_tensors
+from fedmeta.storage import cached, intact, read_tensors, write_tensors
 
 VERSION = 3
 
@@ -120,26 +122,55 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
     """``server.updates`` for an attack round, cached under ``attack_round_key``. With the attack
     disabled it is the same round without attackers (a defense's clean cost), which every attack
     strategy's cell of a threat matrix then shares. ``pretraining``: the config whose pre-training
-    made ``params``, when ``cfg`` names another rule (a comparison row's; default ``cfg``)."""
+    made ``params``, when ``cfg`` names another rule (a comparison row's; default ``cfg``).
+    Benign users that the round's twin (the attack switched off, or on) already trained are read
+    from its entry, not trained again (``shared_benign``)."""
     if not engine.local:
         return server.updates(params, settings)
     path = cache_dir() / f"attack-{attack_round_key(cfg, case, settings, pretraining)}.safetensors"
-    device = next(iter(params.values())).device
     kind = "attack" if cfg.attack.enabled else "clean"
 
     def read(path: Path) -> list[ClientUpdate]:
-        tensors, meta = read_tensors(path, device)
+        updates = read_updates(path, params)
         tqdm.write(f"{kind} round {settings.round}: reusing the client updates in {path}")
-        return [ClientUpdate(h["user"], {k: tensors[f"{h['user']}/{k}"] for k in params}, h["examples"], h["metrics"])
-                for h in meta["updates"]]
+        return updates
 
     def build() -> list[ClientUpdate]:
-        updates = server.updates(params, settings)
+        known = shared_benign(cfg, case, settings, params, pretraining)
+        if known:
+            tqdm.write(f"{kind} round {settings.round}: reusing users {sorted(known)}'s updates from the same round "
+                       f"{'without' if cfg.attack.enabled else 'with'} the attackers")
+        updates = server.updates(params, settings, known=known)
         write_tensors(path, {f"{u.user}/{k}": v for u in updates for k, v in u.delta.items()},
                       {"updates": [{"user": u.user, "examples": u.examples, "metrics": u.metrics} for u in updates]})
         return updates
 
     return cached(path, f"{kind}-round cache {path.name}", read, build)
+
+
+def read_updates(path: Path, like: Params) -> list[ClientUpdate]:
+    """The client updates of an ``attack_round_updates`` entry, on ``like``'s device."""
+    tensors, meta = read_tensors(path, next(iter(like.values())).device)
+    return [ClientUpdate(h["user"], {k: tensors[f"{h['user']}/{k}"] for k in like}, h["examples"], h["metrics"])
+            for h in meta["updates"]]
+
+
+def shared_benign(cfg: Backdoor, case: str, settings: RoundSettings, params: Params,
+                  pretraining: Backdoor | None = None) -> dict[int, ClientUpdate]:
+    """The benign users' updates that round 1's twin, the same round with the attack switched off
+    (or on), holds in the cache, by user; empty in later rounds or when it is not cached.
+
+    Round 1 starts from the pre-trained model whether or not anyone attacks, and a benign user's
+    update depends only on that model, the user's data and its random stream, so it is the same
+    update in both rounds (bit for bit: the threat matrix's cached rounds agree). Sharing it spares
+    a threat matrix's cells, and an adaptive attacker's rules, training every benign user of round
+    1 again. Later rounds start from a model the attack changed."""
+    if settings.round != 1:
+        return {}
+    twin = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"enabled": not cfg.attack.enabled})})
+    path = cache_dir() / f"attack-{attack_round_key(twin, case, settings, pretraining)}.safetensors"
+    malicious = set(cfg.attack.users)
+    return {u.user: u for u in intact(path, lambda p: read_updates(p, params)) or [] if u.user not in malicious}
 
 
 def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings, pretraining: Backdoor | None = None) -> str:
