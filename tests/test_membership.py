@@ -234,6 +234,8 @@ def test_membership_run_writes_every_point_and_resumes_to_the_same_metrics(tmp_p
         assert 0 <= r["meta_test_accuracy"] <= 1
     summary = json.loads((whole.path / "summary.json").read_text())
     assert summary["points"] and "meta_test_accuracy" in summary
+    dp = [p for name, p in summary["points"].items() if "defense=dp" in name]
+    assert dp and all(p["epsilon_substitution"] > p["epsilon"] > 0 and p["delta"] > 0 for p in dp)
     assert (whole.path / "reconstructions.safetensors").is_file()
 
     import fedmeta.experiments.membership as experiment

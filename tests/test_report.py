@@ -174,7 +174,7 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
             _run(tmp_path / f"lr{lr}" / f"seed={seed}", seed, [
                 {"defense": d, "attack_val_accuracy": base - drop + 0.1 * (seed - 1), "meta_test_accuracy": 0.9,
                  "episodes": 40, **survived} for d, drop, survived in (
-                    ("fedavg", 0.0, {"rounds_survived": 2 + seed, "rounds_followed": 5}),
+                    ("fedavg", 0.0, {"rounds_survived": (2, 3, 5)[seed], "rounds_followed": 5}),
                     ("krum", 0.3, {"rounds_survived": 0, "rounds_followed": 5}), ("local matching (FedAvg)", 0.4, {}))],
                  lr=lr)
     text = table_text(TableQuery.parse(["lr0.001", "lr0.01", "--columns", "defense", "--metrics",
@@ -185,9 +185,14 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
     assert "| meta.inner_lr=0.01 | attack_val_accuracy | 80.00 ±" in text
     rounds = table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--metrics", "rounds_survived"]
                                          ).within(tmp_path))
-    # survived 2, 3, 4 rounds under FedAvg over the seeds; a local defense has no count, so no column
+    # survived 2, 3 and all 5 rounds followed under FedAvg over the seeds (so at least 5: no mean,
+    # the seeds' values); a local defense has no count, so no column
     assert "| fedavg (SA) | krum |\n|---|---|---|---|\n" in rounds
-    assert f"| all runs | rounds_survived | 3.0 ± {10 * HALF:.1f} | 0.0 ± 0.0 |" in rounds
+    assert "| all runs | rounds_survived | 2, 3, ≥ 5 | 0, 0, 0 |" in rounds
+    assert '"≥" where the backdoor outlived the rounds followed' in rounds
+    listed = table_text(TableQuery.parse(["lr0.001", "--where", "defense=fedavg", "--metrics", "rounds_survived"]
+                                         ).within(tmp_path))
+    assert "| 2, 3, ≥ 5 | 3 | 40 |" in listed
     with pytest.raises(ReportError, match="--columns turns the table"):
         table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--paired"]).within(tmp_path))
     with pytest.raises(ReportError, match="no line of defense-comparison has a 'case'"):

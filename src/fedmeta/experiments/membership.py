@@ -539,7 +539,8 @@ def log_line(point: Point, lines: list[dict], clock: float) -> str:
         groups.setdefault(f"{r['target']}/{r['nonmember']}", []).append(f"{r['score']} {r['attack_auc']:.2f}")
     parts = [f"{g}: AUC " + " ".join(v) for g, v in groups.items()]
     acc = lines[0]
-    eps = f" | epsilon {acc['epsilon']:.3g}" if "epsilon" in acc else ""
+    eps = (f" | epsilon {acc['epsilon']:.3g} (substituting an example: {acc['epsilon_substitution']:.3g})"
+           if "epsilon" in acc else "")
     return (f"[{where}] " + " | ".join(parts) + f" | meta_test_accuracy {100 * acc['meta_test_accuracy']:.2f}%"
             f" ±{100 * acc['meta_test_accuracy_ci95']:.2f}{eps} | {format_duration(time.perf_counter() - clock)}")
 def reference_classifier(ctx: Context) -> tuple[Callable[[Tensor], Tensor], float]:
@@ -594,16 +595,22 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
     return _summary(out.records(), clean_accuracy, classifier_accuracy) | session.summary()
 
 
+PRIVACY = ("epsilon", "epsilon_substitution", "delta", "unit")
+"""A DP point's guarantees (``_attack``'s lines) that the summary repeats per point."""
+
+
 def _summary(lines: list[dict], clean: Accuracy, classifier_accuracy: float | None) -> dict[str, Any]:
     """Per point, the strongest score by AUC for each target (first non-member kind): its AUC and
-    TPR at 1% FPR as [value, low, high]; every score is in ``metrics.jsonl``."""
+    TPR at 1% FPR as [value, low, high], and a DP point's ε for adding or removing one clipped term
+    (``epsilon``) and for substituting one example (``epsilon_substitution``, the membership game);
+    every score is in ``metrics.jsonl``."""
     points: dict[str, dict[str, Any]] = {}
     nonmember = lines[0]["nonmember"]
     for r in (r for r in lines if r["nonmember"] == nonmember):
         name = (f"{r['stage']} threat={r['threat']} users={r['users']} ways={r['ways']} "
                 f"defense={r['defense']} scale={r['scale']:g}")
         entry = points.setdefault(name, {"meta_test_accuracy": r["meta_test_accuracy"],
-                                         **({"epsilon": r["epsilon"]} if "epsilon" in r else {})})
+                                         **{k: r[k] for k in PRIVACY if k in r}})
         best = entry.get(r["target"])
         if best is None or r["attack_auc"] > best["attack_auc"][0]:
             entry[r["target"]] = {"score": r["score"], **{m: [r[m], r[f"{m}_low"], r[f"{m}_high"]]

@@ -23,7 +23,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedmeta.reports.collect import ReportError, Run, Table, curve_lines, find_runs, labels, table_lines, tabulate
+from fedmeta.reports.collect import (
+    CAPPED,
+    Cell,
+    ReportError,
+    Run,
+    Table,
+    curve_lines,
+    find_runs,
+    labels,
+    table_lines,
+    tabulate,
+)
 from fedmeta.reports.stats import CONFIDENCE, Interval, interval, paired
 
 __all__ = ["ReportError", "default_out", "write_report"]
@@ -128,6 +139,13 @@ def _number(metric: str, value: float) -> str:
     return f"{value:.1f}" if metric.endswith("_survived") else f"{value:.3f}"
 
 
+def _capped_text(metric: str, cell: Cell) -> str | None:
+    """Seed by seed, the values of a ``CAPPED`` count, "≥" at the cap (``None`` for other metrics)."""
+    if metric not in CAPPED:
+        return None
+    return ", ".join(f"≥ {v:g}" if v and cell.cap.get(s) == v else f"{v:g}" for s, v in sorted(cell.values.items()))
+
+
 def _cell_text(metric: str, ci: Interval) -> str:
     half = "n/a" if ci.half is None else _number(metric, ci.half)
     return f"{_number(metric, ci.mean)} ± {half}"
@@ -169,7 +187,8 @@ def paired_markdown(pairs: list[dict[str, Any]]) -> list[str]:
 
 
 def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: str) -> list[str]:
-    """One row per setting and position of ``experiment``: each metric's mean ± t-interval over seeds.
+    """One row per setting and position of ``experiment``: each metric's mean ± t-interval over seeds
+    (a ``CAPPED`` count: its value per seed).
 
     What every row's position shares is said once above the table, so the column shows what differs.
     The count column is evaluation episodes per seed, or trials for membership inference.
@@ -179,7 +198,8 @@ def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
     for (exp, group, position, metric), cell in table.items():
         if exp == experiment:
             row = rows.setdefault((group, position), {"n": set(), "episodes": set()})
-            row[metric] = interval([cell.values[s] for s in sorted(cell.values)])
+            row[metric] = _capped_text(metric, cell) or _cell_text(
+                metric, interval([cell.values[s] for s in sorted(cell.values)]))
             row["n"].add(len(cell.values))
             row["episodes"] |= cell.episodes
     positions = [position for _, position in rows]
@@ -189,7 +209,7 @@ def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = group_order(names)
     for (group, position), row in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
-        numbers = [_cell_text(m, row[m]) if m in row else "" for m in metrics]
+        numbers = [row.get(m, "") for m in metrics]
         own = tuple(pair for pair in position if pair not in shared)
         out.append("| " + " | ".join([label_text(names[group]), position_text(own), *numbers,
                                       _span(row["n"]), _span(row["episodes"])]) + " |")
@@ -200,16 +220,17 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
     """``table_markdown`` turned so that each value of the position key ``column`` is a column:
     one row per setting, rest of the position and metric (``column = "defense"``: a threat matrix,
     attacks down, defenses across; "(SA)" marks a defense that runs under secure aggregation). One
-    seed: means without an interval."""
+    seed: means without an interval; a ``CAPPED`` count: its value per seed."""
     values: dict[Any, None] = {}
-    rows: dict[tuple[str, tuple, str], dict[Any, Interval]] = {}
+    rows: dict[tuple[str, tuple, str], dict[Any, str]] = {}
     for (exp, group, position, metric), cell in table.items():
         where = dict(position)
         if exp == experiment and column in where:
             values.setdefault(where[column])
             rest = tuple(pair for pair in position if pair[0] != column)
-            ci = interval([cell.values[s] for s in sorted(cell.values)])
-            rows.setdefault((group, rest, metric), {})[where[column]] = ci
+            text = _capped_text(metric, cell) or _pivot_cell(
+                metric, interval([cell.values[s] for s in sorted(cell.values)]))
+            rows.setdefault((group, rest, metric), {})[where[column]] = text
     if not rows:
         raise ReportError(f"--columns {column}: no line of {experiment} has a '{column}'")
     with_position = any(rest for _, rest, _ in rows)
@@ -217,7 +238,7 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = group_order(names)
     for (group, rest, metric), cells in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
-        numbers = [_pivot_cell(metric, cells[v]) if v in cells else "" for v in values]
+        numbers = [cells.get(v, "") for v in values]
         out.append("| " + " | ".join([short_label(names[group]), *([position_text(rest)] if with_position else []),
                                       metric, *numbers]) + " |")
     return out

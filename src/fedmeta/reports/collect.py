@@ -56,6 +56,14 @@ class Cell:
 
     values: dict[int, float] = field(default_factory=dict)
     episodes: set[int] = field(default_factory=set)
+    cap: dict[int, float] = field(default_factory=dict)
+    """Per seed, the largest value a ``CAPPED`` count could take (empty for other metrics)."""
+
+
+CAPPED = {"rounds_survived": "rounds_followed"}
+"""A count and the metric of its line that caps it. At the cap it means "at least" (the backdoor
+was still present after the last round followed), so a mean and t-interval over seeds would
+understate it and pretend a symmetric spread: reports show each seed's value, "≥" at the cap."""
 
 
 def find_runs(folders: list[Path]) -> tuple[list[Run], list[Path]]:
@@ -186,6 +194,8 @@ def tabulate(runs: list[Run], pick) -> Table:
                     raise ReportError(f"two runs of one setting have seed {run.seed} (one is {run.path}); "
                                       "report them separately")
                 cell.values[run.seed] = float(value)
+                if name in CAPPED and CAPPED[name] in record:
+                    cell.cap[run.seed] = float(record[CAPPED[name]])
                 if (episodes := record.get("episodes", record.get("trials", run.episodes))) is not None:
                     cell.episodes.add(int(episodes))
     return table

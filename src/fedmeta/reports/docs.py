@@ -44,7 +44,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedmeta.reports.collect import AXES, Cell, ReportError, Table, find_runs, labels, table_lines, tabulate
+from fedmeta.reports.collect import AXES, CAPPED, Cell, ReportError, Table, find_runs, labels, table_lines, tabulate
 
 MARKER = re.compile(r"^<!-- fedmeta report (?P<args>.+?) -->\n(?P<table>.*?)^<!-- end -->$", re.MULTILINE | re.DOTALL)
 
@@ -169,6 +169,9 @@ def table_text(query: TableQuery) -> str:
         return "\n".join([PAIRED_NOTE + merged, "", *paired_markdown(pairs)]) + "\n"
     seeds = sorted({r.seed for r in runs})
     head = f"Seeds: {', '.join(map(str, seeds))} ({len(seeds)}); mean ± half-width of the 95% t-interval over seeds."
+    capped = sorted({k[3] for k in table} & set(CAPPED))
+    if capped:
+        head += f" {', '.join(capped)}: each seed's value, \"≥\" where the backdoor outlived the rounds followed."
     body = pivot_markdown(table, names, experiment, query.columns) if query.columns else table_markdown(
         table, names, experiment)
     return "\n".join([head + merged, "", *body]) + "\n"
