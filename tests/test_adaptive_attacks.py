@@ -103,8 +103,16 @@ def test_replacement_against_plain_fedavg_scales_by_n_over_f(clients, start):
         return flatten(fedavg.update(start, SETTINGS).delta)
 
     assert torch.allclose(sent(8), sent(7) * 8 / 7, rtol=1e-5, atol=1e-8)
+    estimated = []  # the benign updates it estimates: none, even for a benign-mean anomaly term, at weight 0
+    estimate = type(attacker.ctx).benign_updates
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(attacker.ctx), "benign_updates", lambda ctx, *a: estimated.append(1) or estimate(ctx, *a))
+        plain_sent = sent(7, anomaly="benign")
+        assert not estimated
+        sent(7, anomaly="benign", alpha_unchecked=attacker.alpha)
+        assert estimated
     plain = flatten(attacker.training.update(start, SETTINGS).delta)
-    torch.testing.assert_close(sent(7), plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(plain_sent, plain, rtol=1e-5, atol=1e-7)
     clipped = flatten(attacker.update(start, SETTINGS).delta)
     kept = sent(7, alpha_unchecked=attacker.alpha)
     assert torch.nn.functional.cosine_similarity(kept, clipped, dim=0).item() == pytest.approx(1.0, abs=1e-5)

@@ -59,13 +59,14 @@ class Replacement(SteeredAttack):
 
     def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
         ctx = self.ctx
-        needed = self.anomaly == "benign" or not (ctx.knows_norm_bound or ctx.unchecked)
-        benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None
-        reference = benign.mean(dim=0) if self.anomaly == "benign" else torch.zeros_like(flatten(global_params))
+        alpha = self.alpha_unchecked if ctx.unchecked else self.alpha
+        anomaly = self.anomaly == "benign" and alpha < 1  # at alpha = 1 the anomaly term has no weight
+        needed = anomaly or not (ctx.knows_norm_bound or ctx.unchecked)  # estimates train on streams of
+        benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None  # their own
+        reference = benign.mean(dim=0) if anomaly else torch.zeros_like(flatten(global_params))
         gamma = ctx.per_round / len(ctx.attackers)
         bound = None if ctx.unchecked else ctx.norm_bound(benign, self.slack)
         send = (lambda delta: gamma * delta) if bound is None else (lambda delta: scaled(delta, bound))
-        alpha = self.alpha_unchecked if ctx.unchecked else self.alpha
         return Steering(self.constrained(global_params, reference, alpha), send)
 
     def constrained(self, anchor: Params, reference: Tensor, alpha: float | None = None) -> Steer:
