@@ -115,6 +115,11 @@ def test_cli_lists_presets_and_reports_config_errors(tmp_path):
     ("omniglot-compare-quick", ["federation.weighting=size"], r"compare\.secure_rows: .*weighting = 'equal'"),
     ("omniglot-exp1a-quick", ["attack.attackers=[{user = 0, rounds = []}]"], r"attack\.attackers\.0\.rounds: .*"
                                                                              r"at least one round"),
+    # before any pre-training: one ALIE attacker of 10 per round has z_max = 0, the benign mean
+    ("omniglot-fleet-quick", ["attack.attackers=[{user = 0, rounds = [1], strategy = 'alie'}]"],
+     r"attacks\.alie\.z: with f = 1 attacker of n = 10 .*z_max = Phi\^-1\(1/2\) = 0"),
+    ("omniglot-exp1a-quick", ["attack.attackers=[{user = 0, strategy = 'alie'}]", "attacks.alie.z=0"],
+     r"alie\.z.*greater than 0"),
 ])
 def test_a_setting_the_experiment_would_not_read_is_refused_by_name(preset, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -21,8 +21,9 @@ from fedmeta.registry import ATTACKS
 class AlieOptions(TrainingOptions):
     estimates: int = Field(4, ge=2, le=1000)
     """Benign updates the attacker (with its colluders) computes on clean data: the mean and std."""
-    z: Annotated[float, Field(ge=0.0, le=10.0)] | Literal["z_max"] = "z_max"
-    """Standard deviations the update may stray; "z_max": Baruch et al.'s, from n and f."""
+    z: Annotated[float, Field(gt=0.0, le=10.0)] | Literal["z_max"] = "z_max"
+    """Standard deviations the update may stray (0 would send the benign mean: no backdoor);
+    "z_max": Baruch et al.'s, from n and f."""
 
 
 def z_max(n: int, f: int) -> float:
@@ -61,7 +62,13 @@ class Alie(SteeredAttack):
         return Steering(box(global_params, *self.bounds(global_params, settings)))
 
 
-@ATTACKS.register("alie", options=AlieOptions)
+def check(options: dict, per_round: int, attackers: int) -> None:
+    """Refuse, when the config loads (before any pre-training), a z_max that ``z_max`` refuses."""
+    if options.get("z", "z_max") == "z_max":
+        z_max(per_round, min(attackers, per_round))
+
+
+@ATTACKS.register("alie", options=AlieOptions, check=check)
 def alie(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, z: float | str) -> Alie:
     """A little is enough (Baruch et al., NeurIPS 2019): the backdoor within the benign mean +/- z std
     per coordinate. For z_max, n = federation.per_round and f = every malicious user (at most n); a

@@ -14,8 +14,10 @@ Registration facts read elsewhere: ``knows_rule`` (the update depends on the ser
 cached attack rounds are keyed by it: ``True`` for the rule and all its settings, ``"norm"`` for a
 strategy that reads only the norm the rule lets through (none under plain FedAvg), ``"bound"`` for
 one that reads only the bound it keeps inside (the rule's cap, else an estimate, FedAvg included),
-``rule_seen``) and ``split_trigger``
-(each user running the strategy gets its own part of the trigger: ``scenario.backdoor``).
+``rule_seen``), ``split_trigger``
+(each user running the strategy gets its own part of the trigger: ``scenario.backdoor``) and
+``check`` (``(options, per_round, attackers) -> None``, raising ``ValueError`` for a setting the
+strategy cannot run, when the config loads: ``alie``'s z_max).
 
 Threat model of the adaptive strategies (``fedmeta.attacks.steering``): the attacker knows the
 aggregation rule and its settings (Kerckhoffs), not the other users' updates; it can run the

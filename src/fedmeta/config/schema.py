@@ -185,6 +185,9 @@ class Backdoor(Federated):
         if crowded:
             raise ValueError(f"attack.attackers: more attackers than federation.per_round = {fed.per_round} in rounds "
                              f"{sorted(crowded)}")
+        for name in dict.fromkeys(a.strategy for a in self.attack.attackers):  # a strategy's own refusals
+            if check := ATTACKS.get(name).info.get("check"):  # (registered ``check=``)
+                check(self.attack_options(name), fed.per_round, len(users))
         return self
 
     @model_validator(mode="after")
