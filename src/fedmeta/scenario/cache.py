@@ -136,7 +136,8 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
         return updates
 
     def build() -> list[ClientUpdate]:
-        known = shared_benign(cfg, case, settings, params, pretraining)
+        users = server.schedule.participants(settings.round, settings.phase)
+        known = {u: v for u, v in shared_benign(cfg, case, settings, params, pretraining).items() if u in users}
         if known:
             tqdm.write(f"{kind} round {settings.round}: reusing users {sorted(known)}'s updates from the same round "
                        f"{'without' if cfg.attack.enabled else 'with'} the attackers")
