@@ -214,10 +214,13 @@ def test_an_attack_over_two_rounds_plays_both_under_each_rule_and_fedavg_is_expe
     monkeypatch.setattr(comparison, "curves", lambda cfg, case, params, *a, **kw: scored.append(params) or curves(
         cfg, case, params, *a, **kw))
     attackers = "attack.attackers=[{user=0,rounds=[1,2],strategy='boosted'}]"
-    fedavg, median, _ = _run(tmp_path / "c", "omniglot-compare-quick", [
-        "compare.rules=['fedavg', 'median']", "compare.local_defenses=[]", attackers]).records()
-    # round 1 once for every row, with and without the attacker; round 2 per row, attacked and clean
+    fedavg, median, local, _ = _run(tmp_path / "c", "omniglot-compare-quick", [
+        "compare.rules=['fedavg', 'median']", "compare.local_defenses=['finetune']", "compare.secure_rows=false",
+        "finetune.users=1", attackers]).records()
+    # round 1 once for every row, with and without the attacker; round 2 per rule, attacked and clean:
+    # the local row defends FedAvg's model, whose rounds it shares (``Plays``)
     assert sorted(trained) == [(1, False), (1, True), (2, False), (2, False), (2, True), (2, True)]
+    assert local["defense"] == "local finetune (FedAvg)"
     assert fedavg["attacker_weight"] == pytest.approx(1 / 3, abs=1e-4)  # 1/M_min in each of the two rounds
     assert 0 < median["attacker_weight"] < fedavg["attacker_weight"]
     # FedAvg's row scores Experiment 1's global model after its second attack round: the same rounds

@@ -9,7 +9,8 @@ attack strategy) compute them once; round 1's benign users train once for both r
 attack (``scenario.cache.shared_benign``). An attack over several
 rounds (``attack.attackers[*].rounds``, e.g. ``[1, 2, 3]``, or a late ``[5]``) plays every round
 up to the last attack round under each row's rule: from round 2 on, each row's users (attackers
-included, knowing the row's rule) train on that row's model, so those rounds cost per row. For
+included, knowing the row's rule) train on that row's model, so those rounds cost per rule
+(``Plays``: FedAvg's row and the local rows, which defend FedAvg's model, share them). For
 each row:
 
 - ``clean_meta_test_accuracy``: the same rounds without the attackers (the benign users that
@@ -52,7 +53,7 @@ local row on ``finetune.episodes`` episodes per user, of that user's classes, af
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from scipy.stats import norm
@@ -116,12 +117,12 @@ def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:
     clock = session.elapsed
     before = _before_scores(cfg, case, engine)
     before_seconds = round(session.elapsed - clock, 1)
-    table = rows(cfg)
+    table, plays = rows(cfg), Plays(cfg, case, engine, clean)
     for index in session.steps(resumed.step if resumed else 0, len(table), desc="defenses", unit="row"):
         label, rule, local, secure = table[index]
         start = session.elapsed
         attacked = _attack_round(cfg, case, rule, settings, engine) if adaptive else shared
-        record = {"defense": label, **_row(cfg, case, rule, local, secure, attacked, clean, engine, before)}
+        record = {"defense": label, **_row(plays, rule, local, secure, attacked, before)}
         record["seconds"] = round(session.elapsed - start, 1)
         session.log(record, f"{record['seconds']:.0f}s")
         session.checkpoint({}, step=index + 1)
@@ -156,17 +157,47 @@ def _attack_round(cfg: Backdoor, case: Case, rule: str, settings: RoundSettings,
                                 pretraining=cfg)
 
 
-def _row(cfg: Backdoor, case: Case, rule: str, local: str | None, secure: bool, attacked: list[ClientUpdate],
-         clean: list[ClientUpdate], engine: Engine, before: dict[str, Accuracy]) -> dict[str, Any]:
+@dataclass
+class Plays:
+    """Each (rule, secure aggregation)'s rounds up to the last attack round from the pre-trained
+    model, with and without the attackers, played once per run: the rows that agree on them
+    (FedAvg's server row and the local rows, which defend FedAvg's model) share them, since from
+    round 2 on a play trains every user again, attackers included."""
+
+    cfg: Backdoor
+    case: Case
+    engine: Engine
+    clean_first: list[ClientUpdate]
+    """Round 1's updates without the attackers."""
+    attacked_plays: dict[tuple[str, bool], tuple[Server, Params, Played]] = field(default_factory=dict)
+    clean_plays: dict[tuple[str, bool], Params] = field(default_factory=dict)
+
+    def attacked(self, rule: str, secure: bool, first: list[ClientUpdate]) -> tuple[Server, Params, Played]:
+        """The rounds under ``rule`` (``first``: round 1's updates): the server (its rule's state as
+        the last attack round left it, for the server row to go on with), the model, what it applied."""
+        if (rule, secure) not in self.attacked_plays:
+            server = main_server(_with_rule(self.cfg, rule), self.case, self.engine)  # a later round's
+            # attacker adapts to the row's rule
+            self.attacked_plays[rule, secure] = (server, *_play(self.cfg, server, self.case.pretrained, first, secure))
+        return self.attacked_plays[rule, secure]
+
+    def clean(self, rule: str, secure: bool) -> Params:
+        """The same rounds without the attackers, on a fresh server (a stateful rule starts afresh)."""
+        if (rule, secure) not in self.clean_plays:
+            server = main_server(without_attack(_with_rule(self.cfg, rule)), self.case, self.engine)
+            self.clean_plays[rule, secure] = _play(self.cfg, server, self.case.pretrained, self.clean_first, secure)[0]
+        return self.clean_plays[rule, secure]
+
+
+def _row(plays: Plays, rule: str, local: str | None, secure: bool, attacked: list[ClientUpdate],
+         before: dict[str, Accuracy]) -> dict[str, Any]:
     """One row: the attack's rounds under ``rule`` (``attacked``: round 1's updates), then the
     row's local defense or its evaluation and the rounds the backdoor survives."""
-    row = _with_rule(cfg, rule)
-    server = main_server(row, case, engine)  # an attacker of a later round adapts to the row's rule
-    after_attack, played = _play(cfg, server, case.pretrained, attacked, secure)
+    cfg, case, engine = plays.cfg, plays.case, plays.engine
+    server, after_attack, played = plays.attacked(rule, secure, attacked)
 
-    def after_clean() -> Params:  # the same rounds without the attackers, on a fresh server (a stateful
-        # rule starts afresh); computed only where the clean scores are not cached
-        return _play(cfg, main_server(without_attack(row), case, engine), case.pretrained, clean, secure)[0]
+    def after_clean() -> Params:  # computed only where the clean scores are not cached
+        return plays.clean(rule, secure)
 
     if local:
         defend = LOCAL_DEFENSES.get(local).factory
