@@ -61,8 +61,9 @@ class Replacement(SteeredAttack):
         ctx = self.ctx
         alpha = self.alpha_unchecked if ctx.unchecked else self.alpha
         anomaly = self.anomaly == "benign" and alpha < 1  # at alpha = 1 the anomaly term has no weight
-        needed = anomaly or not (ctx.knows_norm_bound or ctx.unchecked)  # estimates train on streams of
-        benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None  # their own
+        # benign estimates (on streams of their own) only where the anomaly term or the bound uses them
+        needed = anomaly or not (ctx.knows_norm_bound or ctx.unchecked)
+        benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None
         reference = benign.mean(dim=0) if anomaly else torch.zeros_like(flatten(global_params))
         gamma = ctx.per_round / len(ctx.attackers)
         bound = None if ctx.unchecked else ctx.norm_bound(benign, self.slack)

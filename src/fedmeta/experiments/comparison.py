@@ -175,9 +175,8 @@ class Plays:
     def attacked(self, rule: str, secure: bool, first: list[ClientUpdate]) -> tuple[Server, Params, Played]:
         """The rounds under ``rule`` (``first``: round 1's updates): the server (its rule's state as
         the last attack round left it, for the server row to go on with), the model, what it applied."""
-        if (rule, secure) not in self.attacked_plays:
-            server = main_server(_with_rule(self.cfg, rule), self.case, self.engine)  # a later round's
-            # attacker adapts to the row's rule
+        if (rule, secure) not in self.attacked_plays:  # a later round's attacker adapts to the row's rule
+            server = main_server(_with_rule(self.cfg, rule), self.case, self.engine)
             self.attacked_plays[rule, secure] = (server, *_play(self.cfg, server, self.case.pretrained, first, secure))
         return self.attacked_plays[rule, secure]
 
