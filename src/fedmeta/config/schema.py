@@ -6,6 +6,12 @@ and the resolved ``config.toml`` holds nothing that does not matter. Where famil
 section but not all of its keys, a family refuses a value other than the default for a key it
 does not read (``_unread``: ``federation.dirichlet_alpha`` in robustness-federated, ...).
 
+Still accepted, though not read everywhere: ``federation.rounds`` and ``federation.eval_every`` in
+Experiments 2 and 3 and the defense comparison (presets inherit them from Experiment 1's, and
+cached clean scores are keyed by the whole config, so refusing them would split the threat
+matrix's cache), and a ``[rules.<name>]`` table of a rule the run does not use (presets list every
+rule's settings once; a comparison picks its rules from them).
+
 | family | experiments | sections beyond data, model, meta, eval, runtime |
 | --- | --- | --- |
 | centralised | pretrain | - |
@@ -191,7 +197,7 @@ class Backdoor(Federated):
         return self
 
     @model_validator(mode="after")
-    def _read(self) -> Backdoor:
+    def _refuse_unread(self) -> Backdoor:
         _unread(self, {
             "data.omniglot_split": "the backdoor experiments reserve their classes from the seeded 1200/423 split"})
         if self.meta.meta_lr_final is not None:

@@ -261,7 +261,7 @@ def _with_rule(cfg: Backdoor, rule: str) -> Backdoor:
     return cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"rule": rule})})
 
 
-ABOVE = float(norm.ppf(0.95))
+Z_ONE_SIDED_5PCT = float(norm.ppf(0.95))
 """The one-sided 5% point of the standard normal: ``present``'s threshold."""
 
 
@@ -273,7 +273,7 @@ def present(now: Accuracy, before: Accuracy) -> bool:
     a one-sided test at about 0.3% that called backdoors gone too soon.)"""
     error = math.hypot(now.ci95, before.ci95) / 1.96
     above = now.mean - before.mean
-    return above > ABOVE * error if error > 0 else above > 0
+    return above > Z_ONE_SIDED_5PCT * error if error > 0 else above > 0
 
 
 def _survival(cfg: Backdoor, case: Case, server: Server, params: Params, right_after: Accuracy,
