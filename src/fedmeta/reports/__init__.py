@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.reports.collect import (
-    CAPPED,
-    Cell,
     ReportError,
     Run,
     Table,
+    capped_text,
     curve_lines,
     find_runs,
     labels,
@@ -139,13 +138,6 @@ def _number(metric: str, value: float) -> str:
     return f"{value:.1f}" if metric.endswith("_survived") else f"{value:.3f}"
 
 
-def _capped_text(metric: str, cell: Cell) -> str | None:
-    """Seed by seed, the values of a ``CAPPED`` count, "≥" at the cap (``None`` for other metrics)."""
-    if metric not in CAPPED:
-        return None
-    return ", ".join(f"≥ {v:g}" if v and cell.cap.get(s) == v else f"{v:g}" for s, v in sorted(cell.values.items()))
-
-
 def _cell_text(metric: str, ci: Interval) -> str:
     half = "n/a" if ci.half is None else _number(metric, ci.half)
     return f"{_number(metric, ci.mean)} ± {half}"
@@ -198,7 +190,7 @@ def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
     for (exp, group, position, metric), cell in table.items():
         if exp == experiment:
             row = rows.setdefault((group, position), {"n": set(), "episodes": set()})
-            row[metric] = _capped_text(metric, cell) or _cell_text(
+            row[metric] = capped_text(metric, cell) or _cell_text(
                 metric, interval([cell.values[s] for s in sorted(cell.values)]))
             row["n"].add(len(cell.values))
             row["episodes"] |= cell.episodes
@@ -228,7 +220,7 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
         if exp == experiment and column in where:
             values.setdefault(where[column])
             rest = tuple(pair for pair in position if pair[0] != column)
-            text = _capped_text(metric, cell) or _pivot_cell(
+            text = capped_text(metric, cell) or _pivot_cell(
                 metric, interval([cell.values[s] for s in sorted(cell.values)]))
             rows.setdefault((group, rest, metric), {})[where[column]] = text
     if not rows:

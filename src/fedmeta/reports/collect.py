@@ -66,6 +66,13 @@ was still present after the last round followed), so a mean and t-interval over 
 understate it and pretend a symmetric spread: reports show each seed's value, "≥" at the cap."""
 
 
+def capped_text(metric: str, cell: Cell, sep: str = ", ") -> str | None:
+    """Seed by seed, the values of a ``CAPPED`` count, "≥" at the cap (``None`` for other metrics)."""
+    if metric not in CAPPED:
+        return None
+    return sep.join(f"≥ {v:g}" if v and cell.cap.get(s) == v else f"{v:g}" for s, v in sorted(cell.values.items()))
+
+
 def find_runs(folders: list[Path]) -> tuple[list[Run], list[Path]]:
     """The finished runs under ``folders`` (a run folder, or a folder of them such as a sweep),
     and the unfinished ones left out."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.plots import plt
-from fedmeta.reports.collect import AXES, Table, series
+from fedmeta.reports.collect import AXES, CAPPED, Table, capped_text, series
 from fedmeta.reports.stats import interval
 
 
@@ -95,8 +95,9 @@ HEATMAP_METRICS = ("attack_val_accuracy", "meta_test_accuracy", "rounds_survived
 def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
     """A threat matrix: one row per setting (attack), one column per ``defense``, a panel per metric
     of ``HEATMAP_METRICS`` the lines have; each cell its mean over seeds (± half-width of the 95%
-    interval), blank where a row has no such metric (a local defense has no rounds survived). A
-    defense the server can run under secure aggregation is marked "(SA)"."""
+    interval; a ``CAPPED`` count: coloured by its mean, a lower bound, and labelled seed by seed),
+    blank where a row has no such metric (a local defense has no rounds survived). A defense the
+    server can run under secure aggregation is marked "(SA)"."""
     from fedmeta.reports import defense_text, group_order, short_label
 
     keys = [k for k in table if k[0] == experiment and "defense" in dict(k[2]) and k[3] in HEATMAP_METRICS]
@@ -110,8 +111,8 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     width = 0.85 * len(defenses) + 0.07 * max(map(len, rows)) + 1
     fig, axes = plt.subplots(len(metrics), 1, figsize=(width, (0.5 * len(groups) + 2.2) * len(metrics)), squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
-        cells = {(k[1], dict(k[2])["defense"]): interval([table[k].values[s] for s in sorted(table[k].values)])
-                 for k in keys if k[3] == metric}
+        found = {(k[1], dict(k[2])["defense"]): k for k in keys if k[3] == metric}
+        cells = {gd: interval([table[k].values[s] for s in sorted(table[k].values)]) for gd, k in found.items()}
         percent = metric.endswith("accuracy")
         scale = 100 if percent else 1
         top = 100 if percent else max(1.0, max(ci.mean for ci in cells.values()))
@@ -121,13 +122,15 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
         digits = 0 if percent else 1
         for (g, d), ci in cells.items():
             half = "" if ci.half is None else f"\n±{scale * ci.half:.{digits}f}"
-            ax.text(defenses.index(d), groups.index(g), f"{scale * ci.mean:.{digits}f}{half}", ha="center",
+            text = capped_text(metric, table[found[g, d]], "\n")  # a capped count: seed by seed
+            ax.text(defenses.index(d), groups.index(g), text or f"{scale * ci.mean:.{digits}f}{half}", ha="center",
                     va="center", fontsize=7, color="white" if scale * ci.mean > 0.6 * top else "black")
         ax.set_xticks(range(len(defenses)), columns, fontsize=7, rotation=40, ha="right")
         ax.set_yticks(range(len(groups)), rows, fontsize=7)
-        unit = " (%)" if percent else " (benign rounds after the attack; blank: not followed)"
-        ax.set_title(f"{metric.replace('_', ' ')}{unit}, mean over seeds ± 95% interval; (SA): runs under secure "
-                     "aggregation", fontsize=8)
+        what = (" (%), mean over seeds ± 95% interval" if percent else
+                " (benign rounds after the attack) per seed, ≥: outlived every round followed; colour: the mean"
+                if metric in CAPPED else ", mean over seeds ± 95% interval")
+        ax.set_title(f"{metric.replace('_', ' ')}{what}; (SA): runs under secure aggregation", fontsize=8)
     return _save(fig, out)
 
 
