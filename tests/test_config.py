@@ -115,6 +115,7 @@ def test_cli_lists_presets_and_reports_config_errors(tmp_path):
     ("omniglot-compare-quick", ["federation.weighting=size"], r"compare\.secure_rows: .*weighting = 'equal'"),
     ("omniglot-exp1a-quick", ["attack.attackers=[{user = 0, rounds = []}]"], r"attack\.attackers\.0\.rounds: .*"
                                                                              r"at least one round"),
+    ("omniglot-compare-quick", ["compare.rules=['krum', 'median', 'krum']"], r"compare\.rules: .*krum twice"),
     # before any pre-training: one ALIE attacker of 10 per round has z_max = 0, the benign mean
     ("omniglot-fleet-quick", ["attack.attackers=[{user = 0, rounds = [1], strategy = 'alie'}]"],
      r"attacks\.alie\.z: with f = 1 attacker of n = 10 .*z_max = Phi\^-1\(1/2\) = 0"),

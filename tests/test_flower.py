@@ -102,7 +102,7 @@ def test_secure_aggregation_differs_from_fedavg_by_quantization_only(plain, tmp_
     assert [r["round"] for r in records] == [0, 1, 2, 3] and 0 in records[1]["participants"]  # attacked under SecAgg+
 
 
-@pytest.mark.slow  # ~40 s; CI keeps the deployment test of stragglers (a killed SuperNode, plain rounds)
+@pytest.mark.slow  # ~40 s; CI tests stragglers on fake nodes (test_flower_deployment), the killed SuperNode is slow too
 def test_secure_aggregation_goes_on_without_a_node_that_fails(tmp_path, omniglot, monkeypatch):
     """An attacker boosted past the SecAgg+ clipping range fails in the masked stage: SecAgg+ drops
     it, unmasks the mean of the two others (M_min = 2), and the round reports it as missing."""

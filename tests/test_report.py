@@ -136,6 +136,16 @@ def test_mean_over_users_merges_them_within_each_seed(tmp_path):
         table_text(TableQuery.parse(["sweep", "--mean-over", "shots"]).within(tmp_path))
 
 
+def test_mean_over_keeps_a_capped_count_at_its_cap_only_where_every_line_is():
+    from fedmeta.reports.collect import Cell, capped_text
+    from fedmeta.reports.docs import mean_over
+
+    table = {("e", "g", (("defense", d), ("user", u)), "rounds_survived"): Cell(values, {40}, {0: 5, 1: 5})
+             for d, u, values in (("fedavg", 1, {0: 5, 1: 5}), ("fedavg", 2, {0: 5, 1: 3}))}
+    (cell,) = mean_over(table, "user").values()
+    assert capped_text("rounds_survived", cell) == "≥ 5, 4"
+
+
 def test_runs_of_different_learners_of_one_seed_pair_up(tmp_path):
     """``robust.learners`` only says which learners a run trains (each scores the same alone), so
     runs of MAML and of ADML on the same seeds are one setting and pair seed by seed."""
@@ -199,6 +209,12 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
         table_text(TableQuery.parse(["lr0.001", "--columns", "case"]).within(tmp_path))
     written = write_report([tmp_path / "lr0.001", tmp_path / "lr0.01"], tmp_path / "report")
     assert "heatmap-defense-comparison.png" in {p.name for p in written}
+    # the CSV gives a capped count seed by seed, its mean (a lower bound) without an interval; no
+    # paired difference of capped counts
+    survived = [r for r in _rows(tmp_path / "report" / "table.csv") if r["metric"] == "rounds_survived"]
+    fedavg = next(r for r in survived if r["defense"] == "fedavg" and r["setting"] == "meta.inner_lr=0.001")
+    assert (fedavg["values"], fedavg["mean"], fedavg["ci95_half"]) == ("2 3 >=5", "3.33333", "")
+    assert not [r for r in _rows(tmp_path / "report" / "paired.csv") if r["metric"] == "rounds_survived"]
 
 
 def test_matrix_labels_and_secure_aggregation_marks():

@@ -369,8 +369,15 @@ class CompareConfig(Section):
     rounds it survives (``rounds_survived``, evaluated after each); 0: none. Each costs a round
     and an evaluation of the backdoor half; rows that removed the backdoor cost nothing more."""
 
-    check_rules = field_validator("rules")(lambda v: [registered(RULES, n) for n in v])
-    check_local = field_validator("local_defenses")(lambda v: [registered(LOCAL_DEFENSES, n) for n in v])
+    check_rules = field_validator("rules")(lambda v: _once([registered(RULES, n) for n in v]))
+    check_local = field_validator("local_defenses")(lambda v: _once([registered(LOCAL_DEFENSES, n) for n in v]))
+
+
+def _once(names: list[str]) -> list[str]:
+    """``names``, refused if one repeats (two rows of one defense would share one server's state)."""
+    if twice := sorted({n for n in names if names.count(n) > 1}):
+        raise ValueError(f"lists {', '.join(twice)} twice; each defense is one row")
+    return names
 
 
 class DefenseScales(Section):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.reports.collect import (
+    CAPPED,
     ReportError,
     Run,
     Table,
@@ -109,6 +110,8 @@ def comparisons_of(table: Table, names: dict[str, dict[str, Any]], baseline: str
     rows = []
     base_group = baseline or group_order(names)[0]
     for (experiment, group, position, metric), cell in table.items():
+        if metric in CAPPED:  # a difference of counts cut off at a cap has no t-interval to speak of
+            continue
         if group != base_group and (base := table.get((experiment, base_group, position, metric))):
             rows.append(_pair(experiment, label_text(names[group]), label_text(names[base_group]), position, metric,
                               cell.values, base.values))
@@ -263,7 +266,7 @@ def _span(values: set[int]) -> str:
 def _csv(path: Path, table: Table, names: dict[str, dict[str, Any]]) -> Path:
     keys = list(dict.fromkeys(k for _, _, position, _ in table for k, _ in position))
     head = ["experiment", "setting", *keys, "metric", "seeds", "n", "episodes", "mean", "sd", "ci95_half", "ci95_low",
-            "ci95_high"]
+            "ci95_high", "values"]
     order = group_order(names)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -271,9 +274,14 @@ def _csv(path: Path, table: Table, names: dict[str, dict[str, Any]]) -> Path:
         for (experiment, group, position, metric), cell in sorted(
                 table.items(), key=lambda item: (item[0][0], order.index(item[0][1]), json.dumps(item[0][2:]))):
             ci = interval([cell.values[s] for s in sorted(cell.values)])
+            numbers = _numbers(ci)
+            if metric in CAPPED:  # the mean is a lower bound; no interval
+                numbers = [numbers[0], "", "", "", ""]
             where = dict(position)
+            values = capped_text(metric, cell, " ") or " ".join(f"{cell.values[s]:.6g}" for s in sorted(cell.values))
             writer.writerow([experiment, label_text(names[group]), *(where.get(k, "") for k in keys), metric,
-                             " ".join(map(str, sorted(cell.values))), ci.n, _span(cell.episodes), *_numbers(ci)])
+                             " ".join(map(str, sorted(cell.values))), ci.n, _span(cell.episodes), *numbers,
+                             values.replace("≥ ", ">=")])
     return path
 
 

@@ -217,9 +217,14 @@ def mean_over(table: Table, key: str) -> Table:
         seeds = set(cells[0].values)
         if any(set(c.values) != seeds for c in cells):
             raise ReportError(f"--mean-over {key}: the seeds differ between the lines merged at {dict(where[2])}")
-        out[where] = Cell({s: sum(c.values[s] for c in cells) / len(cells) for s in sorted(seeds)},
-                          set().union(*(c.episodes for c in cells)))
+        out[where] = Cell(_seed_means([c.values for c in cells]), set().union(*(c.episodes for c in cells)),
+                          _seed_means([c.cap for c in cells]))  # a seed's mean is at its cap only if every line's is
     return out
+
+
+def _seed_means(parts: list[dict[int, float]]) -> dict[int, float]:
+    """Seed by seed, the mean over ``parts`` (the seeds all of them have)."""
+    return {s: sum(p[s] for p in parts) / len(parts) for s in sorted(parts[0]) if all(s in p for p in parts)}
 
 
 def _select(table: Table, query: TableQuery) -> Table:

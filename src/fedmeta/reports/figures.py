@@ -63,10 +63,11 @@ def _band(ax: Any, points: list, colour: str, label: str) -> None:
 
 
 def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
-    """One panel per metric: each table position on the x axis, a point and error bar per setting."""
+    """One panel per metric: each table position on the x axis, a point and error bar per setting
+    (not for a ``CAPPED`` count, which has no interval: the tables and the heatmap give it per seed)."""
     from fedmeta.reports import group_order, label_text, position_text
 
-    keys = [k for k in table if k[0] == experiment]
+    keys = [k for k in table if k[0] == experiment and k[3] not in CAPPED]
     if not keys:
         return None
     metrics = list(dict.fromkeys(k[3] for k in keys))

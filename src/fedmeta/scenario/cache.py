@@ -163,7 +163,8 @@ def shared_benign(cfg: Backdoor, case: str, settings: RoundSettings, params: Par
 
     Round 1 starts from the pre-trained model whether or not anyone attacks, and a benign user's
     update depends only on that model, the user's data and its random stream, so it is the same
-    update in both rounds (bit for bit: the threat matrix's cached rounds agree). Sharing it spares
+    update in both rounds (bit for bit in process: the threat matrix's cached rounds agree; under
+    ``--engine batched`` up to its vmap round-off, the batches then being smaller). Sharing it spares
     a threat matrix's cells, and an adaptive attacker's rules, training every benign user of round
     1 again. Later rounds start from a model the attack changed."""
     if settings.round != 1:
