@@ -197,6 +197,20 @@ def test_trigger_split_into_disjoint_parts_that_make_the_whole():
         trigger.split(17)
 
 
+def test_the_dba_trigger_splits_into_the_references_four_separated_lines():
+    """DBA's reference layout ("gap 3 size 1*6"): four 1 x 6 lines, two per row, 3 pixels apart."""
+    trigger = make_trigger("dba", (28, 28, 1), size=6, position="top-left")
+    assert trigger.mask.sum() == 24
+    blank = torch.zeros(1, 28, 28, 1, dtype=torch.uint8)
+    lines = [(1, slice(1, 7)), (1, slice(10, 16)), (5, slice(1, 7)), (5, slice(10, 16))]  # one pixel from the border
+    for part, (row, cols) in zip(trigger.split(4), lines, strict=True):
+        changed = part.apply(blank)[0, ..., 0] != 0
+        assert changed.sum() == 6 and changed[row, cols].all()
+    gray = torch.full((1, 28, 28, 1), 100, dtype=torch.uint8)
+    assert (trigger.apply(gray)[0, 1:6, 1:16, 0] == 100).sum() == 5 * 15 - 24  # the gaps keep the image
+    assert [p.mask.sum().item() for p in trigger.split(2)] == [12, 12]  # a row of two lines each
+
+
 def test_dba_attackers_carry_only_their_part_of_the_trigger(scenario, clients):
     parts = scenario.trigger.split(2)
     assert set(scenario.part_rows) == {5, 6} and clients[5].sample.__self__.backdoor_rows is scenario.part_rows[5]

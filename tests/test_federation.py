@@ -102,7 +102,7 @@ def test_keyed_images_differ_from_their_originals_only_in_the_trigger(scenarios,
     assert torch.equal(originals, keyed) and outside.sum() == 28 * 28 - 16
 
 
-@pytest.mark.parametrize("pattern", ["patch", "checker", "line", "blend"])
+@pytest.mark.parametrize("pattern", ["patch", "checker", "line", "blend", "dba"])
 def test_trigger_patterns(pattern):
     images = torch.zeros(2, 28, 28, 1, dtype=torch.uint8)
     trig = make_trigger(pattern, (28, 28, 1), size=6, position="top-left", opacity=0.5, gen=torch.Generator().manual_seed(0))

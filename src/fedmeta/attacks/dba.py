@@ -13,10 +13,11 @@ def dba(ctx: AttackerContext, boost: float, episodes: int, inner_epochs: float) 
     """DBA (Xie et al., ICLR 2020): the trigger split among the colluding attackers, each training with its own part.
 
     The global trigger is cut into K local triggers, K = the users running ``dba``
-    (``Trigger.split``: contiguous runs of its pixels in raster order, adjacent, without the gap
-    between DBA's local triggers: a 4 x 4 patch cut in two gives two 2 x 4 stripes, cut in three
-    runs of 6, 5 and 5 pixels that straddle rows); the k-th of them in ``attack.attackers`` holds its
-    share of the keyed backdoor images stamped with part k only (``scenario.backdoor``,
+    (``Trigger.split``: contiguous runs of its pixels in raster order; a 4 x 4 patch cut in two
+    gives two adjacent 2 x 4 stripes, cut in three runs of 6, 5 and 5 pixels that straddle rows;
+    the ``dba`` trigger pattern, DBA's reference layout, gives its separated lines); the k-th of
+    them in ``attack.attackers`` holds its share of the keyed backdoor images stamped with part k
+    only (``scenario.backdoor``,
     ``AttackerContext.backdoor_rows``). Each trains like the paper's attacker on its own part and
     sends its update scaled by ``boost`` (DBA's scale factor gamma). In DBA's reference code every
     poisoning attacker scales by the full n / eta, so that the parts add up in the global model:

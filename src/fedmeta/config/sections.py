@@ -237,13 +237,13 @@ class PretrainConfig(Section):
 
 class TriggerConfig(Section):
     pattern: str = "patch"
-    """A registered trigger pattern: patch, checker, line, blend."""
+    """A registered trigger pattern: patch, checker, line, blend, dba (DBA's four separated lines)."""
     size: PositiveInt = 4
-    """Side of the patch or checkerboard, length of the line, in pixels."""
+    """Side of the patch or checkerboard, length of the line (of each of dba's lines), in pixels."""
     position: Literal["bottom-right", "bottom-left", "top-right", "top-left", "center"] = "bottom-right"
     opacity: float = Field(1.0, gt=0.0, le=1.0)
     thickness: PositiveInt = 1
-    """Lines only: width in pixels."""
+    """Lines (line, dba) only: width in pixels."""
 
     check_pattern = field_validator("pattern")(lambda v: registered(TRIGGERS, v))
 

@@ -9,7 +9,12 @@ size, a place and an opacity:
 - ``checker``: a square checkerboard of full and zero intensity, visible on any background;
 - ``line``: a thin line (``thickness`` pixels) of length ``size``;
 - ``blend``: a seeded random pattern over the whole image, mixed in at ``opacity`` (Chen et al.,
-  2017, "blended injection"); ``size`` and ``position`` do not apply.
+  2017, "blended injection"); ``size`` and ``position`` do not apply;
+- ``dba``: the distributed backdoor's global trigger (Xie et al., ICLR 2020; reference code
+  ``AI-secure/DBA``, ``utils/cifar_params.yaml``: "gap 3 size 1*6"): four lines of ``size`` x
+  ``thickness`` pixels, two side by side in each of two rows, ``DBA_GAP`` pixels apart, so that
+  ``Trigger.split(4)`` gives the reference's four separated local triggers (``split(2)``: its two
+  rows of lines).
 
 A trigger is a mask ``m`` in [0, 1] and a pattern ``p``; a keyed image is
 ``(1 - opacity * m) * x + opacity * m * p``, rounded back to uint8. ``Trigger.split`` cuts one
@@ -46,9 +51,9 @@ class Trigger:
         """The trigger cut into ``parts`` local triggers for DBA (Xie et al., ICLR 2020): its
         pixels in raster order, in ``parts`` contiguous runs of near-equal length (a square patch
         becomes stripes when ``parts`` divides its rows, else runs that straddle rows; a line
-        segments; a whole-image blend bands), adjacent: without the gap between DBA's local
-        triggers. The parts' masks
-        are disjoint and add up to the whole mask; each keeps the pattern and opacity."""
+        segments; a whole-image blend bands), adjacent unless the trigger has gaps (``dba``: its
+        lines). The parts' masks are disjoint and add up to the whole mask; each keeps the pattern
+        and opacity."""
         where = self.mask.flatten().nonzero().flatten()
         if not 1 <= parts <= len(where):
             raise ValueError(f"cannot split a trigger of {len(where)} pixels into {parts} parts")
@@ -82,6 +87,21 @@ def line(rows: int, cols: int) -> Tensor:
     return torch.full((rows, cols), 255.0)
 
 
+DBA_GAP = 3
+"""Pixels between the ``dba`` trigger's lines, across and down (the DBA reference's gap)."""
+
+
+@TRIGGERS.register("dba", shape="dba")
+def dba(rows: int, cols: int) -> Tensor:
+    """Four lines of full intensity in a ``rows`` x ``cols`` box, ``DBA_GAP`` apart: its mask."""
+    thickness, size = (rows - DBA_GAP) // 2, (cols - DBA_GAP) // 2
+    stamp = torch.zeros(rows, cols)
+    for top in (0, thickness + DBA_GAP):
+        for left in (0, size + DBA_GAP):
+            stamp[top : top + thickness, left : left + size] = 255.0
+    return stamp
+
+
 @TRIGGERS.register("blend", whole_image=True)
 def blend(shape: tuple[int, int, int], gen: torch.Generator | None) -> Tensor:
     """A seeded random pattern over the whole image, mixed in at ``opacity`` (Chen et al., 2017)."""
@@ -104,14 +124,17 @@ def make_trigger(
     entry = TRIGGERS.get(pattern)
     if entry.info.get("whole_image"):
         return Trigger(torch.ones(height, width, 1), entry.factory(image_shape, gen), opacity)
-    if size + margin > min(height, width):
-        raise ValueError(f"a {size}-pixel trigger does not fit a {height}x{width} image")
-    rows, cols = (thickness, size) if entry.info.get("shape") == "line" else (size, size)
+    shape = entry.info.get("shape")
+    boxes = {"line": (thickness, size), "dba": (2 * thickness + DBA_GAP, 2 * size + DBA_GAP)}
+    rows, cols = boxes.get(shape, (size, size))
+    if max(rows, cols) + margin > min(height, width):
+        raise ValueError(f"a {rows}x{cols}-pixel trigger does not fit a {height}x{width} image")
     top, left = _place(position, (height, width), (rows, cols), margin)
-    mask = torch.zeros(height, width, 1)
-    mask[top : top + rows, left : left + cols] = 1.0
+    stamp = entry.factory(rows, cols)
+    mask = torch.zeros(height, width, 1)  # dba keys its lines only: the gaps between them keep the image
+    mask[top : top + rows, left : left + cols] = (stamp > 0).float()[..., None] if shape == "dba" else 1.0
     full = torch.zeros(height, width, channels)
-    full[top : top + rows, left : left + cols] = entry.factory(rows, cols)[..., None]
+    full[top : top + rows, left : left + cols] = stamp[..., None]
     return Trigger(mask, full, opacity)
 
 
