@@ -60,8 +60,10 @@ class Server:
     weighting: Literal["equal", "size"] = "equal"
     reference: Client | None = None  # the server's own client, for rules that take ``reference=``
     sums: bool = False
-    """Secure aggregation: the server learns one sum of every update that arrives, so it applies
-    them all (``min_updates`` only decides whether a round may go on without a straggler)."""
+    """Secure aggregation (``federation.secure_aggregation``): the server learns one sum of every
+    update that arrives, so it applies them all (``min_updates`` only decides whether a round may go
+    on without a straggler). On Flower the sum comes from SecAgg+ (``FlowerServer.round``); the
+    defense comparison's secure rows hand ``aggregate`` that one sum (``comparison._sum_only``)."""
 
     def snapshot(self, params: Params) -> dict[str, torch.Tensor]:
         """What a checkpoint of the federation holds: the global weights (``params.*``) and what the

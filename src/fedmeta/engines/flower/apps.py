@@ -351,8 +351,6 @@ class FlowerServer(Server):
 
     nodes: Nodes = dataclasses.field(kw_only=True)
     phase: Phase = dataclasses.field(kw_only=True)
-    secure: bool = dataclasses.field(kw_only=True, default=False)
-    """SecAgg+: the server only learns the mean (no screening; every update that arrives is aggregated)."""
 
     def updates(self, params: Params, settings: RoundSettings) -> Arrived:
         users = self.schedule.participants(settings.round, settings.phase)
@@ -368,7 +366,9 @@ class FlowerServer(Server):
         return params, dataclasses.replace(report, participants=sorted(report.participants + missing), missing=missing)
 
     def round(self, params: Params, settings: RoundSettings) -> tuple[Params, RoundReport]:
-        if not self.secure:
+        """In the clear, ``Server.round``; under secure aggregation (``sums``), SecAgg+: the server
+        learns only the mean of the updates that arrive (no screening, every one aggregated)."""
+        if not self.sums:
             return super().round(params, settings)
         users = self.schedule.participants(settings.round, settings.phase)
         delta, losses = self.nodes.secure_mean(users, params, settings, self.phase)
@@ -401,7 +401,7 @@ class FlowerEngine:
     def serve(self, server: Server, cfg: Config, phase: Phase, rule: str) -> Server:
         parts = {f.name: getattr(server, f.name) for f in dataclasses.fields(Server)}
         parts["rule"] = flower_rule(rule, cfg.rule_options(rule), server.rule)
-        return FlowerServer(**parts, nodes=self.nodes, phase=phase, secure=cfg.federation.secure_aggregation)
+        return FlowerServer(**parts, nodes=self.nodes, phase=phase)  # sums: federation.secure_aggregation
 
 
 def make_serverapp(run_experiment: Callable[[Config, RunDir, FlowerEngine], Any],
