@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -274,9 +275,7 @@ def _csv(path: Path, table: Table, names: dict[str, dict[str, Any]]) -> Path:
         for (experiment, group, position, metric), cell in sorted(
                 table.items(), key=lambda item: (item[0][0], order.index(item[0][1]), json.dumps(item[0][2:]))):
             ci = interval([cell.values[s] for s in sorted(cell.values)])
-            numbers = _numbers(ci)
-            if metric in CAPPED:  # the mean is a lower bound; no interval
-                numbers = [numbers[0], "", "", "", ""]
+            numbers = _numbers(replace(ci, half=None) if metric in CAPPED else ci)  # capped: a lower bound, no interval
             where = dict(position)
             values = capped_text(metric, cell, " ") or " ".join(f"{cell.values[s]:.6g}" for s in sorted(cell.values))
             writer.writerow([experiment, label_text(names[group]), *(where.get(k, "") for k in keys), metric,
