@@ -112,6 +112,11 @@ class Inversion:
     loss_end: float
 
 
+def step_decay(optimiser: torch.optim.Optimizer, iterations: int) -> torch.optim.lr_scheduler.MultiStepLR:
+    """Inverting Gradients' schedule (``MultiStepLR`` at 3/8, 5/8 and 7/8 of ``iterations``, x0.1)."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimiser, [iterations * m // 8 for m in (3, 5, 7)], gamma=0.1)
+
+
 def invert(
     predict: Predictor,
     observed: Params,
@@ -132,7 +137,7 @@ def invert(
     """
     x = prior.detach().clone().requires_grad_()
     optimiser = torch.optim.Adam([x], lr=lr)
-    decay = torch.optim.lr_scheduler.MultiStepLR(optimiser, [iterations * m // 8 for m in (3, 5, 7)], gamma=0.1)
+    decay = step_decay(optimiser, iterations)
     first = None  # the loss at the prior, kept as a tensor: no host sync inside the loop
     for _ in range(iterations):
         loss = gradient_distance(predict(x, True), observed, distance)

@@ -3,11 +3,17 @@
 A realistic server knows the candidate x* but none of the task's other images; filling them with
 public data, it predicts an observation dominated by those unknown images, and its one-gradient
 scores sit at chance (docs/privacy.md). Here it solves for them instead: with x* held in the
-attacked slot, every other support and query image starts from the public fill and follows Adam
-on the cosine gradient-matching loss (Inverting Gradients' distance, Geiping et al., NeurIPS 2020;
-DLG's joint reconstruction, Zhu et al., NeurIPS 2019), kept in [0, 1]. If x* is a member the true
-task is an exact solution (loss 0); if not, no task with x* in that slot need reproduce the
-observation, so the loss left after the iterations is the score.
+attacked slot, every other support and query image starts from a public fill and follows Adam
+on the cosine gradient-matching loss (Inverting Gradients' distance and step decay, Geiping et
+al., NeurIPS 2020; DLG's joint reconstruction, Zhu et al., NeurIPS 2019), kept in [0, 1]. If x*
+is a member the true task is an exact solution (loss 0); if not, no task with x* in that slot
+need reproduce the observation, so the loss left after the iterations is the score.
+
+The start matters: a random public task has the wrong class in most of its other ways (on MNIST
+each is right with probability 1/9), and 300 Adam steps do not turn a "3" into a "7".
+``matched_fill`` chooses the fill among public images by the same matching loss first: each
+unknown way's class, then each unknown image (the idea of iDLG's label restoration, Zhao et al.
+2020, for the way's class, and of a nearest-neighbour search in gradient space for the images).
 
 Scores (higher means "member"):
 
@@ -21,32 +27,108 @@ Scores (higher means "member"):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
-from fedmeta.attacks.membership import Target, gradient_distance, place
+from fedmeta.attacks.membership import Target, gradient_distance, place, step_decay
 from fedmeta.meta.maml import MetaGradient
 from fedmeta.models.conv4 import Params
 
 Task = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
+Draw = Callable[[int, int], Tensor]
+"""``(public class, n) -> n random public images of that class``, ``[n, C, H, W]``."""
 JOINT_SCORES = ("joint", "joint-cal")
+CLASS_DRAWS = 3
+"""Draws of a class's images over which the class search averages the loss of trying that class
+for a way: one draw's exemplars move the loss about as much as the class does."""
+CLASS_SWEEPS = 2
+"""Passes of the class search over the unknown ways (the first pass chooses each way's class
+while the ways after it still hold the public fill's random classes)."""
 
 
 def joint_residual(learner: MetaGradient, fill: Task, target: Target, slot: int, x: Tensor, observed: Params,
                    iterations: int, lr: float) -> float:
-    """The cosine matching loss left after ``iterations`` Adam steps (step ``lr`` in pixel units)
-    on every image of ``fill`` but slot ``slot`` of ``target``, which holds ``x``."""
+    """The cosine matching loss left after ``iterations`` Adam steps (step ``lr`` in pixel units,
+    decayed as ``invert``'s) on every image of ``fill`` but slot ``slot`` of ``target``, which
+    holds ``x``. Without the decay Adam keeps taking steps of size ``lr`` on 9 images near a
+    minimiser, a noise floor of the same order as a member's residual."""
     (support, support_labels), (query, query_labels) = fill
     support, query = support.clone().requires_grad_(), query.clone().requires_grad_()
     optimiser = torch.optim.Adam([support, query], lr=lr)
+    decay = step_decay(optimiser, iterations)
     for _ in range(iterations):
         task = place((support, support_labels), (query, query_labels), target, slot, x)
         loss = gradient_distance(learner(*task, create_graph=True), observed, "cos")
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
+        decay.step()
         with torch.no_grad():
             support.clamp_(0, 1)
             query.clamp_(0, 1)
     task = place((support.detach(), support_labels), (query.detach(), query_labels), target, slot, x)
     return float(gradient_distance(learner(*task), observed, "cos"))
+
+
+def matched_fill(learner: MetaGradient, fill: Task, target: Target, slot: int, observed: Params,
+                 classes: Sequence[int], own: int | None, draw: Draw, pool: int, gen: torch.Generator) -> Task:
+    """``fill`` with its unknown images replaced by the public ones that best explain ``observed``.
+
+    First each unknown way's class: every way but the attacked slot's when the public data has
+    the candidate's class (``own``), all of them otherwise; tried among ``classes`` (``pool`` of
+    them at random where there are more), distinct from the classes already chosen for other
+    ways, by the matching loss averaged over ``CLASS_DRAWS`` draws of the way's images; the best
+    draw of the chosen class stays. Then each unknown image, once, by the lowest matching loss
+    among ``pool`` public images of its way's class. The attacked slot keeps the fill's own
+    image throughout, so the fill does not depend on the candidate: a member and its non-members
+    start from the same one.
+    """
+    images = [fill[0][0].clone(), fill[1][0].clone()]
+    labels = (fill[0][1], fill[1][1])
+    attacked = 0 if target == "support" else 1
+    label = int(labels[attacked][slot])
+
+    def loss() -> float:
+        return float(gradient_distance(learner((images[0], labels[0]), (images[1], labels[1])), observed, "cos"))
+
+    def positions(way: int) -> list[tuple[int, int]]:
+        """(0 support | 1 query, index) of the way's images, the attacked slot excepted."""
+        every = [(s, int(i)) for s in (0, 1) for i in (labels[s] == way).nonzero().flatten()]
+        return [p for p in every if p != (attacked, slot)]
+
+    def put(way: int, batch: Tensor) -> None:
+        for (s, i), x in zip(positions(way), batch, strict=True):
+            images[s][i] = x
+
+    chosen = {} if own is None else {label: own}
+    unknown = [w for w in range(int(labels[0].max()) + 1) if w not in chosen]
+    for _ in range(CLASS_SWEEPS):
+        for way in unknown:
+            taken = {c for w, c in chosen.items() if w != way}
+            free = [c for c in classes if c not in taken]
+            if len(free) > pool:
+                free = [free[i] for i in torch.randperm(len(free), generator=gen)[:pool].tolist()]
+            n = len(positions(way))
+            best: tuple[float, int, Tensor] | None = None
+            for c in free:
+                draws = [draw(c, n) for _ in range(CLASS_DRAWS)]
+                losses = []
+                for batch in draws:
+                    put(way, batch)
+                    losses.append(loss())
+                mean = sum(losses) / len(losses)
+                if best is None or mean < best[0]:
+                    best = (mean, c, draws[min(range(len(losses)), key=losses.__getitem__)])
+            chosen[way] = best[1]
+            put(way, best[2])
+    for way, c in sorted(chosen.items()):
+        for s, i in positions(way):
+            best_image, lowest = images[s][i].clone(), loss()
+            for x in draw(c, pool):
+                images[s][i] = x
+                if (value := loss()) < lowest:
+                    best_image, lowest = x.clone(), value
+            images[s][i] = best_image
+    return (images[0], labels[0]), (images[1], labels[1])

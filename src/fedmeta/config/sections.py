@@ -410,7 +410,13 @@ class JointConfig(Section):
     iterations: PositiveInt = 300
     """Adam steps on the task's unknown images, per candidate and per reference."""
     lr: Rate = 0.05
-    """Adam step on the images, in pixel units."""
+    """Adam step on the images, in pixel units (decayed x0.1 at 3/8, 5/8 and 7/8 of the steps)."""
+    fill: Literal["public", "matched"] = "matched"
+    """Where the inversion starts: ``public``, a random public task with the candidate's class in
+    the slot's way; ``matched``, that task's other ways' classes and then its images chosen among
+    public data by the matching loss (``task_inversion.matched_fill``; about 10 s per task)."""
+    pool: PositiveInt = 32
+    """``matched``: public images tried per unknown image (and classes tried per way at most)."""
     trials: int = Field(100, ge=2)
     """It attacks the first ``trials`` tasks of each realistic point (about 27 s per task and target
     on one CPU thread for MNIST 5-way 1-shot at 300 steps; the other scores keep every trial)."""

@@ -76,7 +76,7 @@ from fedmeta.attacks.membership import (
 )
 from fedmeta.attacks.mia_metrics import summarize
 from fedmeta.attacks.mia_scores import likelihood_ratio, lira_statistic, threshold_scores
-from fedmeta.attacks.task_inversion import joint_residual
+from fedmeta.attacks.task_inversion import Task, joint_residual, matched_fill
 from fedmeta.config import Base as Config
 from fedmeta.config.sections import MiaConfig
 from fedmeta.data.datasets import load_meta_splits
@@ -103,7 +103,6 @@ from fedmeta.runs import RunDir, Session, accuracy_fields, format_duration
 Stage = Literal["threat", "defense", "ways"]
 Threat = Literal["informed", "realistic", "secagg"]
 Defense = Noise | DpSgd | None
-Task = tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]
 RECONSTRUCTIONS = "reconstructions.safetensors"
 CLASSIFIER_BATCH = 128
 ATTACK_OF = {"l0-cos": "inversion", "l0-l2": "inversion", "lt": "inversion", "distance": "inversion",
@@ -357,7 +356,7 @@ class Adversary:
     others: Params | None  # its estimate of the mean of another user's gradient (inversion, M > 1)
     shadow_others: list[Params]  # per LiRA shadow: the sum of M - 1 simulated public updates
     out_cache: dict[tuple[int, int], list[Params]] = field(default_factory=dict)  # see ``out_shadows``
-    references: dict[tuple[int, str, int], float] = field(default_factory=dict)  # see ``joint_scores``
+    references: dict[tuple[int, str, int], tuple[Task, float]] = field(default_factory=dict)  # see ``joint_scores``
 
 
 def _sum(grads: list[Params], like: Params) -> Params:
@@ -421,18 +420,37 @@ class PointResult:
 
 def joint_scores(ctx: Context, server: Adversary, fill: Task, target: Target, slot: int, x: Tensor,
                  observed: Params, key: tuple[int, str, int]) -> dict[str, float]:
-    """The joint inversion's scores for candidate ``x`` in ``slot`` of ``fill``; the reference (the
-    fill's own image there) is reconstructed once per ``key`` = (trial, target, class) and shared
-    by the candidates of that class, whose fills are the same draw."""
+    """The joint inversion's scores for candidate ``x`` in ``slot`` of ``fill``. The start (``fill``,
+    or its images matched to the observation) and the reference's residual (the fill's own image
+    in the slot) are computed once per ``key`` = (trial, target, class) and shared by the
+    candidates of that class, whose public fills are the same draw."""
     joint = ctx.cfg.mia.joint
-
-    def residual(image: Tensor) -> float:
-        return joint_residual(server.learner, fill, target, slot, image, observed, joint.iterations, joint.lr)
-
     if key not in server.references:
-        server.references[key] = residual((fill[0] if target == "support" else fill[1])[0][slot])
-    loss = residual(x)
-    return {"joint": -loss, "joint-cal": server.references[key] - loss}
+        if joint.fill == "matched":
+            fill = matched(ctx, server, fill, target, slot, observed, key)
+        reference = (fill[0] if target == "support" else fill[1])[0][slot]
+        server.references[key] = fill, joint_residual(server.learner, fill, target, slot, reference, observed,
+                                                      joint.iterations, joint.lr)
+    start, reference_loss = server.references[key]
+    loss = joint_residual(server.learner, start, target, slot, x, observed, joint.iterations, joint.lr)
+    return {"joint": -loss, "joint-cal": reference_loss - loss}
+
+
+def matched(ctx: Context, server: Adversary, fill: Task, target: Target, slot: int, observed: Params,
+            key: tuple[int, str, int]) -> Task:
+    """``matched_fill`` on the public data, with a stream of its own (the candidates' streams stay
+    common random numbers for the other attacks)."""
+    public, test_class = ctx.train, key[2]
+    name = ctx.test.names[test_class]
+    gen = stream(ctx.cfg.seed, "mia-joint-fill", server.point.key, *key)
+
+    def draw(c: int, n: int) -> Tensor:
+        rows = public.rows_of(c)
+        return gather(public.images, rows[torch.randint(len(rows), (n,), generator=gen).to(rows.device)])
+
+    own = public.names.index(name) if name in public.names else None
+    return matched_fill(server.learner, fill, target, slot, observed, range(public.num_classes), own, draw,
+                        ctx.cfg.mia.joint.pool, gen)
 
 
 def score_candidate(ctx: Context, server: Adversary, trial: Trial, t: int, target: Target, kind: str,
