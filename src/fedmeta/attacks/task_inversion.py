@@ -28,6 +28,7 @@ Scores (higher means "member"):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -85,50 +86,67 @@ def matched_fill(learner: MetaGradient, fill: Task, target: Target, slot: int, o
     image throughout, so the fill does not depend on the candidate: a member and its non-members
     start from the same one.
     """
-    images = [fill[0][0].clone(), fill[1][0].clone()]
-    labels = (fill[0][1], fill[1][1])
-    attacked = 0 if target == "support" else 1
-    label = int(labels[attacked][slot])
-
-    def loss() -> float:
-        return float(gradient_distance(learner((images[0], labels[0]), (images[1], labels[1])), observed, "cos"))
-
-    def positions(way: int) -> list[tuple[int, int]]:
-        """(0 support | 1 query, index) of the way's images, the attacked slot excepted."""
-        every = [(s, int(i)) for s in (0, 1) for i in (labels[s] == way).nonzero().flatten()]
-        return [p for p in every if p != (attacked, slot)]
-
-    def put(way: int, batch: Tensor) -> None:
-        for (s, i), x in zip(positions(way), batch, strict=True):
-            images[s][i] = x
-
+    search = _Search(learner, observed, [fill[0][0].clone(), fill[1][0].clone()], (fill[0][1], fill[1][1]),
+                     (0 if target == "support" else 1, slot))
+    label = int(search.labels[search.fixed[0]][slot])
     chosen = {} if own is None else {label: own}
-    unknown = [w for w in range(int(labels[0].max()) + 1) if w not in chosen]
     for _ in range(CLASS_SWEEPS):
-        for way in unknown:
-            taken = {c for w, c in chosen.items() if w != way}
-            free = [c for c in classes if c not in taken]
+        for way in [w for w in range(int(search.labels[0].max()) + 1) if own is None or w != label]:
+            free = [c for c in classes if c not in {chosen[w] for w in chosen if w != way}]
             if len(free) > pool:
                 free = [free[i] for i in torch.randperm(len(free), generator=gen)[:pool].tolist()]
-            n = len(positions(way))
-            best: tuple[float, int, Tensor] | None = None
-            for c in free:
-                draws = [draw(c, n) for _ in range(CLASS_DRAWS)]
-                losses = []
-                for batch in draws:
-                    put(way, batch)
-                    losses.append(loss())
-                mean = sum(losses) / len(losses)
-                if best is None or mean < best[0]:
-                    best = (mean, c, draws[min(range(len(losses)), key=losses.__getitem__)])
-            chosen[way] = best[1]
-            put(way, best[2])
+            chosen[way] = search.choose_class(way, free, draw)
     for way, c in sorted(chosen.items()):
-        for s, i in positions(way):
-            best_image, lowest = images[s][i].clone(), loss()
-            for x in draw(c, pool):
-                images[s][i] = x
-                if (value := loss()) < lowest:
-                    best_image, lowest = x.clone(), value
-            images[s][i] = best_image
-    return (images[0], labels[0]), (images[1], labels[1])
+        for position in search.positions(way):
+            search.choose_image(position, draw(c, pool))
+    return (search.images[0], search.labels[0]), (search.images[1], search.labels[1])
+
+
+@dataclass
+class _Search:
+    """A fill being matched: its images, and the matching loss of the task they make."""
+
+    learner: MetaGradient
+    observed: Params
+    images: list[Tensor]  # [support, query], changed in place
+    labels: tuple[Tensor, Tensor]
+    fixed: tuple[int, int]  # (0 support | 1 query, index): the attacked slot, never changed
+
+    def loss(self) -> float:
+        task = (self.images[0], self.labels[0]), (self.images[1], self.labels[1])
+        return float(gradient_distance(self.learner(*task), self.observed, "cos"))
+
+    def positions(self, way: int) -> list[tuple[int, int]]:
+        """(0 support | 1 query, index) of the way's images, the attacked slot excepted."""
+        every = [(s, int(i)) for s in (0, 1) for i in (self.labels[s] == way).nonzero().flatten()]
+        return [p for p in every if p != self.fixed]
+
+    def put(self, way: int, batch: Tensor) -> None:
+        for (s, i), x in zip(self.positions(way), batch, strict=True):
+            self.images[s][i] = x
+
+    def choose_class(self, way: int, classes: list[int], draw: Draw) -> int:
+        """The class of ``classes`` with the lowest mean loss over ``CLASS_DRAWS`` draws of the
+        way's images; its best draw is left in place."""
+        n = len(self.positions(way))
+        best: tuple[float, int, Tensor] = (float("inf"), classes[0], self.images[0][:0])
+        for c in classes:
+            draws = [draw(c, n) for _ in range(CLASS_DRAWS)]
+            losses = []
+            for batch in draws:
+                self.put(way, batch)
+                losses.append(self.loss())
+            if (mean := sum(losses) / len(losses)) < best[0]:
+                best = (mean, c, draws[losses.index(min(losses))])
+        self.put(way, best[2])
+        return best[1]
+
+    def choose_image(self, position: tuple[int, int], candidates: Tensor) -> None:
+        """Leave at ``position`` the image of ``candidates`` (or the one there) with the lowest loss."""
+        s, i = position
+        best, lowest = self.images[s][i].clone(), self.loss()
+        for x in candidates:
+            self.images[s][i] = x
+            if (value := self.loss()) < lowest:
+                best, lowest = x.clone(), value
+        self.images[s][i] = best
