@@ -418,8 +418,9 @@ class JointConfig(Section):
     pool: PositiveInt = 32
     """``matched``: public images tried per unknown image (and classes tried per way at most)."""
     trials: int = Field(100, ge=2)
-    """It attacks the first ``trials`` tasks of each realistic point (about 27 s per task and target
-    on one CPU thread for MNIST 5-way 1-shot at 300 steps; the other scores keep every trial)."""
+    """It attacks the first ``trials`` tasks of each realistic point (about 40 s per task and target
+    on one CPU thread for MNIST 5-way 1-shot, matched fill and 300 steps; the other scores keep
+    every trial)."""
 
 
 class DpConfig(Section):

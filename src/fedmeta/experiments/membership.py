@@ -356,7 +356,7 @@ class Adversary:
     others: Params | None  # its estimate of the mean of another user's gradient (inversion, M > 1)
     shadow_others: list[Params]  # per LiRA shadow: the sum of M - 1 simulated public updates
     out_cache: dict[tuple[int, int], list[Params]] = field(default_factory=dict)  # see ``out_shadows``
-    references: dict[tuple[int, str, int], tuple[Task, float]] = field(default_factory=dict)  # see ``joint_scores``
+    joint_starts: dict[tuple[int, str, int], tuple[Task, float]] = field(default_factory=dict)  # see ``joint_scores``
 
 
 def _sum(grads: list[Params], like: Params) -> Params:
@@ -425,13 +425,13 @@ def joint_scores(ctx: Context, server: Adversary, fill: Task, target: Target, sl
     in the slot) are computed once per ``key`` = (trial, target, class) and shared by the
     candidates of that class, whose public fills are the same draw."""
     joint = ctx.cfg.mia.joint
-    if key not in server.references:
+    if key not in server.joint_starts:
         if joint.fill == "matched":
             fill = matched(ctx, server, fill, target, slot, observed, key)
         reference = (fill[0] if target == "support" else fill[1])[0][slot]
-        server.references[key] = fill, joint_residual(server.learner, fill, target, slot, reference, observed,
-                                                      joint.iterations, joint.lr)
-    start, reference_loss = server.references[key]
+        server.joint_starts[key] = fill, joint_residual(server.learner, fill, target, slot, reference, observed,
+                                                        joint.iterations, joint.lr)
+    start, reference_loss = server.joint_starts[key]
     loss = joint_residual(server.learner, start, target, slot, x, observed, joint.iterations, joint.lr)
     return {"joint": -loss, "joint-cal": reference_loss - loss}
 
