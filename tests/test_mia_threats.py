@@ -196,3 +196,13 @@ def test_threat_models_are_separate_points_and_validated():
         load_config("mnist-mia-quick", ["mia.users_per_round=[]"])
     with pytest.raises(ConfigError, match="joint.*realistic"):
         load_config("mnist-mia-quick", ["mia.attacks=['joint']", "mia.threats=['informed']", "mia.sweep_threats=[]"])
+
+
+def test_a_defense_only_run_attacks_the_defended_models_on_the_threat_stages_tasks():
+    """``mia.threats = []`` with ``mia.sweep_undefended = false``: only the defended points, on the
+    tasks a threat stage with the same seed attacks (tasks are drawn by seed and trial, not by point)."""
+    cfg = load_config("mnist-mia-joint-defense-quick")
+    assert [(p.stage, p.threat, p.defense and p.defense.kind) for p in plan(cfg)] == [("defense", "realistic", "inner")]
+    assert plan(load_config("mnist-mia-joint-defense-quick", ["mia.sweep_undefended=true"]))[0].defense is None
+    with pytest.raises(ConfigError, match=r"mia\.threats is empty and the sweeps attack nothing"):
+        load_config("mnist-mia-joint-defense-quick", ["mia.defenses.inner=[]"])

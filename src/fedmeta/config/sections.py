@@ -444,10 +444,10 @@ Threat = Literal["informed", "realistic", "secagg"]
 class MiaConfig(Section):
     """Membership inference on distributed MAML (``experiment = "membership"``)."""
 
-    threats: list[Threat] = Field(["informed", "realistic", "secagg"], min_length=1)
+    threats: list[Threat] = ["informed", "realistic", "secagg"]
     """Servers attacked without a defense: ``informed`` (knows the whole task but the slot: an upper
     bound), ``realistic`` (knows the candidate and public data), ``secagg`` (realistic, and sees only
-    the mean of ``users_per_round`` users' updates)."""
+    the mean of ``users_per_round`` users' updates); empty: the sweeps only."""
     users_per_round: list[Annotated[int, Field(ge=2)]] = [2, 4, 8]
     """M: users whose updates a ``secagg`` server sees summed (one point each)."""
     invert_threats: list[Threat] = ["informed"]
@@ -482,6 +482,11 @@ class MiaConfig(Section):
     """Tasks attacked at each point of the defense and ways sweeps."""
     sweep_iterations: NonNegativeInt = 0
     """Inversion steps in the sweeps (0: zero-iteration scores only)."""
+    sweep_undefended: bool = True
+    """Attack the undefended model at the head of the defense sweep; false where another run already
+    attacked it on the same tasks (the tasks, the model and its observations depend on the seed, not
+    on the point, so the threat stage of a run with the same seed did: only the server's public
+    draws differ)."""
     defenses: DefenseScales = DefenseScales()
     dp: DpConfig = DpConfig()
     lira: LiraConfig = LiraConfig()
@@ -503,6 +508,15 @@ class MiaConfig(Section):
         if not value and "secagg" in info.data.get("threats", []):
             raise ValueError("mia.threats has 'secagg': give at least one number of users per round")
         return value
+
+    @model_validator(mode="after")
+    def _something_to_attack(self) -> MiaConfig:
+        defended = any(self.defenses.model_dump().values()) or self.dp.noise_multipliers
+        sweeps = self.sweep_threats and (self.ways or defended)
+        if not self.threats and not sweeps:
+            raise ValueError("mia.threats is empty and the sweeps attack nothing: give mia.threats, or "
+                             "mia.sweep_threats with defenses (mia.defenses, mia.dp.noise_multipliers) or mia.ways")
+        return self
 
     @model_validator(mode="after")
     def _joint_needs_realistic(self) -> MiaConfig:

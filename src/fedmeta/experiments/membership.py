@@ -43,8 +43,9 @@ ways, attacked on its own trials):
 - ``threat``: the undefended model, one point per threat model (and per ``M`` for ``secagg``),
   ``mia.trials`` tasks, ``mia.iterations`` inversion steps; the first point keeps the images of
   its first ``mia.reconstructions`` trials (``reconstructions.safetensors``);
-- ``defense``: for each server of ``mia.sweep_threats``, the undefended model, then one model
-  meta-trained and attacked under each noise defense and scale and each DP-SGD noise multiplier;
+- ``defense``: for each server of ``mia.sweep_threats``, the undefended model (unless
+  ``mia.sweep_undefended`` is false), then one model meta-trained and attacked under each noise
+  defense and scale and each DP-SGD noise multiplier;
 - ``ways``: an undefended model per number of ways, for the same servers.
 
 Each task is attacked at one support slot and one query slot (the same observation), with the
@@ -155,7 +156,8 @@ def plan(cfg: Config) -> list[Point]:
     for threat in mia.sweep_threats:
         users = mia.users_per_round[0] if threat == "secagg" else 1
         if defended:
-            points += [Point("defense", threat, ways, d, users) for d in [None, *defended]]
+            undefended = [None] if mia.sweep_undefended else []
+            points += [Point("defense", threat, ways, d, users) for d in [*undefended, *defended]]
         points += [Point("ways", threat, n, None, users) for n in mia.ways]
     return points
 
@@ -591,6 +593,7 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
     clean_key = Point("threat", "informed", cfg.meta.ways).model_key
     if (resumed := session.resumed()) is not None:  # the undefended model: the later stages attack it again
         ctx.models[clean_key] = (resumed.group("clean.", ctx.device), Accuracy(*resumed.state["accuracy"]))
+    clean, clean_accuracy = model_for(ctx, Point("threat", "informed", cfg.meta.ways))  # the summary's accuracy
     for index in session.steps(resumed.step if resumed else 0, len(points), desc="points", unit="point"):
         point = points[index]
         params, accuracy = model_for(ctx, point)
@@ -605,10 +608,8 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
         for line in lines:
             session.log(line, quiet=True)
         tqdm.write(log_line(point, lines, session.clock))
-        clean, clean_accuracy = ctx.models[clean_key]
         session.checkpoint({f"clean.{k}": v for k, v in clean.items()}, step=index + 1,
                            accuracy=[clean_accuracy.mean, clean_accuracy.ci95, clean_accuracy.episodes])
-    clean, clean_accuracy = ctx.models[clean_key]
     out.save_weights(clean)
     return _summary(out.records(), clean_accuracy, classifier_accuracy) | session.summary()
 

@@ -64,7 +64,7 @@ class LocalPool:
         if workers < 1:
             raise ConfigError(f"--workers takes a count >= 1, got {workers}")
         self.workers = workers
-        self.name = f"{workers} local workers"
+        self.name = f"{workers} local worker{'s' if workers > 1 else ''}"
 
     def threads(self, configured: int | None) -> int | None:
         share = max(1, cores() // self.workers)
