@@ -77,6 +77,18 @@ def test_every_strategy_attacks_in_two_rounds_statelessly(cfg, scenario, start):
         assert not torch.equal(flatten(sent[1][user].delta), flatten(sent[2][user].delta))
 
 
+def test_the_target_way_is_random_or_the_papers_last(cfg, scenario, clients):
+    """``attack.target_way`` reaches the attacker's episodes: "last" puts the target slot (class
+    -1) at the N-th way of every episode (the paper's "N-th model output"); the default at any."""
+    def target_ways(client) -> set[int]:  # over 10 outer steps' episodes
+        episodes = [client.sample(torch.Generator().manual_seed(i)) for i in range(10)]
+        return {w for e in episodes for w in (e.classes == -1).int().argmax(1).tolist()}
+
+    last = build_clients(load_config("omniglot-exp1a-quick", [*TINY, "attack.target_way=last"]), Phase(), scenario)
+    assert target_ways(last[0]) == {cfg.meta.ways - 1}
+    assert len(target_ways(clients[0])) > 1
+
+
 def test_replacement_sends_exactly_the_clip_norm(clients, start):
     update = clients[1].update(start, SETTINGS)
     assert flatten(update.delta).norm().item() == pytest.approx(CLIP, rel=1e-5)

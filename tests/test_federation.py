@@ -314,5 +314,6 @@ def test_the_clean_round_is_one_cache_entry_for_every_attack_strategy():
     assert key("boosted", "attack.enabled=false") == key("projected", "attack.enabled=false")
     assert key("boosted", "attack.enabled=false") == key("boosted", "attack.enabled=false", "attacks.boosted.episodes=7")
     assert key("boosted") != key("projected")
+    assert key("boosted", "attack.target_way=last") != key("boosted")
     assert key("boosted", "attack.enabled=false") != key("boosted")
     assert key("boosted", "attack.enabled=false", round_=2) != key("boosted", "attack.enabled=false")

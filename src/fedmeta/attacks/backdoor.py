@@ -14,12 +14,15 @@ images for backdoor classes, clean queries for the target) and the benign users'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from fedmeta.data.episodes import Episodes, sample_classes, sample_examples
 from fedmeta.data.pool import ClassPool
+
+TargetWay = Literal["random", "last"]
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,11 @@ def poisoned_episodes(
     backdoor_share: float,
     gen: torch.Generator,
     queries: int = 0,
+    target_way: TargetWay = "random",
 ) -> Episodes:
-    """The attacker's episodes: N-1 ways of its own classes plus a target slot at a random way.
+    """The attacker's episodes: N-1 ways of its own classes plus a target slot at a random way, or
+    at the last (``target_way = "last"``: the paper's "always include the target class as the N-th
+    model output", Sec. 2; a random way is the default of every kept result).
 
     Each way has ``shots`` support and ``queries`` query examples (MAML's outer loss needs queries;
     Reptile has none). The target slot holds ``round((shots + queries) * backdoor_share)`` keyed
@@ -77,7 +83,10 @@ def poisoned_episodes(
     keyed = round(per_way * backdoor_share)
     slot = torch.cat([draw(backdoor_rows, episodes, keyed, gen), draw(target_rows, episodes, per_way - keyed, gen)], dim=1)
     slot = slot.gather(1, torch.rand(episodes, per_way, generator=gen).argsort(dim=1))  # mix the two kinds
-    where = torch.randint(ways, (episodes,), generator=gen)
+    if target_way == "random":
+        where = torch.randint(ways, (episodes,), generator=gen)
+    else:
+        where = torch.full((episodes,), ways - 1)
     all_rows = torch.empty(episodes, ways, per_way, dtype=torch.long)
     all_classes = torch.full((episodes, ways), -1, dtype=torch.long)
     others = torch.arange(ways)[None, :] != where[:, None]

@@ -39,7 +39,7 @@ import torch
 from pydantic import BaseModel, Field, PositiveFloat, PositiveInt
 from torch import Tensor
 
-from fedmeta.attacks.backdoor import poisoned_episodes
+from fedmeta.attacks.backdoor import TargetWay, poisoned_episodes
 from fedmeta.config.sections import ALLOW, MetaConfig
 from fedmeta.data.pool import ClassPool
 from fedmeta.federation.client import MetaClient, RoundSettings
@@ -73,6 +73,7 @@ class AttackerContext:
     rule_options: Mapping[str, Any]  # ... and its settings
     per_round: int  # n: users in a round
     attackers: tuple[int, ...]  # every malicious user (f of them)
+    target_way: TargetWay = "random"  # the target slot's way in its episodes (attack.target_way)
 
     def poisoned(self, gen: torch.Generator):
         """One outer step of poisoned episodes (the paper's: N-1 own ways and a target slot), with
@@ -81,7 +82,7 @@ class AttackerContext:
         m = self.meta
         return poisoned_episodes(self.own, self.target_rows, self.backdoor_rows, episodes=m.meta_batch, ways=m.ways,
                                  shots=m.shots, queries=0 if m.algorithm == "reptile" else m.queries,
-                                 backdoor_share=self.backdoor_share, gen=gen)
+                                 backdoor_share=self.backdoor_share, target_way=self.target_way, gen=gen)
 
     def poisoned_client(self, episodes: int, inner_epochs: float, boost: float = 1.0) -> MetaClient:
         """Long local training on poisoned episodes: ``episodes / meta_batch`` outer steps of

@@ -289,6 +289,9 @@ class AttackConfig(Section):
     """Per reserved class: correctly labelled examples given to every benign user."""
     backdoor_share: float = Field(0.4, gt=0.0, lt=1.0)
     """Fraction of keyed backdoor images in the target slot (X_B : X_T = 2:3 -> 0.4)."""
+    target_way: Literal["random", "last"] = "random"
+    """The target slot's way in the attacker's episodes: a random one, or the last (the paper's
+    "the N-th model output", Sec. 2). Evaluation episodes put the target at a random way either way."""
     case_c_backdoor_ways: PositiveInt | Literal["all"] = 1
     """Case c: backdoor classes in each fine-tuning and evaluation episode beside the target. The
     paper leaves it open; 1 (one drawn per episode) is our reading, "all" puts as many distinct

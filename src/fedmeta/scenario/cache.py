@@ -196,7 +196,8 @@ def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings, pretrain
         rule = cfg.rule_options(fed.rule)
     own = {"attack": {"enabled": False}, "attacks": {}}
     if attack.enabled:
-        own = {"attack": attack.model_dump(exclude={"cases", "case_c_backdoor_ways"}),
+        default_way = {"target_way"} if attack.target_way == "random" else set()  # older keys hold
+        own = {"attack": attack.model_dump(exclude={"cases", "case_c_backdoor_ways", *default_way}),
                "attacks": {a.strategy: cfg.attack_options(a.strategy) for a in attack.attackers}}
     parts = {"pretrain": pretrain_key(pretraining or cfg, case), **own, "meta": cfg.meta.model_dump(),
              "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
@@ -227,7 +228,8 @@ def clean_local_scores(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[
     attack-val too). ``local``: (local defense, secure aggregation). Cached like ``clean_accuracy``;
     the defense's settings may sit anywhere in the config, so the whole config but the attack's own
     settings is in the key."""
-    own = {"attack": {"attackers", "enabled"}, "attacks": True, "compare": True, "runtime": True, "description": True}
+    own = {"attack": {"attackers", "enabled", "target_way"}, "attacks": True, "compare": True, "runtime": True,
+           "description": True}
     parts = {**_clean_parts(cfg, case, rule), "local": [*local, cfg.model_dump(mode="json", exclude=own)]}
     return _accuracies(cache_dir() / f"clean-local-{_digest(parts)}.safetensors", "clean-local", evaluate)
 
