@@ -590,10 +590,10 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
     if "inversion" in mia.attacks and (mia.iterations or mia.sweep_iterations):
         ctx.classify, classifier_accuracy = reference_classifier(ctx)
     points = plan(cfg)
-    clean_key = Point("threat", "informed", cfg.meta.ways).model_key
+    undefended = Point("threat", "informed", cfg.meta.ways)
     if (resumed := session.resumed()) is not None:  # the undefended model: the later stages attack it again
-        ctx.models[clean_key] = (resumed.group("clean.", ctx.device), Accuracy(*resumed.state["accuracy"]))
-    clean, clean_accuracy = model_for(ctx, Point("threat", "informed", cfg.meta.ways))  # the summary's accuracy
+        ctx.models[undefended.model_key] = (resumed.group("clean.", ctx.device), Accuracy(*resumed.state["accuracy"]))
+    clean, clean_accuracy = model_for(ctx, undefended)  # trained here when no point attacks it (the summary's accuracy)
     for index in session.steps(resumed.step if resumed else 0, len(points), desc="points", unit="point"):
         point = points[index]
         params, accuracy = model_for(ctx, point)
