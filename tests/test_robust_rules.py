@@ -1,5 +1,6 @@
 """The modern server defenses on crafted updates with hand-computed results: FLAME, FLTrust (and the
-server's reference hook), Bulyan, Centered Clipping, DnC, the robust learning rate and FreqFed."""
+server's reference hook), Bulyan, Centered Clipping, DnC, the robust learning rate, FreqFed, and
+the rules that read an update layer by layer (the server's shapes hook)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from fedmeta.data.pool import ClassPool
 from fedmeta.federation.aggregation import make_rule
 from fedmeta.federation.client import MetaClient, RoundSettings
 from fedmeta.federation.fltrust import trust_weights
-from fedmeta.federation.freqfed import low_frequencies
+from fedmeta.federation.freqfed import layer_low_frequencies, low_frequencies
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
 from fedmeta.federation.subsets import local_models, majority_cluster
@@ -115,6 +116,33 @@ def test_freqfed_excludes_the_planted_cluster_and_keeps_updates_that_differ_in_h
     updates = torch.cat([benign[:2], planted[:1], benign[2:], planted[1:]])
     torch.testing.assert_close(call("freqfed", updates), benign.mean(dim=0))
     assert not torch.allclose(call("flame", updates, options={"noise": 0.0}), benign.mean(dim=0))  # noise misleads FLAME
+
+
+def test_layer_low_frequencies_keep_each_layers_triangle_of_its_2d_dct():
+    """Layers (2, 3), (4,) and (3, 2, 2), read as 2x3, 4x1 and 3x4 matrices: with low = 0.5 the
+    triangles i + j <= 1, i <= 2 and i + j <= 1 keep 3 coefficients each, in row-major order."""
+    shapes = [(2, 3), (4,), (3, 2, 2)]
+    rows = torch.randn(2, 22, generator=GEN().manual_seed(3))
+    blocks = [rows[:, :6].reshape(2, 2, 3), rows[:, 6:10].reshape(2, 4, 1), rows[:, 10:].reshape(2, 3, 4)]
+    spectra = [scipy.fft.dctn(b.double().numpy(), type=2, norm="ortho", axes=(1, 2)) for b in blocks]
+    expected = np.concatenate([spectra[0][:, [0, 0, 1], [0, 1, 0]], spectra[1][:, :3, 0],
+                               spectra[2][:, [0, 0, 1], [0, 1, 0]]], axis=1)
+    np.testing.assert_allclose(layer_low_frequencies(rows, shapes, 0.5).numpy(), expected)
+    # one vector layer is the flat transform: its column's 2-D DCT is the 1-D one, i <= floor(d / 2)
+    np.testing.assert_allclose(layer_low_frequencies(rows, [(22,)], 0.5).numpy(), low_frequencies(rows, 0.5).numpy())
+    with pytest.raises(ValueError, match="do not add up"):
+        layer_low_frequencies(rows, [(2, 3)], 0.5)
+
+
+def test_freqfed_per_layer_needs_the_shapes_and_keeps_the_benign_cluster():
+    d, gen = 64, GEN().manual_seed(4)
+    benign = torch.randn(4, d, generator=gen) * 0.1 + 1.0
+    planted = torch.randn(3, d, generator=gen) * 0.1 - torch.linspace(-2, 2, d)  # a different low-frequency shape
+    updates = torch.cat([benign, planted])
+    layers = {"transform": "layers"}
+    torch.testing.assert_close(call("freqfed", updates, options=layers, shapes=[(8, 8)]), benign.mean(dim=0))
+    with pytest.raises(ValueError, match="needs the layer shapes"):
+        call("freqfed", updates, options=layers)
 
 
 def test_majority_cluster_keeps_the_densest_majority():
@@ -323,6 +351,40 @@ def test_rlr_flips_the_coordinates_without_enough_sign_agreement():
         call("rlr", updates)
 
 
+# --- the layer shapes: FoolsGold on the output layer --------------------------------------
+
+class Sends:
+    """A client that always sends the same update of several parameters."""
+
+    def __init__(self, user: int, delta: dict[str, list]) -> None:
+        self.user, self.delta = user, {k: torch.tensor(v) for k, v in delta.items()}
+
+    def update(self, params, settings):
+        return ClientUpdate(self.user, self.delta, 1)
+
+
+def test_the_server_hands_the_layer_shapes_to_foolsgold_on_the_output_layer():
+    """Users 0 and 1 send the same output-layer weights and different trunks (whole updates at
+    cosine 0.35), users 2 and 3 orthogonal ones. On whole updates every FoolsGold weight logits
+    to 1 (a plain mean); on the output layer (``head.weight``: the last matrix, the bias left
+    out) the pair are sybils at cosine 1 and weigh 0."""
+    head = [[1.0, 1.0], [0.0, 0.0]]
+    sent = [{"trunk": [1.0, 0, 0], "head.weight": head, "head.bias": [0.0, 0]},
+            {"trunk": [0.0, 0, 3], "head.weight": head, "head.bias": [0.0, 0]},
+            {"trunk": [0.0, 1, 0], "head.weight": [[0.0, 0], [1, 0]], "head.bias": [0.0, 0]},
+            {"trunk": [0.0, 0, 0], "head.weight": [[0.0, 0], [0, 1]], "head.bias": [1.0, 0]}]
+    params = {"trunk": torch.zeros(3), "head.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)}
+    for features, mean_of in (("all", [0, 1, 2, 3]), ("head", [2, 3])):
+        rule = make_rule("foolsgold", {"features": features})
+        server = Server({u: Sends(u, d) for u, d in enumerate(sent)}, Schedule(4, 4, 0), rule, 4)
+        new, _ = server.round(params, RoundSettings(1))
+        for k in params:
+            torch.testing.assert_close(new[k], torch.stack([torch.tensor(sent[u][k]) for u in mean_of]).mean(0))
+    assert rule.history[0].shape == (4,)  # a history of the output layer's weights only
+    with pytest.raises(ValueError, match="needs the layer shapes"):
+        rule(torch.zeros(2, 9), torch.full((2,), 0.5), GEN(), users=[0, 1])
+
+
 # --- options ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("rule", "options", "key"), [
@@ -330,6 +392,7 @@ def test_rlr_flips_the_coordinates_without_enough_sign_agreement():
     ("centered-clipping", {"tau": 0}, "centered-clipping.tau"), ("dnc", {"filter": 0}, "dnc.filter"),
     ("rlr", {"threshold": 0}, "rlr.threshold"), ("freqfed", {"low": 1.5}, "freqfed.low"),
     ("fltrust", {"root_classes": 0}, "fltrust.root_classes"), ("dnc", {"niters": 3}, "dnc.niters"),
+    ("freqfed", {"transform": "'2d'"}, "freqfed.transform"), ("foolsgold", {"features": "'tail'"}, "foolsgold.features"),
 ])
 def test_bad_options_are_refused_naming_the_key(rule, options, key):
     with pytest.raises(ValueError, match=f"rules: {key}".replace(".", r"\.")):

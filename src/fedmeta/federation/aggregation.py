@@ -6,7 +6,9 @@ paper, summing to 1), a generator (for rules that add noise) and the user id of 
 rules that keep per-user history). It returns the update ``[d]`` the server applies:
 theta_G <- theta_G + rule(...). A rule whose class sets ``sees_model = True`` is also given the
 flat global weights theta_G as ``model=`` (FLAME and FreqFed cluster the local models
-theta_G + delta_i), and one registered with ``reference=True`` the server's own update.
+theta_G + delta_i), one that sets ``sees_shapes = True`` the parameters' shapes in flattening
+order as ``shapes=`` (to read an update layer by layer), and one registered with
+``reference=True`` the server's own update.
 
 A rule that keeps state across rounds also has ``state_dict() -> dict[str, Tensor]`` and
 ``load_state_dict(...)``; the server checkpoints that state with the run, so a resumed run

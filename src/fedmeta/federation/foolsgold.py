@@ -17,18 +17,44 @@ The update applied is the mean of the updates weighted by ``w_i * alpha_i`` (ren
 reference applies ``sum_i w_i delta_i`` to gradients with a learning rate, which has no
 counterpart for model deltas). If every weight is 0 the model is left unchanged.
 
+What a history holds (``features``): by default the whole update; ``"head"`` keeps only the
+output layer's weight matrix (the last parameter of two or more dimensions, bias excluded), as the
+authors' deep-learning code compares ``client_grads[i][-2]``, the final linear layer's weight. In
+few-shot meta-learning the head's rows are episode slots, not classes, so what the output layer
+says about a user's goal is weaker than in the paper's classifiers; both are offered, and the
+threat matrix measured ``"all"``.
+
 The histories are the rule's state: checkpointed with the run and restored on resume. The rule
 needs every update on its own, so it cannot run under secure aggregation.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
+from fedmeta.federation.aggregation import Options
 from fedmeta.registry import RULES
+
+
+class FoolsGoldOptions(Options):
+    features: Literal["all", "head"] = "all"
+    """What a user's history sums: its whole updates, or the output layer's weights only (the authors' code)."""
+
+
+def head_slice(shapes: Sequence[tuple[int, ...]]) -> slice:
+    """The coordinates of the output layer's weight in an update flattened in ``shapes``' order:
+    the last parameter with two or more dimensions."""
+    ends = [math.prod(shape) for shape in shapes]
+    matrices = [i for i, shape in enumerate(shapes) if len(shape) >= 2]
+    if not matrices:
+        raise ValueError(f"no weight matrix among the layer shapes {list(shapes)}")
+    start = sum(ends[: matrices[-1]])
+    return slice(start, start + ends[matrices[-1]])
 
 
 def foolsgold_weights(histories: Tensor) -> Tensor:
@@ -50,17 +76,25 @@ def foolsgold_weights(histories: Tensor) -> Tensor:
     return torch.where(w > 1, torch.ones_like(w), w).clamp_min(0)
 
 
-@RULES.register("foolsgold")
+@RULES.register("foolsgold", options=FoolsGoldOptions)
 class FoolsGold:
     """FoolsGold (Fung et al., 2020): per-user update histories; sybils that look alike get weight 0."""
 
-    def __init__(self) -> None:
+    sees_shapes: ClassVar[bool] = True
+
+    def __init__(self, features: str = "all") -> None:
+        self.features = features
         self.history: dict[int, Tensor] = {}
 
-    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None) -> Tensor:
+    def __call__(self, updates: Tensor, weights: Tensor, gen: torch.Generator, users: Sequence[int] | None = None,
+                 shapes: Sequence[tuple[int, ...]] | None = None) -> Tensor:
         if users is None:
             raise ValueError("FoolsGold needs the user id of every update")
-        for user, row in zip(users, updates, strict=True):
+        if self.features == "head" and shapes is None:
+            raise ValueError("foolsgold with features = 'head' needs the layer shapes: call it with shapes= "
+                             "(fedmeta's server passes them)")
+        seen = head_slice(shapes) if self.features == "head" else slice(None)
+        for user, row in zip(users, updates[:, seen], strict=True):
             self.history[user] = self.history[user] + row if user in self.history else row.clone()
         if len(users) == 1:
             return updates[0]

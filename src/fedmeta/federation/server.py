@@ -8,7 +8,9 @@ A rule that compares the updates with the server's own (FLTrust) gets it as ``re
 server's ``reference`` client, a benign client trained on the server's root set, computes it each
 round from the same global weights (``scenario.builder.build_server`` builds it for rules
 registered with ``reference=True``). A rule that looks at the local models G + delta_i (FLAME,
-FreqFed: ``sees_model = True`` on the rule) gets the flat global weights as ``model=``.
+FreqFed: ``sees_model = True`` on the rule) gets the flat global weights as ``model=``; one that
+reads the updates layer by layer (FreqFed's per-layer DCT, FoolsGold's output layer:
+``sees_shapes = True``) gets the parameters' shapes, in the order they are flattened, as ``shapes=``.
 """
 
 from __future__ import annotations
@@ -122,6 +124,8 @@ class Server:
         extra = {} if self.reference is None else {"reference": self._reference(params, settings).to(stacked.device)}
         if getattr(self.rule, "sees_model", False):
             extra["model"] = flatten(params).to(stacked.device)
+        if getattr(self.rule, "sees_shapes", False):
+            extra["shapes"] = [tuple(v.shape) for v in params.values()]
         delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen, users=users, **extra), params)
         return add(params, delta), report
 
