@@ -81,6 +81,27 @@ def test_settings_are_grouped_and_paired_by_seed_with_bands(tmp_path):
     assert (tmp_path / "report" / "curves-pretrain.png").is_file()
 
 
+def test_a_fine_tuning_curve_draws_the_unadapted_step_0_apart_under_a_title(tmp_path, monkeypatch):
+    """Exp 2's step 0 is the head before any adaptation: a marker with its interval, and the line
+    starts at the first fine-tuned point; the title names the experiment, dataset and seeds."""
+    import fedmeta.reports.figures as figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, title=None: drawn.setdefault(out.name, (fig, title)) and out)
+    for seed in range(2):
+        _run(tmp_path / f"seed={seed}", seed, [{"case": "a", "user": 1, "step": t, "episodes": 20,
+                                                "attack_val_accuracy": 0.2 + 0.5 * (t > 0) + 0.01 * seed}
+                                               for t in (0, 100, 500)], experiment="backdoor-finetune")
+    write_report(sorted(tmp_path.glob("seed=*")), tmp_path / "report")
+    fig, title = drawn["curves-backdoor-finetune.png"]
+    ax = fig.axes[0]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("all runs")]
+    assert list(line.get_xdata()) == [100, 500]
+    assert [float(x) for ln in ax.get_lines() for x in ln.get_xdata() if x == 0]  # step 0: a marker of its own
+    assert title == "Experiment 2: fine-tuning at each benign user after the attack, Omniglot (seeds 0, 1)"
+    assert "fine-tuning step (step 0: before any)" == ax.get_xlabel()
+
+
 def test_nothing_to_report_is_refused(tmp_path):
     with pytest.raises(ReportError, match="holds no run folder"):
         write_report([tmp_path], tmp_path / "report")

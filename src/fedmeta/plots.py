@@ -67,10 +67,15 @@ DATASETS = {"omniglot": "Omniglot", "miniimagenet": "mini-ImageNet", "mnist": "M
 
 def title_of(experiment: str, configs: Sequence[dict[str, Any]]) -> str:
     """The experiment and its dataset (never a preset's description, which may be long or stale)."""
-    datasets = dict.fromkeys(DATASETS.get(c.get("data", {}).get("dataset"), str(c.get("data", {}).get("dataset")))
-                             for c in configs)
-    seeds = sorted({int(c.get("seed", 0)) for c in configs})
-    return (f"{TITLES.get(experiment, experiment)}, {', '.join(datasets)}"
+    return experiment_title(experiment, [c.get("data", {}).get("dataset") for c in configs],
+                            [int(c.get("seed", 0)) for c in configs])
+
+
+def experiment_title(experiment: str, datasets: Sequence[str | None], seeds: Sequence[int]) -> str:
+    """"<experiment>, <datasets> (seed(s) ...)": the title of a figure of runs of one experiment."""
+    names = ", ".join(dict.fromkeys(DATASETS.get(d, d) for d in datasets if d))
+    seeds = sorted(set(seeds))
+    return (TITLES.get(experiment, experiment) + (f", {names}" if names else "")
             + (f" (seed {seeds[0]})" if len(seeds) == 1 else f" (seeds {', '.join(map(str, seeds))})"))
 
 
@@ -149,7 +154,7 @@ def _grid(records: list[dict[str, Any]], rows: list[Any], cols: list[Any], axis:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
             if i == len(rows) - 1:
-                ax.set_xlabel(ROUND_LABEL if axis == "round" else "fine-tuning step (step 0: before any)")
+                ax.set_xlabel(ROUND_LABEL if axis == "round" else STEP_LABEL)
             if j == 0:
                 ax.set_ylabel("accuracy")
     handles, names = axes[0][0].get_legend_handles_labels()
@@ -159,6 +164,11 @@ def _grid(records: list[dict[str, Any]], rows: list[Any], cols: list[Any], axis:
 
 
 ROUND_LABEL = "round (0: before the attack; 1: the attack round,\nwhich the paper numbers 2: ours r is its r + 1)"
+STEP_LABEL = "fine-tuning step (step 0: before any)"
+ATTACK_ROUNDS = ("backdoor-rounds", "backdoor-core", "defense-comparison")
+"""Experiments whose rounds are numbered from the attack (``ROUND_LABEL``)."""
+FINE_TUNING = ("backdoor-finetune", "defense-finetune")
+"""Experiments whose curves run over fine-tuning steps: step 0 is the unadapted model, drawn apart."""
 
 
 def _curve(ax: plt.Axes, points: list[dict[str, Any]], axis: str, name: str, legend: str, color: str) -> None:

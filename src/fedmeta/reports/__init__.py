@@ -60,10 +60,13 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
     written = [_markdown(out / "report.md", runs, unfinished, table, comparisons, names),
                _csv(out / "table.csv", table, names), _csv(out / "curves.csv", curves, names),
                _paired_csv(out / "paired.csv", comparisons)]
+    from fedmeta.plots import experiment_title
     from fedmeta.reports.figures import curve_figure, heatmap_figure, table_figure
 
     for experiment in sorted({r.experiment for r in runs}):
-        written += [p for p in (curve_figure(curves, names, experiment, out / f"curves-{experiment}.png"),
+        of = [r for r in runs if r.experiment == experiment]
+        title = experiment_title(experiment, [r.dataset for r in of], [r.seed for r in of])
+        written += [p for p in (curve_figure(curves, names, experiment, out / f"curves-{experiment}.png", title),
                                 table_figure(table, names, experiment, out / f"table-{experiment}.png"),
                                 heatmap_figure(table, names, experiment, out / f"heatmap-{experiment}.png")) if p]
     return written

@@ -48,6 +48,7 @@ class Run:
     setting: dict[str, Any]
     records: list[dict[str, Any]]
     episodes: int | None = None  # evaluation episodes per point, for lines that do not say (``eval_episodes``)
+    dataset: str | None = None
 
 
 @dataclass
@@ -120,7 +121,8 @@ def load(path: Path) -> Run:
     setting = {k: v for k, v in flat_keys(in_use(config)).items() if not matches(k, IGNORED)}
     summary = json.loads((path / "summary.json").read_text())
     return Run(path, config["experiment"], int(config.get("seed", 0)), setting,
-               [json.loads(line) for line in lines if line.strip()], summary.get("eval_episodes"))
+               [json.loads(line) for line in lines if line.strip()], summary.get("eval_episodes"),
+               config.get("data", {}).get("dataset"))
 
 
 def resolved(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,7 @@
 """Report figures in the style of ``fedmeta.plots``: curves with shaded 95% bands over seeds, and
-the table's means with their intervals as error bars. One colour per setting."""
+the table's means with their intervals as error bars. One colour per setting. A curve over
+fine-tuning steps draws step 0, the unadapted model, as a point of its own: a line from it to the
+first fine-tuned point would look like a measured curve."""
 
 from __future__ import annotations
 
@@ -7,13 +9,17 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from fedmeta.plots import plt
+from matplotlib.ticker import MaxNLocator
+
+from fedmeta.plots import ATTACK_ROUNDS, FINE_TUNING, ROUND_LABEL, STEP_LABEL, plt
 from fedmeta.reports.collect import AXES, CAPPED, Table, capped_text, series
 from fedmeta.reports.stats import interval
 
 
-def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
-    """Rows: metrics; columns: curves (case, user, ...); a line and band per setting."""
+def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path,
+                 title: str) -> Path | None:
+    """Rows: metrics; columns: curves (case, user, ...); a line and band per setting; ``title``
+    above (the experiment and its dataset)."""
     from fedmeta.reports import group_order, label_text, position_text
 
     keys = [k for k in curves if k[0] == experiment]
@@ -29,7 +35,7 @@ def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: st
                 points = sorted((_axis(k[2]), curves[k]) for k in keys
                                 if k[1] == group and k[3] == metric and series(k[2]) == column)
                 if points:
-                    _band(axes[i][j], points, f"C{colour}", label_text(names[group]))
+                    _band(axes[i][j], points, f"C{colour}", label_text(names[group]), experiment in FINE_TUNING)
     for i, metric in enumerate(metrics):
         axes[i][0].set_ylabel(metric.replace("_", " "), fontsize=8)
         for j, column in enumerate(columns):
@@ -39,11 +45,14 @@ def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: st
             if i == 0:
                 axes[i][j].set_title(position_text(column) or experiment, fontsize=9)
     axis = next((a for a in AXES if any(a in dict(k[2]) for k in keys)), "step")
+    xlabel = (ROUND_LABEL if axis == "round" and experiment in ATTACK_ROUNDS else
+              STEP_LABEL if experiment in FINE_TUNING else axis)
     for ax in axes[-1]:
-        ax.set_xlabel(axis)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, ncol=min(len(labels), 4), loc="upper center", bbox_to_anchor=(0.5, 0.0))
-    return _save(fig, out)
+    return _save(fig, out, title)
 
 
 def _axis(position: tuple) -> float:
@@ -51,11 +60,15 @@ def _axis(position: tuple) -> float:
     return next(where[a] for a in AXES if a in where)
 
 
-def _band(ax: Any, points: list, colour: str, label: str) -> None:
-    xs = [x for x, _ in points]
+def _band(ax: Any, points: list, colour: str, label: str, unadapted_start: bool) -> None:
+    """The mean over seeds and its 95% band; with ``unadapted_start``, a point at x = 0 is drawn
+    apart, as a marker with its interval."""
     cis = [interval([c.values[s] for s in sorted(c.values)]) for _, c in points]
-    means = [ci.mean for ci in cis]
     seeds = min(ci.n for ci in cis)
+    if unadapted_start and points[0][0] == 0:
+        ax.errorbar(0, cis[0].mean, yerr=cis[0].half, color=colour, marker="o", ms=3, capsize=2)
+        points, cis = points[1:], cis[1:]
+    xs, means = [x for x, _ in points], [ci.mean for ci in cis]
     ax.plot(xs, means, color=colour, lw=1.4, label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
     if all(ci.half is not None for ci in cis):
         ax.fill_between(xs, [m - ci.half for m, ci in zip(means, cis)], [m + ci.half for m, ci in zip(means, cis)],
@@ -135,8 +148,11 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     return _save(fig, out)
 
 
-def _save(fig: Any, out: Path) -> Path:
+def _save(fig: Any, out: Path, title: str | None = None) -> Path:
     fig.tight_layout()
+    if title:
+        title = textwrap.fill(title, 70)
+        fig.suptitle(title, fontsize=9, y=1.0 + 0.3 * (title.count("\n") + 1) / fig.get_figheight())
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
