@@ -14,6 +14,13 @@ the backdoor or nothing does.
 
 ``--batched`` runs the attacker's meta-batch through ``torch.func.vmap`` (GPU; Adam moments per
 episode, ``meta.adam_carry = 'parallel'``), the pre-training staying the cached sequential one.
+
+``--probe`` adds, at each point, how the model's embedding sees the key (``key_probe``): on clean
+meta-test images x and their keyed copies k(x), batched together, the relative change
+||f(k(x)) - f(x)|| / ||f(x)||, the share of that change's energy in the most-changed spatial cell
+of the trunk's output and the number of cells holding 90% of it (one cell: Omniglot's 1 x 1;
+25: mini-ImageNet's 5 x 5), and how consistent its direction is over images (the mean cosine
+of each change with their mean): what a head has to read the key from.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+
+import torch
 
 from fedmeta import runtime
 from fedmeta.config import load_config
@@ -42,6 +51,25 @@ def attacker_client(cfg, case) -> MetaClient:
     return client
 
 
+def key_probe(case, params, images: int = 50) -> dict[str, float]:
+    """How the trunk's embedding responds to the key on ``images`` clean meta-test images."""
+    model, scenario = case.learner.model, case.scenario
+    test = scenario.test.index[scenario.test.index >= 0]  # the meta-test classes' rows: clean images
+    rows = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:images]]
+    clean = scenario.images[rows.to(scenario.images.device)]
+    batch = torch.cat([clean, scenario.trigger.apply(clean.cpu()).to(clean.device)]).float().div(255).movedim(-1, -3)
+    with torch.no_grad():
+        features = model.trunk(params, batch).double()
+    f, change = features[:images], features[images:] - features[:images]
+    cells = change.view(images, model.filters, -1).pow(2).sum(1)  # [images, spatial cells]
+    share = (cells / cells.sum(1, keepdim=True)).sort(dim=1, descending=True).values
+    direction = torch.nn.functional.cosine_similarity(change, change.mean(0, keepdim=True))
+    return {"key_relative_change": round(float((change.norm(dim=1) / f.norm(dim=1)).mean()), 4),
+            "key_top_cell_share": round(float(share[:, 0].mean()), 4),
+            "key_cells_for_90pct": round(float((share.cumsum(1) < 0.9).sum(1).add(1).float().mean()), 2),
+            "key_direction_consistency": round(float(direction.mean()), 4)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("preset")
@@ -49,6 +77,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes per point (eval.episodes)")
     parser.add_argument("--batched", action="store_true")
+    parser.add_argument("--probe", action="store_true", help="also print how the embedding responds to the key")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -81,6 +110,8 @@ def main() -> None:
         point = {"episodes": step * meta_batch, "train_seconds": round(clock, 1)}
         point |= {m: round(100 * scores[m].mean, 2) for m in METRICS}
         point |= {f"{m}_ci95": round(100 * scores[m].ci95, 2) for m in METRICS}
+        if args.probe:
+            point |= key_probe(case, params)
         points.append(point)
         print(json.dumps(point), flush=True)
     if args.json:
