@@ -30,7 +30,6 @@ needs every update on its own, so it cannot run under secure aggregation.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -38,6 +37,7 @@ import torch
 from torch import Tensor
 
 from fedmeta.federation.aggregation import Options
+from fedmeta.federation.updates import layer_slices
 from fedmeta.registry import RULES
 
 
@@ -49,12 +49,10 @@ class FoolsGoldOptions(Options):
 def head_slice(shapes: Sequence[tuple[int, ...]]) -> slice:
     """The coordinates of the output layer's weight in an update flattened in ``shapes``' order:
     the last parameter with two or more dimensions."""
-    ends = [math.prod(shape) for shape in shapes]
-    matrices = [i for i, shape in enumerate(shapes) if len(shape) >= 2]
+    matrices = [part for shape, part in zip(shapes, layer_slices(shapes), strict=True) if len(shape) >= 2]
     if not matrices:
         raise ValueError(f"no weight matrix among the layer shapes {list(shapes)}")
-    start = sum(ends[: matrices[-1]])
-    return slice(start, start + ends[matrices[-1]])
+    return matrices[-1]
 
 
 def foolsgold_weights(histories: Tensor) -> Tensor:

@@ -28,7 +28,6 @@ fedmeta's FreqFed until 2026-12-06, remains as ``cluster = "updates"``, an ablat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -41,6 +40,7 @@ from torch import Tensor
 
 from fedmeta.federation.aggregation import Options
 from fedmeta.federation.subsets import kept_mean, local_models, majority_cluster
+from fedmeta.federation.updates import layer_slices
 from fedmeta.registry import RULES
 
 
@@ -65,16 +65,15 @@ def layer_low_frequencies(rows: Tensor, shapes: Sequence[tuple[int, ...]], low: 
     """The low-frequency triangles of every layer of each row ``[n, d]``, concatenated, float64:
     a layer of shape ``(P, ...)`` is read as a P x (numel / P) matrix (a scalar as 1 x 1), and its
     orthonormal 2-D DCT-II coefficients (i, j) with i + j <= floor(low * P) are kept."""
-    if sum(math.prod(shape) for shape in shapes) != rows.shape[1]:
+    slices = layer_slices(shapes)
+    if slices[-1].stop != rows.shape[1]:
         raise ValueError(f"the layer shapes {list(shapes)} do not add up to the updates' {rows.shape[1]} coordinates")
-    flat, kept, start = rows.double().cpu().numpy(), [], 0
-    for shape in shapes:
-        size, p = math.prod(shape), shape[0] if shape else 1
-        spectrum = dctn(flat[:, start : start + size].reshape(len(flat), p, size // p), type=2, norm="ortho",
-                        axes=(1, 2))
+    flat, kept = rows.double().cpu().numpy(), []
+    for shape, part in zip(shapes, slices, strict=True):
+        p = shape[0] if shape else 1
+        spectrum = dctn(flat[:, part].reshape(len(flat), p, -1), type=2, norm="ortho", axes=(1, 2))
         i, j = np.indices(spectrum.shape[1:])
         kept.append(spectrum[:, i + j <= int(low * p)])
-        start += size
     return torch.from_numpy(np.concatenate(kept, axis=1))
 
 

@@ -6,6 +6,8 @@ fixed parameter order; ``unflatten`` restores the dict.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +30,15 @@ class ClientUpdate:
 
 def flatten(params: Params) -> Tensor:
     return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def layer_slices(shapes: Sequence[tuple[int, ...]]) -> list[slice]:
+    """Where each parameter of ``shapes`` lies in an update flattened in that order (``flatten``)."""
+    slices, start = [], 0
+    for shape in shapes:
+        slices.append(slice(start, start + math.prod(shape)))
+        start += math.prod(shape)
+    return slices
 
 
 def unflatten(vector: Tensor, like: Params) -> Params:
