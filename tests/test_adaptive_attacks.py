@@ -15,8 +15,8 @@ import torch
 from scipy.stats import norm
 
 from fedmeta.attacks.alie import z_max
-from fedmeta.attacks.replacement import Replacement
-from fedmeta.attacks.steering import ball, box, frozen
+from fedmeta.attacks.replacement import Replacement, clipped
+from fedmeta.attacks.steering import Steered, ball, box, chain, frozen
 from fedmeta.config import ConfigError, load_config
 from fedmeta.data.triggers import make_trigger
 from fedmeta.federation.client import RoundSettings
@@ -89,18 +89,46 @@ def test_the_target_way_is_random_or_the_papers_last(cfg, scenario, clients):
     assert len(target_ways(clients[0])) > 1
 
 
-def test_replacement_sends_exactly_the_clip_norm(clients, start):
-    update = clients[1].update(start, SETTINGS)
-    assert flatten(update.delta).norm().item() == pytest.approx(CLIP, rel=1e-5)
+def trained(attacker, start) -> torch.Tensor:
+    """What ``attacker`` trains this round, steered as it plans, before it scales what it sends."""
+    plan = attacker.steering(start, SETTINGS)
+    steered = replace(attacker.training, learner=Steered(attacker.training.learner, plan.step))
+    return flatten(steered.update(start, SETTINGS).delta)
 
 
-def test_replacement_without_a_cap_scales_to_the_estimated_benign_median(clients, start):
+def test_replacement_trains_inside_the_clip_norm_then_sends_gamma_times_it_clipped(clients, start):
+    """Bagdasaryan's code under a norm bound S: every step projected into the S-ball, then the
+    update scaled by gamma = n / f = 8 / 7 and clipped to S. Under a tight clip (EPS) training
+    presses against the ball and S is sent; under the loose one (CLIP) it stays inside and gamma
+    times it is sent."""
+    attacker = clients[1]
+    tight = replace(attacker, ctx=replace(attacker.ctx, rule_options={**attacker.ctx.rule_options, "norm": EPS}))
+    assert flatten(attacker.training.update(start, SETTINGS).delta).norm().item() > 2 * EPS  # free training leaves it
+    pressed = trained(tight, start)
+    assert pressed.norm().item() == pytest.approx(EPS, rel=1e-5)  # the projection holds it on the sphere
+    sent = flatten(tight.update(start, SETTINGS).delta)
+    torch.testing.assert_close(sent, pressed, rtol=1e-5, atol=1e-9)  # 8/7 of it, clipped back to EPS
+    inside = trained(attacker, start)
+    assert inside.norm().item() < CLIP * 7 / 8
+    torch.testing.assert_close(flatten(attacker.update(start, SETTINGS).delta), inside * 8 / 7, rtol=1e-5, atol=1e-9)
+
+
+def test_replacement_without_a_cap_bounds_by_the_estimated_benign_median(clients, start):
     attacker = clients[1]
     blind = replace(attacker, ctx=replace(attacker.ctx, rule="median", rule_options={}), slack=2.0)
     benign = blind.ctx.benign_updates(start, SETTINGS, blind.estimates)
     assert len({round(float(n), 9) for n in benign.norm(dim=1)}) == blind.estimates  # distinct draws
     bound = 2.0 * float(benign.norm(dim=1).median())  # odd count: the middle one
-    assert flatten(blind.update(start, SETTINGS).delta).norm().item() == pytest.approx(bound, rel=1e-5)
+    inside = trained(blind, start).norm().item()
+    assert inside <= bound * (1 + 1e-5)
+    sent = flatten(blind.update(start, SETTINGS).delta).norm().item()
+    assert sent == pytest.approx(min(8 / 7 * inside, bound), rel=1e-5)
+
+
+def test_clipped_shortens_only_what_is_longer():
+    assert torch.allclose(clipped(torch.tensor([3.0, 4.0]), 1.0), torch.tensor([0.6, 0.8]))
+    assert torch.equal(clipped(torch.tensor([0.3, 0.4]), 1.0), torch.tensor([0.3, 0.4]))
+    assert torch.equal(clipped(torch.zeros(2), 1.0), torch.zeros(2))
 
 
 def test_replacement_against_plain_fedavg_scales_by_n_over_f(clients, start):
@@ -160,6 +188,9 @@ def test_ball_box_and_frozen_on_crafted_weights():
     assert torch.allclose(clamped["w"], torch.tensor([3.0, 1.2]))
     kept = frozen(anchor, torch.tensor([True, False]))(anchor, far, 0.0)
     assert torch.equal(kept["w"], torch.tensor([1.0, 5.0]))
+    shift = lambda before, after, progress: {"w": after["w"] + 3.0}  # noqa: E731  far + 3 = (7, 8): the ray (6, 7)
+    shifted = chain(shift, ball(anchor, 1.0))
+    assert torch.allclose(shifted(anchor, far, 0.0)["w"], torch.tensor([1.0 + 6 / 85**0.5, 1.0 + 7 / 85**0.5]))
 
 
 def test_neurotoxin_leaves_the_benign_top_coordinates_exactly_untouched(clients, start):
@@ -170,6 +201,16 @@ def test_neurotoxin_leaves_the_benign_top_coordinates_exactly_untouched(clients,
     sent = flatten(attacker.update(start, SETTINGS).delta)
     assert (free[mask] != 0).any()  # unconstrained training would change them
     assert (sent[mask] == 0).all() and (sent[~mask] != 0).float().mean() > 0.5
+
+
+def test_neurotoxin_ranks_coordinates_by_the_mean_of_its_estimates(clients, start):
+    """With ``estimates = 3`` the mask is the top-k of |mean of three honest updates|, not of one."""
+    attacker = replace(clients[3], estimates=3)
+    benign = attacker.ctx.benign_updates(start, SETTINGS, 3)
+    k = math.floor(attacker.top * benign.shape[1])
+    mask = attacker.mask(start, SETTINGS)
+    assert torch.equal(mask.nonzero().flatten(), benign.mean(dim=0).abs().topk(k).indices.sort().values)
+    assert not torch.equal(mask, clients[3].mask(start, SETTINGS))
 
 
 def test_alie_update_stays_within_benign_mean_plus_minus_z_std(clients, start):

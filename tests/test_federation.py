@@ -317,3 +317,22 @@ def test_the_clean_round_is_one_cache_entry_for_every_attack_strategy():
     assert key("boosted", "attack.target_way=last") != key("boosted")
     assert key("boosted", "attack.enabled=false") != key("boosted")
     assert key("boosted", "attack.enabled=false", round_=2) != key("boosted", "attack.enabled=false")
+
+
+def test_a_revised_strategy_keys_its_cached_rounds_apart_from_the_earlier_code():
+    """``replacement`` registered ``revision=2`` (per-step projection): its rounds of the earlier
+    code, keyed without a revision, are not read as this one's; strategies never revised keep their keys."""
+    from fedmeta.registry import ATTACKS
+    from fedmeta.scenario.cache import attack_round_key
+
+    def key(strategy: str) -> str:
+        attackers = f'attack.attackers=[{{user=0,rounds=[1],strategy="{strategy}"}}]'
+        return attack_round_key(load_config("omniglot-compare-quick", [attackers]), "a", RoundSettings(1))
+
+    entry = ATTACKS.get("replacement")
+    assert entry.info["revision"] == 2 and "revision" not in ATTACKS.get("boosted").info
+    revised, boosted = key("replacement"), key("boosted")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(entry.info, "revision", 1)
+        assert key("replacement") != revised
+        assert key("boosted") == boosted

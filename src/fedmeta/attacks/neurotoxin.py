@@ -23,17 +23,21 @@ class NeurotoxinOptions(TrainingOptions):
     """k: the fraction of coordinates, largest in magnitude in the estimated benign update, that the attack never changes."""
     boost: PositiveFloat = 1.0
     """Scale of the sent update (1: Neurotoxin's plain update; the mask is kept either way)."""
+    estimates: int = Field(1, ge=1, le=100)
+    """Benign updates estimated from theta_G whose mean ranks the coordinates: the paper ranks by the
+    last global update, itself a mean of many users' updates; one estimate is noisier than that mean."""
 
 
 @dataclass(frozen=True)
 class Neurotoxin(SteeredAttack):
     """Each round, from the global model theta_G:
 
-    1. Estimate the benign update g: the attacker's own honest update from theta_G on its clean
-       classes (``AttackerContext.benign_updates``). Neurotoxin's attacker uses the last global
-       update instead, but a fedmeta client keeps nothing between rounds and the paper's attacker
-       is selected once, so it has seen one global model only; running the benign protocol on its
-       own data from this very model shows which coordinates benign training moves most.
+    1. Estimate the benign update g: the mean of ``estimates`` honest updates from theta_G on its
+       clean classes (``AttackerContext.benign_updates``; each a fresh draw of episodes).
+       Neurotoxin's attacker uses the last global update instead, but a fedmeta client keeps
+       nothing between rounds and the paper's attacker is selected once, so it has seen one global
+       model only; running the benign protocol on its own data from this very model shows which
+       coordinates benign training moves most.
     2. Mask the top-k% coordinates of |g| (``top``).
     3. Train on poisoned episodes, projecting after every outer step onto the other coordinates:
        masked coordinates are reset to theta_G's values, so the sent update is exactly zero there.
@@ -43,10 +47,11 @@ class Neurotoxin(SteeredAttack):
     """
 
     top: float
+    estimates: int = 1
 
     def mask(self, global_params: Params, settings: RoundSettings) -> Tensor:
         """Flat bool: the top-k% coordinates of the estimated benign update by magnitude."""
-        benign = self.ctx.benign_updates(global_params, settings, 1)[0].abs()
+        benign = self.ctx.benign_updates(global_params, settings, self.estimates).mean(dim=0).abs()
         chosen = torch.zeros_like(benign, dtype=torch.bool)
         chosen[benign.topk(max(1, math.floor(self.top * benign.numel()))).indices] = True
         return chosen
@@ -56,6 +61,7 @@ class Neurotoxin(SteeredAttack):
 
 
 @ATTACKS.register("neurotoxin", options=NeurotoxinOptions)
-def neurotoxin(ctx: AttackerContext, episodes: int, inner_epochs: float, top: float, boost: float) -> Neurotoxin:
+def neurotoxin(ctx: AttackerContext, episodes: int, inner_epochs: float, top: float, boost: float,
+               estimates: int) -> Neurotoxin:
     """Neurotoxin (Zhang et al., ICML 2022): poisoned training confined to the coordinates benign users change least."""
-    return Neurotoxin(ctx, ctx.poisoned_client(episodes, inner_epochs, boost), top)
+    return Neurotoxin(ctx, ctx.poisoned_client(episodes, inner_epochs, boost), top, estimates)

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from fedmeta.attacks.steering import Steer, SteeredAttack, Steering
+from fedmeta.attacks.steering import Steer, SteeredAttack, Steering, ball, chain
 from fedmeta.attacks.strategies import AttackerContext, BoundOptions
 from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.updates import flatten, unflatten
@@ -45,10 +45,14 @@ class Replacement(SteeredAttack):
        phi the inner-loop weights; MAML: its outer step), so each outer step becomes
        theta <- theta + alpha (theta' - theta) - (1 - alpha) eps grad L_ano(theta), with
        grad L_ano = (theta - theta_G) - r and eps the outer step size (``meta.meta_lr``, annealed).
-    3. Scaling: with a bound, the update X - theta_G is sent scaled to norm exactly S, the largest
-       the rule lets through ("scale up to the bound"); against plain FedAvg it is multiplied by
-       Bagdasaryan's gamma = n / eta with eta = 1 (the server's rate), shared among the f
-       colluders: gamma = n / f, n = ``federation.per_round``, so that together they replace the model.
+       With a bound, every outer step is also projected back onto the ball ||theta - theta_G|| <= S,
+       as Bagdasaryan's code does after each SGD step when the server bounds norms
+       (``diff_privacy``, ``s_norm``): the backdoor is learned inside what the rule lets through,
+       not trained freely and shrunk afterwards.
+    3. Scaling by Bagdasaryan's gamma = n / eta with eta = 1 (the server's rate), shared among the
+       f colluders: gamma = n / f, n = ``federation.per_round``, so that together they replace the
+       model; with a bound, the scaled update is then clipped to S (the reference's last step), so
+       it is sent with norm min(gamma ||X - theta_G||, S): S whenever training reached the ball.
     """
 
     estimates: int
@@ -66,9 +70,11 @@ class Replacement(SteeredAttack):
         benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None
         reference = benign.mean(dim=0) if anomaly else torch.zeros_like(flatten(global_params))
         gamma = ctx.per_round / len(ctx.attackers)
-        bound = None if ctx.unchecked else ctx.norm_bound(benign, self.slack)
-        send = (lambda delta: gamma * delta) if bound is None else (lambda delta: scaled(delta, bound))
-        return Steering(self.constrained(global_params, reference, alpha), send)
+        step = self.constrained(global_params, reference, alpha)
+        if ctx.unchecked:
+            return Steering(step, lambda delta: gamma * delta)
+        bound = ctx.norm_bound(benign, self.slack)
+        return Steering(chain(step, ball(global_params, bound)), lambda delta: clipped(gamma * delta, bound))
 
     def constrained(self, anchor: Params, reference: Tensor, alpha: float | None = None) -> Steer:
         """The outer step on alpha L_class + (1 - alpha) L_ano (step 2; default alpha: ``self.alpha``)."""
@@ -83,15 +89,16 @@ class Replacement(SteeredAttack):
         return step
 
 
-def scaled(delta: Tensor, norm: float) -> Tensor:
-    """``delta`` scaled to L2 norm ``norm`` (a zero update stays zero)."""
-    return delta * (norm / delta.norm().clamp_min(torch.finfo(delta.dtype).tiny))
+def clipped(delta: Tensor, norm: float) -> Tensor:
+    """``delta`` scaled down to L2 norm ``norm`` if it is longer (a zero update stays zero)."""
+    return delta * (norm / delta.norm().clamp_min(torch.finfo(delta.dtype).tiny)).clamp(max=1.0)
 
 
-@ATTACKS.register("replacement", options=ReplacementOptions, knows_rule="norm")
+@ATTACKS.register("replacement", options=ReplacementOptions, knows_rule="norm", revision=2)  # 2: per-step projection
 def replacement(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, slack: float, alpha: float,
                 anomaly: str, alpha_unchecked: float) -> Replacement:
     """Model replacement with a norm bound (Bagdasaryan et al., AISTATS 2020): training that keeps
-    the update close to the global model (or a benign one), then scaled to the largest norm the rule lets through."""
+    the update close to the global model (or a benign one) and inside the norm the rule lets
+    through, then scaled up to that norm."""
     return Replacement(ctx, ctx.poisoned_client(episodes, inner_epochs), estimates, slack, alpha, anomaly,
                        alpha_unchecked)

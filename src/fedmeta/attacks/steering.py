@@ -7,7 +7,8 @@ pulled towards benign-looking weights) and how the final update is shaped before
 meta-learner stays opaque: ``Steered`` wraps it and applies the steer after each of its outer
 steps, so the same attack runs on Reptile, MAML or any registered learner.
 
-- ``ball``: projection onto an L2 ball around the global model (PGD; Sun et al. 2019, Wang et al. 2020);
+- ``ball``: projection onto an L2 ball around the global model (PGD; Sun et al. 2019, Wang et al.
+  2020; constrain-and-scale under a norm bound, Bagdasaryan et al. 2020, after its pulled step: ``chain``);
 - ``frozen``: coordinates kept at the global model's values (Neurotoxin; Zhang et al. 2022);
 - ``box``: per-coordinate bounds on the update (ALIE; Baruch et al. 2019).
 """
@@ -57,6 +58,11 @@ class Steering:
 
     step: Steer
     send: Callable[[Tensor], Tensor] | None = None
+
+
+def chain(first: Steer, then: Steer) -> Steer:
+    """``first``, then ``then`` on its result (e.g. a pulled step, projected back into a ball)."""
+    return lambda before, after, progress: then(before, first(before, after, progress), progress)
 
 
 def ball(anchor: Params, radius: float) -> Steer:

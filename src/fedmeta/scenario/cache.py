@@ -38,6 +38,7 @@ from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.evaluation import Accuracy
 from fedmeta.models.conv4 import Params
+from fedmeta.registry import ATTACKS
 from fedmeta.runs import RunDir, RunError, Session
 from fedmeta.scenario.builder import Phase, Population, build_server
 from fedmeta.storage import cached, intact, read_tensors, write_tensors
@@ -198,12 +199,20 @@ def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings, pretrain
     if attack.enabled:
         default_way = {"target_way"} if attack.target_way == "random" else set()  # older keys hold
         own = {"attack": attack.model_dump(exclude={"cases", "case_c_backdoor_ways", *default_way}),
-               "attacks": {a.strategy: cfg.attack_options(a.strategy) for a in attack.attackers}}
+               "attacks": {a.strategy: _strategy_key(cfg, a.strategy) for a in attack.attackers}}
     parts = {"pretrain": pretrain_key(pretraining or cfg, case), **own, "meta": cfg.meta.model_dump(),
              "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
                                              *({"rule", "secure_aggregation"} if first else ())}),
              "rule": rule, "round": settings.round, "version": VERSION}
     return _digest(parts)
+
+
+def _strategy_key(cfg: Backdoor, strategy: str) -> dict:
+    """A strategy's settings and, once its algorithm changed (``revision`` in its registration,
+    e.g. ``replacement``'s per-step projection), the revision, so that a cached round of the
+    earlier code is not read as this one's; revision 1 stays out (older keys hold)."""
+    revision = ATTACKS.get(strategy).info.get("revision", 1)
+    return {**cfg.attack_options(strategy), **({"revision": revision} if revision > 1 else {})}
 
 
 def without_attack(cfg: Backdoor) -> Backdoor:
