@@ -52,17 +52,34 @@ def test_same_metrics_in_process_with_workers_and_on_ray(tmp_path, omniglot):
 def test_killed_sweep_resumes_to_the_same_table(tmp_path, omniglot, killed_at_checkpoint):
     sweep = _plan(seeds=1)
     run_sweep(sweep, tmp_path / "ref", InProcess())
+    told = []  # what ``finished`` heard: the cell that finished before the kill, not the one killed
     with killed_at_checkpoint(5):  # cell 1 finished (3 checkpoints), cell 2 killed at its 2nd
-        run_sweep(sweep, tmp_path / "killed", InProcess())
+        run_sweep(sweep, tmp_path / "killed", InProcess(), finished=told.append)
     names = [c.name for c in sweep.cells]
+    assert told == names[:1]
     assert (tmp_path / "killed" / names[0] / "summary.json").is_file()
     assert not (tmp_path / "killed" / names[1] / "summary.json").is_file()
-    resumed = run_sweep(sweep, tmp_path / "killed", InProcess())
-    assert resumed.skipped == names[:1] and resumed.done == names[1:]
+    resumed = run_sweep(sweep, tmp_path / "killed", InProcess(), finished=told.append)
+    assert resumed.skipped == names[:1] and resumed.done == names[1:] == told[1:]
     write_report([tmp_path / "ref"], tmp_path / "ref-report")
     write_report([tmp_path / "killed"], tmp_path / "killed-report")
     assert (tmp_path / "killed-report" / "table.csv").read_text() == (tmp_path / "ref-report" / "table.csv").read_text()
     assert (tmp_path / "killed-report" / "curves.csv").read_text() == (tmp_path / "ref-report" / "curves.csv").read_text()
+
+
+def test_sweep_keep_copies_each_finished_cell_without_weights(tmp_path, omniglot):
+    """``fedmeta sweep --keep DEST``: DEST holds what a report reads of every finished cell."""
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    args = ["sweep", "omniglot-pretrain-quick", "--out", str(tmp_path / "s"), "--keep", str(tmp_path / "kept")]
+    result = CliRunner().invoke(app, [*args, *(a for o in TINY for a in ("--set", o))])
+    assert result.exit_code == 0, result.output
+    cell = tmp_path / "kept" / "seed=0"
+    assert sorted(p.name for p in cell.iterdir()) == ["config.toml", "metrics.jsonl", "summary.json"]
+    assert (cell / "metrics.jsonl").read_bytes() == (tmp_path / "s" / "seed=0" / "metrics.jsonl").read_bytes()
+    assert (tmp_path / "kept" / "sweep.json").is_file() and (tmp_path / "s" / "seed=0" / "weights.safetensors").is_file()
 
 
 def test_a_failing_cell_is_reported_and_the_others_go_on(tmp_path, omniglot):

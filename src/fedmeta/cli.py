@@ -104,8 +104,14 @@ def sweep(
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Override a base config key (every cell).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="Run cells in N local worker processes.")] = None,
     ray: Annotated[str | None, typer.Option("--ray", help="Run cells on Ray: auto, local or HOST:PORT.")] = None,
+    keep: Annotated[Path | None, typer.Option("--keep", help="After each cell finishes, copy what a report reads of "
+                                              "the finished cells to this folder (as fedmeta keep does).")] = None,
 ) -> None:
-    """Run every cell of grid x seeds (one run folder each); finished cells are skipped, others resume."""
+    """Run every cell of grid x seeds (one run folder each); finished cells are skipped, others resume.
+
+    ``--keep DEST`` copies the finished cells' small files to DEST as each one finishes, so a sweep
+    longer than the machine's life (a spot instance, a lent machine) loses at most its running cells."""
+    from fedmeta.reports.collect import keep as keep_runs
     from fedmeta.sweeps import InProcess, LocalPool, RayCluster, plan, run_sweep
 
     try:
@@ -113,7 +119,7 @@ def sweep(
             raise ConfigError("--workers and --ray exclude each other")
         cells = plan(config, overrides or [], grid or [], seeds)
         executor = RayCluster(ray) if ray else LocalPool(workers) if workers else InProcess()
-        result = run_sweep(cells, out, executor)
+        result = run_sweep(cells, out, executor, finished=None if keep is None else lambda _: keep_runs(out, keep))
     except (ConfigError, RunError, Locked) as err:
         _fail(str(err))
     except OSError as err:

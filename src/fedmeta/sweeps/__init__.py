@@ -48,8 +48,10 @@ class Result:
     failed: dict[str, str]
 
 
-def run_sweep(sweep: Plan, out: Path, executor: Executor, echo: Callable[[str], Any] = tqdm.write) -> Result:
-    """Run every unfinished cell of ``sweep`` into ``out`` on ``executor``."""
+def run_sweep(sweep: Plan, out: Path, executor: Executor, echo: Callable[[str], Any] = tqdm.write,
+              finished: Callable[[str], Any] | None = None) -> Result:
+    """Run every unfinished cell of ``sweep`` into ``out`` on ``executor``; ``finished`` is called
+    with each cell's name as soon as it finishes (``fedmeta sweep --keep``: copy it somewhere safe)."""
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
@@ -57,14 +59,16 @@ def run_sweep(sweep: Plan, out: Path, executor: Executor, echo: Callable[[str], 
     try:
         _check_base(out, sweep)
         state = _state(out, sweep)
-        finished = [c.name for c in sweep.cells if (out / c.name / RunDir.SUMMARY).is_file()]
-        todo = [c for c in sweep.cells if c.name not in finished]
-        if finished:
-            echo(f"skipping {len(finished)} finished cell(s) of {len(sweep.cells)}")
-        result = Result(finished, [], {})
+        before = [c.name for c in sweep.cells if (out / c.name / RunDir.SUMMARY).is_file()]
+        todo = [c for c in sweep.cells if c.name not in before]
+        if before:
+            echo(f"skipping {len(before)} finished cell(s) of {len(sweep.cells)}")
+        result = Result(before, [], {})
         for outcome in _progress(executor.run([_task(out, c, sweep, executor) for c in todo]), len(todo), executor):
             _record(out, state, outcome, result)
             echo(_line(outcome, len(result.done) + len(result.failed), len(todo)))
+            if finished is not None and outcome.error is None:
+                finished(outcome.name)
         return result
     finally:
         os.close(fd)
