@@ -99,6 +99,6 @@ def replacement(ctx: AttackerContext, episodes: int, inner_epochs: float, estima
                 anomaly: str, alpha_unchecked: float) -> Replacement:
     """Model replacement with a norm bound (Bagdasaryan et al., AISTATS 2020): training that keeps
     the update close to the global model (or a benign one) and inside the norm the rule lets
-    through, then scaled up to that norm."""
+    through, then scaled by n / f, at most up to that norm."""
     return Replacement(ctx, ctx.poisoned_client(episodes, inner_epochs), estimates, slack, alpha, anomaly,
                        alpha_unchecked)
