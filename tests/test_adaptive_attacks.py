@@ -16,7 +16,7 @@ from scipy.stats import norm
 
 from fedmeta.attacks.alie import z_max
 from fedmeta.attacks.replacement import Replacement, clipped
-from fedmeta.attacks.steering import Steered, ball, box, chain, frozen
+from fedmeta.attacks.steering import ball, box, chain, frozen
 from fedmeta.config import ConfigError, load_config
 from fedmeta.data.triggers import make_trigger
 from fedmeta.federation.client import RoundSettings
@@ -91,9 +91,7 @@ def test_the_target_way_is_random_or_the_papers_last(cfg, scenario, clients):
 
 def trained(attacker, start) -> torch.Tensor:
     """What ``attacker`` trains this round, steered as it plans, before it scales what it sends."""
-    plan = attacker.steering(start, SETTINGS)
-    steered = replace(attacker.training, learner=Steered(attacker.training.learner, plan.step))
-    return flatten(steered.update(start, SETTINGS).delta)
+    return flatten(attacker.trained(start, SETTINGS, attacker.steering(start, SETTINGS)).delta)
 
 
 def test_replacement_trains_inside_the_clip_norm_then_sends_gamma_times_it_clipped(clients, start):

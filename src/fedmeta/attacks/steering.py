@@ -110,10 +110,14 @@ class SteeredAttack(ABC):
     def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
         """This round's plan, from the global model it starts from."""
 
+    def trained(self, global_params: Params, settings: RoundSettings, plan: Steering) -> ClientUpdate:
+        """The update that training steered by ``plan`` ends with, before ``plan.send`` shapes it."""
+        client = replace(self.training, learner=Steered(self.training.learner, plan.step))
+        return client.update(global_params, settings)
+
     def update(self, global_params: Params, settings: RoundSettings) -> ClientUpdate:
         plan = self.steering(global_params, settings)
-        client = replace(self.training, learner=Steered(self.training.learner, plan.step))
-        update = client.update(global_params, settings)
+        update = self.trained(global_params, settings, plan)
         if plan.send is None:
             return update
         return replace(update, delta=unflatten(plan.send(flatten(update.delta)), update.delta))

@@ -6,6 +6,7 @@ fixed parameter order; ``unflatten`` restores the dict.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,8 @@ def flatten(params: Params) -> Tensor:
 
 def layer_slices(shapes: Sequence[tuple[int, ...]]) -> list[slice]:
     """Where each parameter of ``shapes`` lies in an update flattened in that order (``flatten``)."""
-    slices, start = [], 0
-    for shape in shapes:
-        slices.append(slice(start, start + math.prod(shape)))
-        start += math.prod(shape)
-    return slices
+    ends = list(itertools.accumulate(math.prod(shape) for shape in shapes))
+    return [slice(start, end) for start, end in zip([0, *ends], ends)]
 
 
 def unflatten(vector: Tensor, like: Params) -> Params:
