@@ -262,9 +262,10 @@ def test_a_backdoor_is_followed_round_by_round_until_it_is_no_longer_above_the_p
 
     before = Accuracy(0.10, 0.04, 40)
     assert comparison.present(Accuracy(0.50, 0.05, 40), before)
-    # standard error of the difference: hypot(0.07, 0.04) / 1.96 = 0.04113; one-sided 5%: 1.645 of it, 0.0677
-    assert comparison.present(Accuracy(0.17, 0.07, 40), before)  # 0.07 above: z = 1.70 (the intervals overlap)
-    assert not comparison.present(Accuracy(0.16, 0.07, 40), before)  # 0.06 above: z = 1.46
+    # standard error of the difference: hypot(0.07, 0.04) / t(0.975, 39) = 0.08062 / 2.0227 = 0.03986;
+    # one-sided 5%: 1.645 of it, 0.0656
+    assert comparison.present(Accuracy(0.17, 0.07, 40), before)  # 0.07 above: z = 1.76 (the intervals overlap)
+    assert not comparison.present(Accuracy(0.16, 0.07, 40), before)  # 0.06 above: z = 1.51
     assert not comparison.present(Accuracy(0.10, 0.0, 40), Accuracy(0.10, 0.0, 40))  # no spread, no difference
 
     def follow(levels: list[float], after_rounds: int, right_after: float = 0.6) -> tuple[dict, list[int]]:

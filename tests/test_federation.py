@@ -303,6 +303,28 @@ def test_the_pre_trained_models_backdoor_scores_are_cached_per_trigger_and_per_d
     assert key("eval.ways=10") != key() == key("eval.ways=3")
 
 
+def test_an_accuracy_interval_uses_students_t_over_its_episodes_and_survives_the_cache(tmp_path, monkeypatch):
+    """Per-run intervals: mean ± t(0.975, n - 1) s / sqrt(n). A cached score reads back as it was
+    computed, and an entry written with the former normal factor (1.96) reads back as today's."""
+    from fedmeta.meta.evaluation import Accuracy
+    from fedmeta.scenario.cache import before_attack
+    from fedmeta.storage import write_tensors
+
+    acc = Accuracy.of(torch.tensor([1.0, 0.0, 1.0, 1.0]))  # s = 0.5, n = 4: t(0.975, 3) = 3.1824
+    assert acc.mean == 0.75 and acc.episodes == 4
+    assert acc.ci95 == pytest.approx(3.182446 * 0.5 / 2, abs=1e-6) and acc.stderr == pytest.approx(0.25)
+    assert Accuracy.of(torch.tensor([1.0])).ci95 == 0.0
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path))
+    cfg = load_config("omniglot-compare-quick")
+    first = before_attack(cfg, "a", lambda: {"attack_val_accuracy": acc})["attack_val_accuracy"]
+    assert before_attack(cfg, "a", lambda: pytest.fail("rebuilt"))["attack_val_accuracy"] == pytest.approx(first)
+    [entry] = tmp_path.glob("before-*.safetensors")
+    write_tensors(entry, {"attack_val_accuracy": torch.tensor([0.75, 1.96 * 0.25, 4], dtype=torch.float64)})
+    legacy = before_attack(cfg, "a", lambda: pytest.fail("rebuilt"))["attack_val_accuracy"]
+    assert (legacy.mean, legacy.episodes) == (0.75, 4) and legacy.ci95 == pytest.approx(acc.ci95)
+
+
 def test_the_clean_round_is_one_cache_entry_for_every_attack_strategy():
     """A threat matrix's cells (one attack strategy each) share the round without attackers."""
     from fedmeta.scenario.cache import attack_round_key

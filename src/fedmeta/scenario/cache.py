@@ -36,7 +36,7 @@ from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.engine import Engine
 from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
-from fedmeta.meta.evaluation import Accuracy
+from fedmeta.meta.evaluation import Accuracy, t95
 from fedmeta.models.conv4 import Params
 from fedmeta.registry import ATTACKS
 from fedmeta.runs import RunDir, RunError, Session
@@ -266,14 +266,20 @@ def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Acc
 
 
 def _accuracies(path: Path, what: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
-    """``evaluate()``, named accuracies, cached at ``path`` as one ``[mean, ci95, episodes]`` tensor each."""
+    """``evaluate()``, named accuracies, cached at ``path`` as one ``[mean, stderr, episodes, 0]``
+    tensor each. Entries written before intervals used Student's t are ``[mean, ci95, episodes]``
+    with ``ci95 = 1.96 stderr``; read back exactly, as today's ``Accuracy``, so their keys hold."""
+    def accuracy(values: list[float]) -> Accuracy:
+        mean, spread, episodes, *rest = values
+        stderr = spread if rest else spread / 1.96
+        return Accuracy(mean, t95(int(episodes)) * stderr, int(episodes))
+
     def read(path: Path) -> dict[str, Accuracy]:
-        return {name: Accuracy(mean, ci95, int(episodes))
-                for name, (mean, ci95, episodes) in ((k, v.tolist()) for k, v in read_tensors(path)[0].items())}
+        return {name: accuracy(v.tolist()) for name, v in read_tensors(path)[0].items()}
 
     def build() -> dict[str, Accuracy]:
         found = evaluate()
-        write_tensors(path, {name: torch.tensor([a.mean, a.ci95, a.episodes], dtype=torch.float64)
+        write_tensors(path, {name: torch.tensor([a.mean, a.stderr, a.episodes, 0], dtype=torch.float64)
                              for name, a in found.items()})
         return found
 
