@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_federation import _run
 
+from fedmeta.data.episodes import gather
 from fedmeta.defenses import matching
 from fedmeta.models.conv4 import trunk_params
 
@@ -28,6 +29,24 @@ def test_head_probabilities_sum_to_one_and_match_hand_computed_attention():
     attention = [math.exp(s) / sum(math.exp(t) for t in scores) for s in scores]
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-6)
     assert probs[0].tolist() == pytest.approx([attention[0], attention[1] + attention[2]], abs=1e-6)
+
+
+def test_a_query_scored_alone_sees_only_the_support_set(tiny, omniglot):
+    """Non-transductive scores: a query's log-probabilities do not depend on the other queries
+    (BatchNorm's batch holds the support set and that query alone), unlike transductive ones."""
+    gen = torch.Generator().manual_seed(0)
+    weights = {**trunk_params(tiny.init(gen)), **matching.init_head(5, tiny.feature_dim, 10.0)}
+    flat = omniglot.images[:5].flatten(0, 1)  # 5 classes x 20 examples
+    support = gather(flat, torch.arange(0, 100, 20).repeat_interleave(2) + torch.tensor([0, 1] * 5))
+    labels, queries = torch.arange(5).repeat_interleave(2), gather(flat, torch.arange(2, 100, 20))
+
+    def scores(inputs: torch.Tensor, transductive: bool) -> torch.Tensor:
+        return matching.log_probs(tiny, weights, support, labels, inputs, 5, transductive)
+
+    together = scores(queries, False)
+    for i in range(5):
+        torch.testing.assert_close(together[i], scores(queries[i : i + 1], False)[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(scores(queries, True)[0], scores(queries[:1], True)[0], atol=1e-3)
 
 
 def test_delta_mix_is_exact(tiny):
