@@ -52,11 +52,12 @@ def defense_curves(cfg: Config, case: Case, attacked: Params, user: int, at: lis
     meta = query_accuracy(case.learner, images, sets.test, e.transductive, classify)
     main = backdoor_score(case, ev, sets.tasks, classify)
 
-    def scores(w: Params) -> dict[str, Accuracy]:
-        return {"meta_test_accuracy": score_episodes(w, images, sets.test, meta)["accuracy"],
-                **score_episodes(w, images, sets.tasks, main)}
+    def scores(w: Params, t: int) -> dict[str, Accuracy]:
+        where = f"case {case.name}, user {user}, step {t}"
+        return {"meta_test_accuracy": score_episodes(w, images, sets.test, meta, f"meta-test, {where}")["accuracy"],
+                **score_episodes(w, images, sets.tasks, main, f"backdoor tasks, {where}")}
 
-    points = {0: scores(weights)} if 0 in at else {}
+    points = {0: scores(weights, 0)} if 0 in at else {}
     steps = matching.finetune(
         case.learner.model, weights, images,
         train.support.view(max(at), d.episodes, -1), train.query.view(max(at), d.episodes, -1),
@@ -65,7 +66,7 @@ def defense_curves(cfg: Config, case: Case, attacked: Params, user: int, at: lis
     )
     for t, w in enumerate(tqdm(steps, total=max(at), desc=f"defense, case {case.name}, user {user}", leave=False), start=1):
         if t in at:
-            points[t] = scores(w)
+            points[t] = scores(w, t)
     return points
 
 
