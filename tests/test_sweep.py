@@ -81,6 +81,9 @@ def test_sweep_keep_copies_each_finished_cell_without_weights(tmp_path, omniglot
     assert (cell / "metrics.jsonl").read_bytes() == (tmp_path / "s" / "seed=0" / "metrics.jsonl").read_bytes()
     assert (tmp_path / "kept" / "sweep.json").is_file()
     assert (tmp_path / "s" / "seed=0" / "weights.safetensors").is_file()  # the run has weights; the copy has none
+    again = [*args[:-1], str(tmp_path / "again")]  # every cell finished before: copied once at the end
+    assert CliRunner().invoke(app, [*again, *(a for o in TINY for a in ("--set", o))]).exit_code == 0
+    assert (tmp_path / "again" / "seed=0" / "metrics.jsonl").read_bytes() == (cell / "metrics.jsonl").read_bytes()
 
 
 def test_a_failing_cell_is_reported_and_the_others_go_on(tmp_path, omniglot):

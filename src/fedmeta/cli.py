@@ -120,8 +120,8 @@ def sweep(
         cells = plan(config, overrides or [], grid or [], seeds)
         executor = RayCluster(ray) if ray else LocalPool(workers) if workers else InProcess()
         result = run_sweep(cells, out, executor, finished=None if keep is None else lambda _: keep_runs(out, keep))
-        if keep is not None and (result.done or result.skipped):  # cells finished before this invocation, too
-            keep_runs(out, keep)
+        if keep is not None and result.skipped and not result.done:  # only cells finished before this
+            keep_runs(out, keep)  # invocation: no callback copied them (each copy takes every finished cell)
     except (ConfigError, RunError, Locked) as err:
         _fail(str(err))
     except OSError as err:
