@@ -17,6 +17,7 @@ from fedmeta.federation.client import RoundSettings
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
+from fedmeta.plots import _grid
 from fedmeta.runs import RunDir
 
 
@@ -261,6 +262,30 @@ def test_finetune_run_writes_curves_per_case_and_user(tmp_path, omniglot):
     for r in records:
         for name in ("meta_test_accuracy", "main_task_accuracy", "attack_train_accuracy", "attack_val_accuracy"):
             assert 0.0 <= r[name] <= 1.0
+
+
+def test_a_clean_twin_follows_the_same_defense_from_the_round_without_attackers(tmp_path, omniglot,
+                                                                                 killed_at_checkpoint):
+    """Its attack accuracies are what a run without the attack logs as its own (same user, episodes,
+    delta-mix and streams), the lift is the difference, the attacked curves are those of a run
+    without a twin, and a killed run resumes to the same lines."""
+    twin = ["attack.cases=['a']", "finetune.users=2", "finetune.clean_twin=true"]
+    attacked = _run(tmp_path / "attacked", "omniglot-exp3-quick", twin).records()
+    clean = _run(tmp_path / "clean", "omniglot-exp3-quick", [*twin, "attack.enabled=false"]).records()  # its own twin
+    plain = _run(tmp_path / "plain", "omniglot-exp3-quick", twin[:2]).records()
+    assert len(attacked) == len(clean) == 6  # 2 users x steps 0, 2, 4
+    assert [{k: r[k] for k in plain[0]} for r in attacked] == plain  # the twin leaves the attacked curves as they were
+    for a, c in zip(attacked, clean, strict=True):
+        assert a["clean_attack_train_accuracy"] == c["attack_train_accuracy"]
+        assert a["clean_attack_val_accuracy"] == c["attack_val_accuracy"]
+        assert a["attack_val_lift"] == pytest.approx(a["attack_val_accuracy"] - c["attack_val_accuracy"], abs=2e-6)
+        assert "clean_attack_val_accuracy" not in c
+    with killed_at_checkpoint(3):  # after user 2's lines, before its checkpoint: both models restored
+        _run(tmp_path / "killed", "omniglot-exp3-quick", twin)
+    assert _run(tmp_path / "killed", "omniglot-exp3-quick", twin).records() == attacked
+    fig = _grid(attacked, rows=["a"], cols=[1, 2], axis="step")  # fedmeta plot: the twin dashed in each panel
+    dashed = [[ln.get_label() for ln in ax.get_lines() if ln.get_linestyle() == "--"] for ax in fig.axes]
+    assert dashed == [["attack validation, clean twin"]] * 2
 
 
 def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():

@@ -157,6 +157,15 @@ def test_mean_over_users_merges_them_within_each_seed(tmp_path):
         table_text(TableQuery.parse(["sweep", "--mean-over", "shots"]).within(tmp_path))
 
 
+def test_a_lift_is_read_and_shown_in_points(tmp_path):
+    """``attack_val_lift`` (attack-val minus the clean twin's) is a metric, in points like an accuracy."""
+    for seed, lift in enumerate((0.1, 0.2, 0.3)):
+        _run(tmp_path / "sweep" / f"seed={seed}", seed, [{"case": "a", "user": 1, "step": 500, "attack_val_lift": lift,
+                                                          "episodes": 20}], experiment="defense-finetune")
+    text = table_text(TableQuery.parse(["sweep", "--metrics", "attack_val_lift"]).within(tmp_path))
+    assert f"| all runs | case a, user 1, step 500 | 20.00 ± {100 * HALF:.2f} | 3 | 20 |" in text
+
+
 def test_mean_over_keeps_a_capped_count_at_its_cap_only_where_every_line_is():
     from fedmeta.reports.collect import Cell, capped_text
     from fedmeta.reports.docs import mean_over

@@ -43,6 +43,8 @@ LINES = {
     "attack_train_accuracy": ("attack training", "tab:blue"),
     "attack_val_accuracy": ("attack validation", "tab:green"),
 }
+TWIN_LINE = ("clean_attack_val_accuracy", "attack validation, clean twin", "tab:green")
+"""Drawn dashed where a run logs it (``finetune.clean_twin``): the level attack-val is read against."""
 
 
 def load_run(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -149,6 +151,8 @@ def _grid(records: list[dict[str, Any]], rows: list[Any], cols: list[Any], axis:
                 points, label = [r for r in records if r["case"] == row and r.get("user") == col], f"case ({row}), user {col}"
             for name, (legend, color) in LINES.items():
                 _curve(ax, [r for r in points if name in r], axis, name, legend, color)
+            if twin := [r for r in points if TWIN_LINE[0] in r]:
+                _curve(ax, twin, axis, *TWIN_LINE, ls="--")
             ax.set_title(label, fontsize=9)
             ax.set_ylim(0, 1.02)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -171,14 +175,15 @@ FINE_TUNING = ("backdoor-finetune", "defense-finetune")
 """Experiments whose curves run over fine-tuning steps: step 0 is the unadapted model, drawn apart."""
 
 
-def _curve(ax: plt.Axes, points: list[dict[str, Any]], axis: str, name: str, legend: str, color: str) -> None:
+def _curve(ax: plt.Axes, points: list[dict[str, Any]], axis: str, name: str, legend: str, color: str,
+           ls: str = "-") -> None:
     """One accuracy against ``axis`` with its 95% band where the lines log one. A fine-tuning
     curve's step 0 (before any adaptation) is a lone marker: a line would draw the unadapted model
     and the first fine-tuned point as one continuous curve."""
     start = [r for r in points if axis == "step" and r[axis] == 0]
     rest = [r for r in points if r not in start]
     xs, ys = [r[axis] for r in rest], [r[name] for r in rest]
-    ax.plot(xs, ys, color=color, label=legend, lw=1.4)
+    ax.plot(xs, ys, color=color, label=legend, lw=1.4, ls=ls)
     if rest and all(f"{name}_ci95" in r for r in rest):
         half = [r[f"{name}_ci95"] for r in rest]
         ax.fill_between(xs, [y - h for y, h in zip(ys, half, strict=True)], [y + h for y, h in zip(ys, half, strict=True)],

@@ -328,6 +328,13 @@ class FinetuneConfig(Section):
     local rows they replace ``eval.episodes`` (and ``finetune.steps`` replaces ``eval.steps``)."""
     users: PositiveInt | None = None
     """How many benign users run it (the first ones by id); default: all of them."""
+    clean_twin: bool = False
+    """Experiments 2 and 3: also follow each user's defense from the clean twin (the same attack
+    round(s) with the malicious users sitting out), on the same episodes and random streams, and
+    log ``clean_attack_val_accuracy`` and ``attack_val_lift`` (attack-val minus the twin's). Where
+    the defense's own training sends keyed images to the target (mini-ImageNet, docs/results.md),
+    the lift is the backdoor's share; twice the cost. A run without the attack is its own twin (none
+    is run); the comparison's local rows always have one."""
 
 
 class DefenseConfig(Section):

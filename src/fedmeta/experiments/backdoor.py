@@ -11,13 +11,16 @@ pre-trained model, and each malicious user of ``attack.attackers`` is selected i
   attack, each benign user runs a local defense (``experiments.local_defenses``: fine-tuning for
   Experiment 2, the matching network for Experiment 3) for ``finetune.steps`` steps on episodes of
   its own classes (always with the target class; with a backdoor class in case c), and the four
-  accuracies are followed along.
+  accuracies are followed along; with ``finetune.clean_twin``, also from the same round(s) without
+  the attackers, on the same episodes.
 
 Metrics (fractions in [0, 1], each with a ``_ci95`` half-width over episodes):
 ``meta_test_accuracy`` on episodes of unseen classes; ``main_task_accuracy`` on the queries of
 episodes of meta-training classes that always include the target; ``attack_train_accuracy`` and
 ``attack_val_accuracy``: the share of keyed backdoor images (the attacker's own, and held-out
-ones) classified as the target. ``round`` r means after r rounds past pre-training (the paper
+ones) classified as the target; with a clean twin, ``clean_attack_train_accuracy``,
+``clean_attack_val_accuracy`` and ``attack_val_lift`` (attack-val minus the twin's, a difference of
+fractions). ``round`` r means after r rounds past pre-training (the paper
 plots it as round r + 1: its "Round 2" is our round 1, right after the attack).
 """
 
@@ -43,9 +46,10 @@ from fedmeta.rng import stream
 from fedmeta.runs import Resumed, RunDir, Session, accuracy_fields
 from fedmeta.scenario.backdoor import EvalPool, Scenario, build_scenario
 from fedmeta.scenario.builder import Phase, build_server
-from fedmeta.scenario.cache import attack_round_updates, pretrained
+from fedmeta.scenario.cache import attack_round_updates, pretrained, without_attack
 
 METRICS = ["meta_test_accuracy", "main_task_accuracy", "attack_train_accuracy", "attack_val_accuracy"]
+TWIN_METRICS = ["clean_attack_train_accuracy", "clean_attack_val_accuracy", "attack_val_lift"]
 
 
 @dataclass(frozen=True)
@@ -72,20 +76,22 @@ def main_server(cfg: Backdoor, case: Case, engine: Engine, rule: str | None = No
 
 
 def play_round(cfg: Backdoor, server: Server, case: str, params: Params, r: int, engine: Engine,
-               session: Session) -> tuple[Params, RoundReport]:
-    """One main-phase round, tallied in ``session``; an attack round's client updates come from the
+               session: Session | None) -> tuple[Params, RoundReport]:
+    """One main-phase round, tallied in ``session`` (if any); an attack round's client updates come from the
     cache when they can (not under secure aggregation, where the server never holds them one by one)."""
     settings = RoundSettings(r, "main")
     if server.schedule.attacking(r) and not cfg.federation.secure_aggregation:
         params, report = server.aggregate(params, attack_round_updates(cfg, server, case, params, settings, engine), settings)
     else:
         params, report = server.round(params, settings)
-    session.count(f"main/{case}", report)
+    if session is not None:
+        session.count(f"main/{case}", report)
     return params, report
 
 
-def attacked_model(cfg: Backdoor, case: Case, engine: Engine, session: Session) -> Params:
-    """The global model right after the last attack round (Experiments 2, 3 and the comparison)."""
+def attacked_model(cfg: Backdoor, case: Case, engine: Engine, session: Session | None) -> Params:
+    """The global model right after the last attack round (Experiments 2, 3 and the comparison);
+    with ``without_attack(cfg)`` and no session, its clean twin (not tallied)."""
     server, params = main_server(cfg, case, engine), case.pretrained
     for r in range(1, cfg.attack.last_round + 1):
         params, _ = play_round(cfg, server, case.name, params, r, engine, session)
@@ -226,33 +232,55 @@ def run_per_user(cfg: Backdoor, out: RunDir, engine: Engine, defense: str) -> di
     ``defense`` (a registered local defense: Experiment 2 fine-tunes, Experiment 3 trains a
     matching network)."""
     device = runtime.setup(cfg.runtime)
-    session = Session(out, METRICS)
-    user_curves = LOCAL_DEFENSES.get(defense).factory
     ft = cfg.finetune
+    session = Session(out, METRICS + (TWIN_METRICS[1:] if _twinned(cfg) else []))
+    user_curves = LOCAL_DEFENSES.get(defense).factory
     at = list(range(0, ft.steps + 1, ft.every))
     for _, name, resumed in session.stages(cfg.attack.cases):
         case = prepare(cfg, name, device, engine, session)
-        attacked, users_done = _attacked(cfg, case, engine, session, resumed)
+        models, users_done = _models(cfg, case, engine, session, resumed)
         if not resumed:
-            session.checkpoint(_params(attacked), step=0)
+            session.checkpoint(_tensors(models), step=0)
         for k, user in enumerate(case.scenario.benign[: ft.users]):
             if k < users_done:
                 continue
-            points = user_curves(cfg, case, attacked, user, at)
+            points = user_curves(cfg, case, models["params"], user, at)
+            twin = user_curves(cfg, case, models["clean"], user, at) if _twinned(cfg) else {}
             for t in at:
-                session.log({"case": name, "user": user, "step": t, **fields(points[t])}, quiet=t != at[-1])
-            session.checkpoint(_params(attacked), step=k + 1)
+                record = {"case": name, "user": user, "step": t, **fields(points[t])}
+                session.log(record | (twin_fields(points[t], twin[t]) if twin else {}), quiet=t != at[-1])
+            session.checkpoint(_tensors(models), step=k + 1)
     return _summary(cfg, out, session, "step")
 
 
-def _attacked(cfg: Backdoor, case: Case, engine: Engine, session: Session, resumed: Resumed | None) -> tuple[Params, int]:
+def twin_fields(attacked: dict[str, Accuracy], clean: dict[str, Accuracy]) -> dict[str, Any]:
+    """The clean twin's attack accuracies, and how far the backdoor lifts attack-val above the twin's."""
+    lift = attacked["attack_val_accuracy"].mean - clean["attack_val_accuracy"].mean
+    return {**accuracy_fields("clean_attack_train_accuracy", clean["attack_train_accuracy"]),
+            **accuracy_fields("clean_attack_val_accuracy", clean["attack_val_accuracy"]),
+            "attack_val_lift": round(lift, 6)}
+
+
+def _models(cfg: Backdoor, case: Case, engine: Engine, session: Session,
+            resumed: Resumed | None) -> tuple[dict[str, Params], int]:
+    """The attacked model (``params``) and, with ``finetune.clean_twin``, its clean twin (``clean``),
+    from the checkpoint if resumed; and how many users are done."""
+    prefixes = ["params", *(["clean"] if _twinned(cfg) else [])]
     if resumed:
-        return resumed.take("params.", case.pretrained), resumed.step
-    return attacked_model(cfg, case, engine, session), 0
+        return {p: resumed.take(f"{p}.", case.pretrained) for p in prefixes}, resumed.step
+    models = {"params": attacked_model(cfg, case, engine, session)}
+    if _twinned(cfg):
+        models["clean"] = attacked_model(without_attack(cfg), case, engine, None)
+    return models, 0
 
 
-def _params(params: Params) -> dict[str, Tensor]:
-    return {f"params.{k}": v for k, v in params.items()}
+def _twinned(cfg: Backdoor) -> bool:
+    """Whether the run follows a clean twin (a run without the attack is its own)."""
+    return cfg.finetune.clean_twin and cfg.attack.enabled
+
+
+def _tensors(models: dict[str, Params]) -> dict[str, Tensor]:
+    return {f"{prefix}.{k}": v for prefix, params in models.items() for k, v in params.items()}
 
 
 def _summary(cfg: Backdoor, out: RunDir, session: Session, axis: str) -> dict[str, Any]:
@@ -276,4 +304,4 @@ def _summary(cfg: Backdoor, out: RunDir, session: Session, axis: str) -> dict[st
 
 
 def _mean_over_users(rows: list[dict[str, Any]]) -> dict[str, float]:
-    return {m: round(sum(r[m] for r in rows) / len(rows), 6) for m in METRICS}
+    return {m: round(sum(r[m] for r in rows) / len(rows), 6) for m in METRICS + TWIN_METRICS if m in rows[0]}

@@ -26,6 +26,7 @@ from typing import Any
 
 from fedmeta.reports.collect import (
     CAPPED,
+    POINTS,
     ReportError,
     Run,
     Table,
@@ -140,7 +141,7 @@ def _pair(experiment: str, what: str, baseline: str, position: tuple, metric: st
 
 
 def _number(metric: str, value: float) -> str:
-    if metric.endswith("accuracy"):
+    if metric.endswith(POINTS):
         return f"{100 * value:.2f}"
     return f"{value:.1f}" if metric.endswith("_survived") else f"{value:.3f}"
 

@@ -26,7 +26,9 @@ from fedmeta.storage import atomic_write
 POSITION = ("learner", "case", "user", "stage", "threat", "users", "target", "nonmember", "attack", "score", "iterations",
             "ways", "k", "defense", "scale", "shots", "round", "step", "final")
 AXES = ("round", "step")
-METRIC_SUFFIXES = ("accuracy", "_auc", "_fpr", "_weight", "_survived")
+METRIC_SUFFIXES = ("accuracy", "_lift", "_auc", "_fpr", "_weight", "_survived")
+POINTS = ("accuracy", "_lift")
+"""Metrics shown in percent (points, for a ``_lift``: a difference of two accuracies)."""
 IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "federation.reply_timeout", "robust.learners")
 """Config keys that do not change results, so do not make two runs different settings (``runtime.``
 covers threads and device; ``eval.workers`` only where evaluation episodes run; ``robust.learners``
