@@ -267,6 +267,25 @@ def test_case_c_puts_one_or_all_fitting_backdoor_classes_in_each_episode():
     assert always_included(settings("all"), no_backdoors, 50, torch.Generator()).tolist() == [7]
 
 
+def test_the_defenses_training_episodes_hold_the_target_always_or_at_random():
+    from fedmeta.config import load_config
+    from fedmeta.data.pool import ClassPool
+    from fedmeta.experiments.local_defenses import training_episodes
+    from fedmeta.scenario.backdoor import EvalPool
+
+    pool = ClassPool.from_class_major(torch.zeros(20, 10, 1, 1, 1, dtype=torch.uint8), [str(c) for c in range(20)])
+    ev = EvalPool(pool=pool, split=torch.full((20,), 8), target=7, backdoors=torch.zeros(0, dtype=torch.long))
+
+    def held(always: bool) -> float:
+        """The share of 400 training episodes that hold the target."""
+        cfg = load_config("omniglot-exp3-quick", [f"defense.always_target={always}"])
+        classes = training_episodes(cfg, ev, 400, torch.Generator().manual_seed(0)).classes
+        return float((classes == 7).any(dim=1).float().mean())
+
+    assert held(True) == 1.0  # the target in every episode, as in evaluation
+    assert abs(held(False) - 5 / 20) < 0.07  # 5 ways of the user's 20 classes: a quarter of the episodes
+
+
 def test_a_matrix_may_leave_out_the_secure_aggregation_twins_of_local_rows():
     from fedmeta.config import load_config
     from fedmeta.experiments.comparison import rows

@@ -356,6 +356,10 @@ class DefenseConfig(Section):
     """Queries per class in a training episode (support and queries come from the user's own examples)."""
     episodes: PositiveInt = 4
     """Training episodes averaged in each step."""
+    always_target: bool = True
+    """Every training episode holds the target class (and, in case c, backdoor classes), as the
+    evaluation episodes do: our reading, which the paper leaves open ("episodically on the user's
+    own examples"). false: each episode's classes drawn at random from the user's own."""
 
 
 class CompareConfig(Section):

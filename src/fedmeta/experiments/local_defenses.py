@@ -81,9 +81,11 @@ def start_weights(cfg: Config, case: Case, attacked: Params, gen: torch.Generato
 
 def training_episodes(cfg: Config, ev: EvalPool, count: int, gen: torch.Generator) -> Episodes:
     """The user's own training episodes, drawn up front: its classes with the target always in
-    (and a backdoor class in case c), examples only from below each class's evaluation split."""
+    (and a backdoor class in case c; without ``defense.always_target``, classes at random),
+    examples only from below each class's evaluation split."""
     d = cfg.defense
-    classes = sample_classes(ev.pool.num_classes, count, cfg.eval.ways, gen, include=always_included(cfg, ev, count, gen))
+    include = always_included(cfg, ev, count, gen) if d.always_target else None
+    classes = sample_classes(ev.pool.num_classes, count, cfg.eval.ways, gen, include=include)
     return Episodes(sample_examples(ev.pool, classes, d.shots + d.queries, gen, hi=ev.split), classes, d.shots)
 
 
