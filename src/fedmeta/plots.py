@@ -155,7 +155,7 @@ def _grid(records: list[dict[str, Any]], rows: list[Any], cols: list[Any], axis:
                 _curve(ax, twin, axis, *TWIN_LINE, ls="--")
             ax.set_title(label, fontsize=9)
             ax.set_ylim(0, 1.02)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
             ax.grid(alpha=0.3)
             if i == len(rows) - 1:
                 ax.set_xlabel(ROUND_LABEL if axis == "round" else STEP_LABEL)
