@@ -301,6 +301,18 @@ def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():
         pretrain_key(load_config("omniglot-exp1a-quick", fewer), "a")
 
 
+def test_a_local_defenses_clean_scores_are_keyed_by_what_the_comparison_reads(monkeypatch):
+    """``finetune.clean_twin`` (Experiments 2 and 3 only) leaves the key as it was, and so does
+    ``defense.always_target`` at its default (older entries hold); drawing episodes at random does not."""
+    from fedmeta.scenario import cache
+
+    keys = []
+    monkeypatch.setattr(cache, "_accuracies", lambda path, *_: keys.append(path.name))
+    for sets in ([], ["finetune.clean_twin=true"], ["defense.always_target=false"]):
+        cache.clean_local_scores(load_config("omniglot-compare-quick", sets), "a", "fedavg", None, ("matching", False))
+    assert keys[0] == keys[1] != keys[2]
+
+
 def test_the_pre_trained_models_backdoor_scores_are_cached_per_trigger_and_per_dirichlet_share(tmp_path, monkeypatch):
     """The keyed images carry the trigger, so the "before the attack" row depends on it; under a
     Dirichlet split, eval.ways above meta.ways sizes the users' shares, so the pre-training does."""

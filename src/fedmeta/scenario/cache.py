@@ -238,7 +238,9 @@ def clean_local_scores(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[
     the defense's settings may sit anywhere in the config, so the whole config but the attack's own
     settings is in the key."""
     own = {"attack": {"attackers", "enabled", "target_way"}, "attacks": True, "compare": True, "runtime": True,
-           "description": True}
+           "description": True, "finetune": {"clean_twin"}}  # clean_twin: Experiments 2 and 3 only
+    if cfg.defense.always_target:  # the behaviour from before the key existed: older entries hold
+        own["defense"] = {"always_target"}
     parts = {**_clean_parts(cfg, case, rule), "local": [*local, cfg.model_dump(mode="json", exclude=own)]}
     return _accuracies(cache_dir() / f"clean-local-{_digest(parts)}.safetensors", "clean-local", evaluate)
 
