@@ -276,6 +276,7 @@ def test_a_clean_twin_follows_the_same_defense_from_the_round_without_attackers(
     assert len(attacked) == len(clean) == 6  # 2 users x steps 0, 2, 4
     assert [{k: r[k] for k in plain[0]} for r in attacked] == plain  # the twin leaves the attacked curves as they were
     for a, c in zip(attacked, clean, strict=True):
+        assert a["clean_meta_test_accuracy"] == c["meta_test_accuracy"]
         assert a["clean_attack_train_accuracy"] == c["attack_train_accuracy"]
         assert a["clean_attack_val_accuracy"] == c["attack_val_accuracy"]
         assert a["attack_val_lift"] == pytest.approx(a["attack_val_accuracy"] - c["attack_val_accuracy"], abs=2e-6)

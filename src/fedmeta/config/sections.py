@@ -331,9 +331,9 @@ class FinetuneConfig(Section):
     clean_twin: bool = False
     """Experiments 2 and 3: also follow each user's defense from the clean twin (the same attack
     round(s) with the malicious users sitting out), on the same episodes and random streams, and
-    log ``clean_attack_val_accuracy`` and ``attack_val_lift`` (attack-val minus the twin's). Where
-    the defense's own training sends keyed images to the target (mini-ImageNet, docs/results.md),
-    the lift is the backdoor's share; twice the cost. A run without the attack is its own twin (none
+    log ``clean_meta_test_accuracy``, ``clean_attack_val_accuracy`` and ``attack_val_lift`` (attack-val
+    minus the twin's). Where the defense's own training sends keyed images to the target
+    (mini-ImageNet, docs/results.md), the lift is the backdoor's share; twice the cost. A run without the attack is its own twin (none
     is run); the comparison's local rows always have one."""
 
 
