@@ -19,12 +19,16 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from fedmeta.attacks.strategies import AttackerContext
 from fedmeta.cli import app
 from fedmeta.config import load_config, preset_names
 from fedmeta.data.files import cache_dir
 from fedmeta.experiments import run
+from fedmeta.federation import journal
 from fedmeta.federation.client import MetaClient
+from fedmeta.federation.journal import Journal, Progress
 from fedmeta.federation.updates import ClientUpdate
+from fedmeta.meta.adam import AdamState
 from fedmeta.meta.learner import Reptile
 from fedmeta.runs import RunDir, RunError
 from fedmeta.runtime import Diverged
@@ -309,3 +313,57 @@ def test_a_corrupt_pretraining_checkpoint_in_the_cache_restarts_that_entry(tmp_p
     monkeypatch.setenv("FEDMETA_CACHE", str(_cache_with_data(tmp_path / "cache-reference")))
     run(cfg, RunDir.open(tmp_path / "reference", cfg))
     assert RunDir(tmp_path / "run").records() == RunDir(tmp_path / "reference").records()
+
+
+def test_a_run_killed_inside_the_attackers_long_update_goes_on_from_its_last_save(tmp_path, omniglot, monkeypatch,
+                                                                                   capsys):
+    """The attack round keeps a journal while it trains: a run killed in the middle of the
+    attacker's one update resumes it from the last save, not from its first step, and ends with the
+    metrics and weights of a run never killed; the journal goes once the round is cached."""
+    monkeypatch.setattr(journal, "SAVE_EVERY", 0.0)  # a save after every outer step
+    tiny = [*FEDERATED[:-1], "federation.episodes=4", "pretrain.episodes=4", "attacks.boosted.episodes=12",
+            "federation.rounds=1"]  # the attacker (user 0): 12 episodes / meta-batch 2 = 6 outer steps
+    cfg = load_config("omniglot-exp1a-quick", tiny)
+    steps: list[int] = []  # one per outer step the attacker trains (its sampler is called once a step)
+    poisoned, tick = AttackerContext.poisoned, Journal.tick
+    monkeypatch.setattr(AttackerContext, "poisoned", lambda self, gen: steps.append(1) or poisoned(self, gen))
+
+    def dying(self: Journal, progress: Progress, gen: torch.Generator) -> None:
+        if self.path.name.endswith("-user-0.safetensors") and progress.step == 3:
+            raise KeyboardInterrupt  # killed after its third step, before saving it: steps 1 and 2 are saved
+        tick(self, progress, gen)
+
+    cache = _cache_with_data(tmp_path / "cache")
+    monkeypatch.setenv("FEDMETA_CACHE", str(cache))
+    monkeypatch.setattr(Journal, "tick", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, RunDir.open(tmp_path / "run", cfg))
+    assert len(steps) == 3 and len(list(cache.glob("attack-*.partial/*-user-0.safetensors"))) == 1
+    monkeypatch.setattr(Journal, "tick", tick)
+    steps.clear()
+    run(cfg, RunDir.open(tmp_path / "run", cfg))
+    assert len(steps) == 4  # steps 3 to 6
+    assert "resuming the update at step 2 of 6" in capsys.readouterr().out
+    assert not list(cache.glob("*.partial"))
+
+    monkeypatch.setenv("FEDMETA_CACHE", str(_cache_with_data(tmp_path / "cache-reference")))
+    run(cfg, RunDir.open(tmp_path / "reference", cfg))
+    assert RunDir(tmp_path / "run").records() == RunDir(tmp_path / "reference").records()
+    ours, reference = (load_file(str(tmp_path / p / "weights-case-a.safetensors")) for p in ("run", "reference"))
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
+def test_a_damaged_or_foreign_journal_save_is_named_and_the_update_starts_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(journal, "SAVE_EVERY", 0.0)
+    params = {"w": torch.arange(4.0)}
+    saved = Journal.of(tmp_path, user=3, phase="main/benign-estimate-0", round_=1, steps=5)
+    assert saved.path.parent == tmp_path and "/" not in saved.path.name
+    gen = torch.Generator().manual_seed(0)
+    saved.tick(Progress(2, params, AdamState.zeros(list(params.values())), torch.tensor(1.5)), gen)
+    resumed = Journal(saved.path, 5).resume({"w": torch.zeros(4)}, torch.Generator())
+    assert resumed.step == 2 and torch.equal(resumed.params["w"], params["w"]) and float(resumed.loss_sum) == 1.5
+    assert Journal(saved.path, 6).resume(params, torch.Generator()) is None  # an update of another length
+    saved.path.write_bytes(saved.path.read_bytes()[:-5])
+    assert Journal(saved.path, 5).resume(params, torch.Generator()) is None
+    out = capsys.readouterr().out
+    assert "saved an update of 5 steps, not 6" in out and f"starting the update again: {saved.path}" in out

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
 from fedmeta.data.episodes import Episodes
+from fedmeta.federation.journal import Journal, Progress
 from fedmeta.federation.updates import ClientUpdate, subtract
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Params
@@ -31,6 +33,10 @@ class RoundSettings:
     round: int
     phase: str = "main"  # "pretrain" or "main": names the random streams of the round
     progress: tuple[float, float] = (0.0, 1.0)  # span of the whole schedule this round covers (annealing)
+    journal: Path | None = None
+    """Where each client saves its progress through the round's update, so that a killed run resumes
+    it mid-update (``fedmeta.federation.journal``; set for cached attack rounds); users that train
+    together (``update_together``: short benign updates) save nothing."""
 
 
 @dataclass(frozen=True)
@@ -46,15 +52,26 @@ class MetaClient:
 
     def update(self, global_params: Params, settings: RoundSettings) -> ClientUpdate:
         gen = self.generator(settings)
-        params = {k: v.detach() for k, v in global_params.items()}
-        state = self.learner.init_state(params)
-        loss_sum = torch.zeros((), device=self.images.device)  # summed on the device: one host sync per update
-        bar = tqdm(range(self.steps), desc=f"round {settings.round}, user {self.user}", unit="step", leave=False)
+        journal = Journal.of(settings.journal, self.user, settings.phase, settings.round, self.steps)
+        at = self.start(global_params, gen, journal)
+        params, state, loss_sum = at.params, at.state, at.loss_sum
+        bar = tqdm(range(at.step, self.steps), desc=f"round {settings.round}, user {self.user}", unit="step",
+                   leave=False, initial=at.step, total=self.steps)
         for step in bar:
             episodes, progress = self.sample(gen), self.progress(settings, step)
             params, state, loss = self.learner.train_step(params, state, episodes, self.images, gen, progress)
             loss_sum += loss.detach()
+            if journal is not None:
+                journal.tick(Progress(step + 1, params, state, loss_sum), gen)
         return self.result(global_params, params, loss_sum)
+
+    def start(self, global_params: Params, gen: torch.Generator, journal: Journal | None) -> Progress:
+        """Where the update starts: the journal's last save, else step 0 from the global weights."""
+        params = {k: v.detach() for k, v in global_params.items()}
+        if journal is not None and (saved := journal.resume(params, gen)) is not None:
+            return saved
+        loss_sum = torch.zeros((), device=self.images.device)  # summed on the device: one host sync per update
+        return Progress(0, params, self.learner.init_state(params), loss_sum)
 
     def generator(self, settings: RoundSettings) -> torch.Generator:
         """This user's random stream for the round: every episode and mini-batch it draws."""

@@ -8,7 +8,9 @@ seed) and reused by every run, preset and case that agrees on those. It runs in 
 state), so a killed run resumes it too.
 
 The client updates of an attack round (the attackers' long local training dominates it) are
-cached the same way, before aggregation: Experiments 1-3 and the defense comparison, which all
+cached the same way, before aggregation (while they train, each client saves its progress in
+``attack-KEY.partial/``, so a killed run resumes even the attacker's one long update mid-way:
+``fedmeta.federation.journal``): Experiments 1-3 and the defense comparison, which all
 start from the same attack, share them, whatever rule each then applies. Round 1's benign users
 train once for every attack on the same pre-training: an attack round takes their updates from the
 same round without attackers and the other way round (``shared_benign``). Only updates computed in
@@ -24,6 +26,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -142,9 +145,11 @@ def attack_round_updates(cfg: Backdoor, server: Server, case: str, params: Param
         if known:
             tqdm.write(f"{kind} round {settings.round}: reusing users {sorted(known)}'s updates from the same round "
                        f"{'without' if cfg.attack.enabled else 'with'} the attackers")
-        updates = server.updates(params, settings, known=known)
+        journal = path.with_name(path.name.removesuffix(".safetensors") + ".partial")  # kept while it trains
+        updates = server.updates(params, replace(settings, journal=journal), known=known)
         write_tensors(path, {f"{u.user}/{k}": v for u in updates for k, v in u.delta.items()},
                       {"updates": [{"user": u.user, "examples": u.examples, "metrics": u.metrics} for u in updates]})
+        shutil.rmtree(journal, ignore_errors=True)
         return updates
 
     return cached(path, f"{kind}-round cache {path.name}", read, build)
