@@ -100,6 +100,7 @@ def test_cli_lists_presets_and_reports_config_errors(tmp_path):
     ("omniglot-compare-quick", ["attack.cases=['a', 'b']"], r"attack\.cases = \['a', 'b'\]: experiment "
                                                             r"'defense-comparison' runs one case"),
     ("omniglot-core-quick", ["attack.cases=['b', 'c']"], r"attack\.cases .*'backdoor-core' runs one case"),
+    ("omniglot-compare-quick", ["finetune.clean_twin=true"], r"finetune\.clean_twin = True: .*clean-local"),
     ("omniglot-exp1a-quick", ["data.omniglot_split=torchmeta"], r"data\.omniglot_split = 'torchmeta': .*seeded"),
     ("omniglot-exp2-quick", ["meta.meta_lr_final=0.0"], r"meta\.meta_lr_final: .*pretrain\.meta_lr_final"),
     ("omniglot-exp1a-quick", ["eval.shots=[5, 1]"], r"eval\.shots = \[5, 1\]: .*one shot count"),

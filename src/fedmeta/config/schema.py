@@ -213,6 +213,13 @@ def _one_case(cfg: Backdoor) -> None:
                          "config per case (fedmeta sweep --grid 'attack.cases=[\"a\"],[\"b\"],[\"c\"]')")
 
 
+def _no_twin(cfg: DefenseFinetune, why: str) -> DefenseFinetune:
+    """Refuse ``finetune.clean_twin`` where the experiment has no use for it (``why``)."""
+    _one_case(cfg)
+    _unread(cfg, {"finetune.clean_twin": why})
+    return cfg
+
+
 class BackdoorFinetune(Backdoor):
     experiment: Literal["backdoor-finetune"]
     finetune: FinetuneConfig = FinetuneConfig()
@@ -228,7 +235,8 @@ class BackdoorCore(DefenseFinetune):
 
     experiment: Literal["backdoor-core"]
 
-    check_case = model_validator(mode="after")(lambda self: _one_case(self) or self)
+    check_case = model_validator(mode="after")(
+        lambda self: _no_twin(self, "the clean twin is followed in Experiments 2 and 3 run on their own"))
 
 
 class DefenseComparison(DefenseFinetune):
@@ -267,7 +275,9 @@ class DefenseComparison(DefenseFinetune):
                              "weighting = 'equal' (or set compare.secure_rows = false)")
         return self
 
-    check_case = model_validator(mode="after")(lambda self: _one_case(self) or self)
+    check_case = model_validator(mode="after")(lambda self: _no_twin(
+        self, "each local-defense row is read against the same defense on the round without attackers, "
+              "its clean-local scores"))
 
 
 class Pretrain(Base):
