@@ -309,8 +309,11 @@ def test_a_local_defenses_clean_scores_are_keyed_by_what_the_comparison_reads(mo
 
     keys = []
     monkeypatch.setattr(cache, "_accuracies", lambda path, *_: keys.append(path.name))
-    for sets in ([], ["finetune.clean_twin=true"], ["defense.always_target=false"]):
-        cache.clean_local_scores(load_config("omniglot-compare-quick", sets), "a", "fedavg", None, ("matching", False))
+    base = load_config("omniglot-compare-quick")
+    # a comparison's config refuses clean_twin = true now; entries of versions that took it must keep their keys
+    twin = base.model_copy(update={"finetune": base.finetune.model_copy(update={"clean_twin": True})})
+    for cfg in (base, twin, load_config("omniglot-compare-quick", ["defense.always_target=false"])):
+        cache.clean_local_scores(cfg, "a", "fedavg", None, ("matching", False))
     assert keys[0] == keys[1] != keys[2]
 
 
