@@ -333,8 +333,9 @@ class FinetuneConfig(Section):
     round(s) with the malicious users sitting out), on the same episodes and random streams, and
     log ``clean_meta_test_accuracy``, ``clean_attack_val_accuracy`` and ``attack_val_lift`` (attack-val
     minus the twin's). Where the defense's own training sends keyed images to the target
-    (mini-ImageNet, docs/results.md), the lift is the backdoor's share; twice the cost. A run without the attack is its own twin (none
-    is run); the comparison's local rows always have one."""
+    (mini-ImageNet, docs/results.md), the lift is the backdoor's share; twice the cost. A run
+    without the attack is its own twin (none is run); the comparison's local rows always have one
+    (its clean-local scores), so the comparison and the core refuse this key."""
 
 
 class DefenseConfig(Section):
