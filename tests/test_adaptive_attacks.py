@@ -26,6 +26,7 @@ from fedmeta.registry import ATTACKS
 from fedmeta.rng import stream
 from fedmeta.scenario.backdoor import build_scenario
 from fedmeta.scenario.builder import Phase, build_clients, build_server
+from fedmeta.sweeps.grid import plan
 
 STRATEGIES = {0: "boosted", 1: "replacement", 2: "projected", 3: "neurotoxin", 4: "alie", 5: "dba", 6: "dba"}
 CLIP = 0.5
@@ -260,6 +261,15 @@ def test_the_dba_trigger_splits_into_the_references_four_separated_lines():
     gray = torch.full((1, 28, 28, 1), 100, dtype=torch.uint8)
     assert (trigger.apply(gray)[0, 1:6, 1:16, 0] == 100).sum() == 5 * 15 - 24  # the gaps keep the image
     assert [p.mask.sum().item() for p in trigger.split(2)] == [12, 12]  # a row of two lines each
+
+
+def test_the_dba_trigger_takes_the_references_mnist_layout():
+    """``utils/mnist_params.yaml`` ("gap 2 size 1*4"): pixels (0, 0-3), (0, 6-9), (3, 0-3), (3, 6-9)."""
+    trigger = make_trigger("dba", (28, 28, 1), size=4, gap=2, position="top-left", margin=0)
+    reference = {(r, c) for r in (0, 3) for c in (*range(4), *range(6, 10))}
+    assert {tuple(p) for p in trigger.mask[..., 0].nonzero().tolist()} == reference
+    matrix = plan("omniglot-matrix-quick", [], [], None).base.attack.trigger  # every attack keyed alike
+    assert (matrix.pattern, matrix.size, matrix.thickness, matrix.gap) == ("dba", 4, 1, 2)
 
 
 def test_dba_attackers_carry_only_their_part_of_the_trigger(scenario, clients):

@@ -130,6 +130,20 @@ def test_comparison_has_one_row_per_defense(tmp_path, omniglot):
     assert local["attack_val_accuracy"] == pytest.approx(secure["attack_val_accuracy"], abs=0.05)
 
 
+def test_a_variant_of_a_rule_is_a_row_of_its_own_with_its_settings(tmp_path, omniglot, monkeypatch):
+    monkeypatch.setenv("FEDMETA_CACHE", str(tmp_path / "cache"))  # clean costs computed here, not read
+    rows = ["clip", "clip:tight"]  # clip with a cap no update reaches (FedAvg's model), and one that stops all
+    records = _run(tmp_path / "v", "omniglot-compare-quick", [
+        f"compare.rules={rows}", "compare.local_defenses=[]", "rules.clip.norm=1000.0",
+        "rules.clip:tight.norm=1e-9"]).records()
+    loose, tight, before = records
+    assert [r["defense"] for r in records] == [*rows, "before the attack"]
+    assert loose["attacker_weight"] > 0.2 and tight["attacker_weight"] == pytest.approx(0.0, abs=1e-6)
+    # a cap of 1e-9 leaves the pre-trained model: its scores, and a clean cost of its own (not clip's entry)
+    assert tight["meta_test_accuracy"] == tight["clean_meta_test_accuracy"] == before["meta_test_accuracy"]
+    assert len(list((tmp_path / "cache").glob("clean-*.safetensors"))) == 2
+
+
 def _trained_users(monkeypatch) -> list[list[int]]:
     """The users that train in each main round from now on (``Server.compute``'s calls)."""
     from fedmeta.federation.server import Server

@@ -44,6 +44,22 @@ def test_plugin_parts_are_validated_and_listed_from_the_registry():
         load_config("omniglot-exp1a-quick", ["attack.boost=2.0"])
 
 
+def test_a_rule_variant_is_its_rule_with_the_settings_of_its_own_table():
+    cfg = load_config("omniglot-compare-quick", ["compare.rules=['freqfed', 'freqfed:layers']",
+                                                 "rules.freqfed:layers.transform=layers"])
+    assert RULES.get("freqfed:layers") is RULES.get("freqfed") and RULES.base("freqfed:layers") == "freqfed"
+    transforms = cfg.rule_options("freqfed")["transform"], cfg.rule_options("freqfed:layers")["transform"]
+    assert transforms == ("flat", "layers")
+    assert "freqfed:layers" in RULES and "nope:layers" not in RULES and ATTACKS.base("dba:x") == "dba:x"  # rules only
+    with pytest.raises(ConfigError, match=r"'freqfed:layers' is a variant of 'freqfed': give its settings in "
+                                          r"\[rules.\"freqfed:layers\"\]"):
+        load_config("omniglot-compare-quick", ["compare.rules=['freqfed:layers']"])  # else it is freqfed renamed
+    with pytest.raises(ConfigError, match=r"rules: freqfed:layers.transform: Input should be 'flat' or 'layers'"):
+        load_config("omniglot-exp1a-quick", ["federation.rule=freqfed:layers", "rules.freqfed:layers.transform=2d"])
+    with pytest.raises(ValueError, match="':' is kept for variants"):
+        RULES.register("mine:x")
+
+
 def test_impossible_attackers_and_keys_of_other_experiments_are_refused():
     with pytest.raises(ConfigError, match="more attackers than federation.per_round = 3 in rounds \\[1\\]"):
         load_config("omniglot-exp1a-quick", ["attack.attackers=[{user=0}, {user=1}, {user=2}, {user=3}]",

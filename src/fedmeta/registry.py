@@ -7,6 +7,10 @@ file that calls ``REGISTRY.register`` (see the README's developer guide). A regi
 parts register themselves when their module is imported; ``Registry`` imports those modules on
 first use, so this module depends on nothing and sits below every layer.
 
+A rule may also be named as a variant, ``base:label`` (``freqfed:layers``): the registered rule
+``base`` with the settings of its own table (``[rules."freqfed:layers"]``), so that one comparison
+holds two settings of one rule as two rows.
+
 Your own parts: put them in a module or a ``.py`` file and name it in the config's ``plugins``
 list; fedmeta imports it before validating the config, in every process that runs the experiment
 (Flower nodes included).
@@ -48,11 +52,16 @@ class Entry(Generic[T]):
         return " ".join(text.split("\n\n")[0].split())
 
 
-class Registry(Generic[T]):
-    """Named parts of one kind (``kind``, as the config key that names them, e.g. "federation.rule")."""
+VARIANT = ":"
+"""Separates a registered name from a variant's label (``freqfed:layers``), where a registry takes variants."""
 
-    def __init__(self, kind: str, key: str, builtins: Iterable[str] = ()) -> None:
-        self.kind, self.key = kind, key
+
+class Registry(Generic[T]):
+    """Named parts of one kind (``kind``, as the config key that names them, e.g. "federation.rule").
+    With ``variants``, ``base:label`` names the part ``base`` (its settings are the caller's)."""
+
+    def __init__(self, kind: str, key: str, builtins: Iterable[str] = (), variants: bool = False) -> None:
+        self.kind, self.key, self.variants = kind, key, variants
         self._builtins = tuple(builtins)
         self._entries: dict[str, Entry[T]] = {}
         self._loaded = False
@@ -60,6 +69,9 @@ class Registry(Generic[T]):
     def register(self, name: str, *, options: type | None = None, **info: Any) -> Callable[[T], T]:
         """Decorator: ``@RULES.register("median")`` over the factory. ``info`` holds extra facts
         a caller reads (e.g. ``flower=...`` for rules Flower implements)."""
+
+        if self.variants and VARIANT in name:
+            raise ValueError(f"{self.kind} '{name}': '{VARIANT}' is kept for variants (NAME{VARIANT}LABEL)")
 
         def add(factory: T) -> T:
             if name in self._entries and self._entries[name].factory is not factory:
@@ -71,9 +83,16 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> Entry[T]:
         self._load()
-        if name not in self._entries:
-            raise RegistryError(f"{self.key}: unknown {self.kind} '{name}'; registered: {', '.join(self.names())}")
-        return self._entries[name]
+        base = self.base(name)
+        if base not in self._entries:
+            raise RegistryError(f"{self.key}: unknown {self.kind} '{name}'; registered: {', '.join(self.names())}"
+                                + (f" (or a variant of one, 'NAME{VARIANT}LABEL')" if self.variants else ""))
+        return self._entries[base]
+
+    def base(self, name: str) -> str:
+        """The registered name that ``name`` is a variant of (``name`` itself if it is none)."""
+        head, sep, label = name.partition(VARIANT)
+        return head if self.variants and sep and label else name
 
     def names(self) -> list[str]:
         self._load()
@@ -81,7 +100,7 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         self._load()
-        return name in self._entries
+        return isinstance(name, str) and self.base(name) in self._entries
 
     def _load(self) -> None:
         if not self._loaded:
@@ -112,7 +131,8 @@ def load_plugins(plugins: Iterable[str]) -> None:
 
 
 RULES: Registry = Registry("aggregation rule", "federation.rule", [f"fedmeta.federation.{m}" for m in (
-    "aggregation", "foolsgold", "flame", "fltrust", "bulyan", "centered_clipping", "dnc", "rlr", "freqfed")])
+    "aggregation", "foolsgold", "flame", "fltrust", "bulyan", "centered_clipping", "dnc", "rlr", "freqfed")],
+    variants=True)
 ATTACKS: Registry = Registry("attack strategy", "attack.attackers.strategy", [f"fedmeta.attacks.{m}" for m in (
     "strategies", "replacement", "projected", "neurotoxin", "dba", "alie")])
 LOCAL_DEFENSES: Registry = Registry("local defense", "local_defenses", ["fedmeta.experiments.local_defenses",

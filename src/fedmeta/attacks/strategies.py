@@ -47,10 +47,10 @@ from fedmeta.federation.server import Client
 from fedmeta.federation.updates import flatten
 from fedmeta.meta.learner import MetaLearner
 from fedmeta.models.conv4 import Params
-from fedmeta.registry import ATTACKS
+from fedmeta.registry import ATTACKS, RULES
 
 NORM_BOUNDS = {"clip": "norm"}
-"""Rules that cap every update's L2 norm, and the option that holds the cap."""
+"""Rules that cap every update's L2 norm, and the option that holds the cap (their variants too)."""
 UNCHECKED = {"fedavg"}
 """Rules that take every update as it is (no filter, no cap): an attacker may send any norm."""
 
@@ -104,19 +104,19 @@ class AttackerContext:
     @property
     def unchecked(self) -> bool:
         """Whether the server's rule takes every update as it is (``UNCHECKED``: plain FedAvg)."""
-        return self.rule in UNCHECKED
+        return RULES.base(self.rule) in UNCHECKED
 
     @property
     def knows_norm_bound(self) -> bool:
         """Whether the server's rule itself caps update norms (then ``norm_bound`` needs no estimate)."""
-        return self.rule in NORM_BOUNDS
+        return RULES.base(self.rule) in NORM_BOUNDS
 
     def norm_bound(self, benign: Tensor | None, slack: float) -> float:
         """The largest update norm the server's rule lets through, as this attacker knows it: the
         rule's own cap (``rules.clip.norm``), else ``slack`` times the median norm of the ``benign``
         updates it estimated (what a norm-based defense such as FLAME clips to)."""
         if self.knows_norm_bound:
-            return float(self.rule_options[NORM_BOUNDS[self.rule]])
+            return float(self.rule_options[NORM_BOUNDS[RULES.base(self.rule)]])
         if benign is None:
             raise ValueError(f"rule '{self.rule}' has no norm cap: the bound needs benign update estimates")
         return slack * float(benign.norm(dim=1).quantile(0.5))
@@ -168,6 +168,7 @@ def rule_seen(attackers: list, rule: str, options: Mapping[str, Any]) -> list[An
     kinds = {ATTACKS.get(a.strategy).info.get("knows_rule") for a in attackers} - {None, False}
     if not kinds:
         return None
+    rule = RULES.base(rule)  # a variant is its rule with other settings: the options tell them apart
     if kinds <= {"norm", "bound"}:
         if rule in NORM_BOUNDS:
             return ["cap", options[NORM_BOUNDS[rule]]]

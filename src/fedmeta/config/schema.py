@@ -107,10 +107,20 @@ def _with_defaults(raw: dict[str, Any], table: str, names: list[Any], registry: 
     return {**raw, table: entries}
 
 
+def _variants_given(names: list[Any], tables: dict[str, Any]) -> None:
+    """Refuses a rule variant (``freqfed:layers``) in use without its own table: it would be its
+    rule with the defaults, a second row of one rule under another name."""
+    for name in names:
+        if isinstance(name, str) and name in RULES and RULES.base(name) != name and name not in tables:
+            raise ValueError(f"rule '{name}' is a variant of '{RULES.base(name)}': give its settings in "
+                             f"[rules.\"{name}\"] (--set rules.{name}.KEY=VALUE)")
+
+
 class Federated(Base):
     federation: FederationConfig = FederationConfig()
     rules: dict[str, dict[str, Any]] = {}
-    """Settings of aggregation rules, by rule name; the rules the experiment uses are filled in."""
+    """Settings of aggregation rules, by rule name (or a variant's, ``rule:label``: the rule with
+    the settings of its own table, e.g. ``[rules."freqfed:layers"]``); the rules in use are filled in."""
 
     federated: ClassVar[bool] = True
 
@@ -124,6 +134,7 @@ class Federated(Base):
             names = [(raw.get("federation") or {}).get("rule", "fedavg")]
             if "compare" in cls.model_fields:
                 names += (raw.get("compare") or {}).get("rules", CompareConfig().rules)
+            _variants_given(names, raw.get("rules") or {})
             raw = _with_defaults(raw, "rules", names, RULES)
         return raw
 

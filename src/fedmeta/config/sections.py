@@ -58,7 +58,7 @@ def registered(registry: Registry, name: str) -> str:
     try:
         registry.get(name)
     except RegistryError as err:
-        raise ValueError(f"unknown {registry.kind} '{name}'; registered: {', '.join(registry.names())}") from err
+        raise ValueError(str(err).split(": ", 1)[1]) from err  # without the key, which pydantic names
     return name
 
 
@@ -244,6 +244,9 @@ class TriggerConfig(Section):
     opacity: float = Field(1.0, gt=0.0, le=1.0)
     thickness: PositiveInt = 1
     """Lines (line, dba) only: width in pixels."""
+    gap: PositiveInt = 3
+    """dba only: pixels between its lines, across and down. DBA's reference layouts: 3 with lines of
+    6 on CIFAR (the default), 2 with lines of 4 on MNIST (``size = 4``, ``gap = 2``)."""
 
     check_pattern = field_validator("pattern")(lambda v: registered(TRIGGERS, v))
 

@@ -11,10 +11,10 @@ size, a place and an opacity:
 - ``blend``: a seeded random pattern over the whole image, mixed in at ``opacity`` (Chen et al.,
   2017, "blended injection"); ``size`` and ``position`` do not apply;
 - ``dba``: the distributed backdoor's global trigger (Xie et al., ICLR 2020; reference code
-  ``AI-secure/DBA``, ``utils/cifar_params.yaml``: "gap 3 size 1*6"): four lines of ``size`` x
-  ``thickness`` pixels, two side by side in each of two rows, ``DBA_GAP`` pixels apart, so that
-  ``Trigger.split(4)`` gives the reference's four separated local triggers (``split(2)``: its two
-  rows of lines).
+  ``AI-secure/DBA``, ``utils/cifar_params.yaml``: "gap 3 size 1*6", ``utils/mnist_params.yaml``:
+  "gap 2 size 1*4"): four lines of ``size`` x ``thickness`` pixels, two side by side in each of
+  two rows, ``gap`` pixels apart, so that ``Trigger.split(4)`` gives the reference's four separated
+  local triggers (``split(2)``: its two rows of lines).
 
 A trigger is a mask ``m`` in [0, 1] and a pattern ``p``; a keyed image is
 ``(1 - opacity * m) * x + opacity * m * p``, rounded back to uint8. ``Trigger.split`` cuts one
@@ -88,16 +88,16 @@ def line(rows: int, cols: int) -> Tensor:
 
 
 DBA_GAP = 3
-"""Pixels between the ``dba`` trigger's lines, across and down (the DBA reference's gap)."""
+"""Pixels between the ``dba`` trigger's lines, across and down, by default (the DBA reference's on CIFAR)."""
 
 
 @TRIGGERS.register("dba", shape="dba")
-def dba(rows: int, cols: int) -> Tensor:
-    """Four lines of full intensity in a ``rows`` x ``cols`` box, ``DBA_GAP`` apart: its mask."""
-    thickness, size = (rows - DBA_GAP) // 2, (cols - DBA_GAP) // 2
+def dba(rows: int, cols: int, gap: int = DBA_GAP) -> Tensor:
+    """Four lines of full intensity in a ``rows`` x ``cols`` box, ``gap`` apart: its mask."""
+    thickness, size = (rows - gap) // 2, (cols - gap) // 2
     stamp = torch.zeros(rows, cols)
-    for top in (0, thickness + DBA_GAP):
-        for left in (0, size + DBA_GAP):
+    for top in (0, thickness + gap):
+        for left in (0, size + gap):
             stamp[top : top + thickness, left : left + size] = 255.0
     return stamp
 
@@ -116,21 +116,22 @@ def make_trigger(
     position: Position = "bottom-right",
     opacity: float = 1.0,
     thickness: int = 1,
+    gap: int = DBA_GAP,
     margin: int = 1,
     gen: torch.Generator | None = None,
 ) -> Trigger:
-    """A trigger for images of shape (H, W, C); ``margin`` pixels from the border."""
+    """A trigger for images of shape (H, W, C); ``margin`` pixels from the border; ``gap``: dba's."""
     height, width, channels = image_shape
     entry = TRIGGERS.get(pattern)
     if entry.info.get("whole_image"):
         return Trigger(torch.ones(height, width, 1), entry.factory(image_shape, gen), opacity)
     shape = entry.info.get("shape")
-    boxes = {"line": (thickness, size), "dba": (2 * thickness + DBA_GAP, 2 * size + DBA_GAP)}
+    boxes = {"line": (thickness, size), "dba": (2 * thickness + gap, 2 * size + gap)}
     rows, cols = boxes.get(shape, (size, size))
     if max(rows, cols) + margin > min(height, width):
         raise ValueError(f"a {rows}x{cols}-pixel trigger does not fit a {height}x{width} image")
     top, left = _place(position, (height, width), (rows, cols), margin)
-    stamp = entry.factory(rows, cols)
+    stamp = entry.factory(rows, cols, gap) if shape == "dba" else entry.factory(rows, cols)
     mask = torch.zeros(height, width, 1)  # dba keys its lines only: the gaps between them keep the image
     mask[top : top + rows, left : left + cols] = (stamp > 0).float()[..., None] if shape == "dba" else 1.0
     full = torch.zeros(height, width, channels)

@@ -98,7 +98,7 @@ def secure_aggregation_ok(defense: str) -> bool:
     """Whether the row labelled ``defense`` runs when the server learns only the sum of the
     updates: a rule that does not need them one by one (FedAvg), or a local defense, which never
     looks at them."""
-    rule = RULES.get(defense) if defense in RULES.names() else None
+    rule = RULES.get(defense) if defense in RULES else None
     return defense.startswith("local ") or (rule is not None and not rule.info.get("individual", True))
 
 

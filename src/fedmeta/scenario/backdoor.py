@@ -99,7 +99,8 @@ def build_scenario(cfg: Backdoor, case: str) -> Scenario:
     clean_attack, clean_validation = share_rows("attacker", backdoor), share_rows("held_out", backdoor)
     trigger = make_trigger(
         att.trigger.pattern, base.train.image_shape, size=att.trigger.size, position=att.trigger.position,
-        opacity=att.trigger.opacity, thickness=att.trigger.thickness, gen=stream(cfg.seed, "trigger"),
+        opacity=att.trigger.opacity, thickness=att.trigger.thickness, gap=att.trigger.gap,
+        gen=stream(cfg.seed, "trigger"),
     )
     store = base.train.images
     splitting = [a.user for a in att.attackers if ATTACKS.get(a.strategy).info.get("split_trigger")]

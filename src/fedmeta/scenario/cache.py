@@ -202,8 +202,9 @@ def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings, pretrain
         rule = cfg.rule_options(fed.rule)
     own = {"attack": {"enabled": False}, "attacks": {}}
     if attack.enabled:
-        default_way = {"target_way"} if attack.target_way == "random" else set()  # older keys hold
-        own = {"attack": attack.model_dump(exclude={"cases", "case_c_backdoor_ways", *default_way}),
+        default_way = {"target_way": True} if attack.target_way == "random" else {}  # older keys hold
+        own = {"attack": attack.model_dump(exclude={"cases": True, "case_c_backdoor_ways": True, **default_way,
+                                                    **_new_trigger_keys(cfg)}),
                "attacks": {a.strategy: _strategy_key(cfg, a.strategy) for a in attack.attackers}}
     parts = {"pretrain": pretrain_key(pretraining or cfg, case), **own, "meta": cfg.meta.model_dump(),
              "federation": _federation(fed, {"rounds", "eval_every", "reply_timeout",
@@ -242,7 +243,8 @@ def clean_local_scores(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[
     attack-val too). ``local``: (local defense, secure aggregation). Cached like ``clean_accuracy``;
     the defense's settings may sit anywhere in the config, so the whole config but the attack's own
     settings is in the key."""
-    own = {"attack": {"attackers", "enabled", "target_way"}, "attacks": True, "compare": True, "runtime": True,
+    own = {"attack": {"attackers": True, "enabled": True, "target_way": True, **_new_trigger_keys(cfg)},
+           "attacks": True, "compare": True, "runtime": True,
            "description": True, "finetune": {"clean_twin"}}  # clean_twin: Experiments 2 and 3 only
     if cfg.defense.always_target:  # the behaviour from before the key existed: older entries hold
         own["defense"] = {"always_target"}
@@ -268,8 +270,16 @@ def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Acc
     trigger = cfg.attack.trigger  # it stamps the keyed images; in the key when not the default, so older keys hold
     parts = {"pretrain": pretrain_key(cfg, case), "case": case, "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,
              "eval": cfg.eval.model_dump(exclude={"workers"}), "version": VERSION,
-             **({"trigger": trigger.model_dump()} if trigger != type(trigger)() else {})}
+             **({"trigger": trigger.model_dump(exclude=set(_new_trigger_keys(cfg).get("trigger", {})))}
+                if trigger != type(trigger)() else {})}
     return _accuracies(cache_dir() / f"before-{_digest(parts)}.safetensors", "before-attack", evaluate)
+
+
+def _new_trigger_keys(cfg: Backdoor) -> dict[str, dict[str, bool]]:
+    """The ``attack`` settings left out of keys at their defaults, so that entries from before
+    they existed hold: ``trigger.gap`` (``{"trigger": {"gap": True}}``, or nothing)."""
+    trigger = cfg.attack.trigger
+    return {"trigger": {"gap": True}} if trigger.gap == type(trigger).model_fields["gap"].default else {}
 
 
 def _accuracies(path: Path, what: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
