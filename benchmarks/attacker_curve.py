@@ -12,6 +12,11 @@ the backdoor or nothing does.
     python benchmarks/attacker_curve.py miniimagenet-exp1a-quick --at 0,250,500,1000 \
         --set attacks.boosted.inner_epochs=10 --json curve.json
 
+``--pretrained-seed S`` starts the attacker from seed S's (cached) pre-trained model instead of
+its own seed's, everything else its seed's; with ``--set attack.trigger.seed=S`` (the key of seed
+S) and ``--set seed=S`` (its data and streams), one part of a seed at a time is swapped for
+another seed's: which of them makes one seed's attacker learn the key and another's not.
+
 ``--batched`` runs the attacker's meta-batch through ``torch.func.vmap`` (GPU; Adam moments per
 episode, ``meta.adam_carry = 'parallel'``), the pre-training staying the cached sequential one.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,6 +55,12 @@ def attacker_client(cfg, case) -> MetaClient:
     if not isinstance(client, MetaClient):
         raise SystemExit(f"strategy '{cfg.attack.attackers[0].strategy}' is not a training attacker")
     return client
+
+
+def prepared(cfg, device):
+    """The run's first case with its (cached) pre-trained model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return prepare(cfg, cfg.attack.cases[0], device, IN_PROCESS, Session(RunDir(Path(tmp)), METRICS))
 
 
 def key_probe(case, params, images: int = 50) -> dict[str, float]:
@@ -78,13 +90,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=None, help="evaluation episodes per point (eval.episodes)")
     parser.add_argument("--batched", action="store_true")
     parser.add_argument("--probe", action="store_true", help="also print how the embedding responds to the key")
+    parser.add_argument("--pretrained-seed", type=int, default=None,
+                        help="start from this seed's pre-trained model (cached), the rest the run's seed's")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     cfg = load_config(args.preset, args.overrides)
     device = runtime.setup(cfg.runtime)
-    with tempfile.TemporaryDirectory() as tmp:
-        case = prepare(cfg, cfg.attack.cases[0], device, IN_PROCESS, Session(RunDir(Path(tmp)), METRICS))
+    case = prepared(cfg, device)
+    if args.pretrained_seed is not None:
+        other = prepared(load_config(args.preset, [*args.overrides, f"seed={args.pretrained_seed}"]), device)
+        case = replace(case, pretrained=other.pretrained, pretrain_log=other.pretrain_log)
     attack_cfg = cfg
     if args.batched:
         attack_cfg = load_config(args.preset, [*args.overrides, "meta.adam_carry=parallel", "runtime.batched=true"])
@@ -115,7 +131,8 @@ def main() -> None:
         points.append(point)
         print(json.dumps(point), flush=True)
     if args.json:
-        kept = {"preset": args.preset, "overrides": args.overrides, "batched": args.batched,
+        kept = {"preset": args.preset, "overrides": args.overrides, "pretrained_seed": args.pretrained_seed,
+                "batched": args.batched,
                 "eval_episodes": eval_episodes, "device": str(device), "points": points}
         args.json.write_text(json.dumps(kept, indent=1))
 

@@ -272,6 +272,19 @@ def test_the_dba_trigger_takes_the_references_mnist_layout():
     assert (matrix.pattern, matrix.size, matrix.thickness, matrix.gap) == ("dba", 4, 1, 2)
 
 
+def test_a_fixed_trigger_seed_keys_every_run_seed_alike(omniglot):
+    blend = ["attack.trigger.pattern=blend", "attack.trigger.opacity=0.2"]
+
+    def key(seed: int, *extra: str) -> torch.Tensor:
+        cfg = load_config("omniglot-exp1a-quick", [*blend, f"seed={seed}", *extra])
+        return build_scenario(cfg, "a").trigger.pattern
+
+    assert not torch.equal(key(0), key(1))  # by default each seed draws a key of its own
+    assert torch.equal(key(1, "attack.trigger.seed=0"), key(0))
+    with pytest.raises(ConfigError, match="seed: pattern 'patch' is not drawn at random"):
+        load_config("omniglot-exp1a-quick", ["attack.trigger.seed=0"])
+
+
 def test_dba_attackers_carry_only_their_part_of_the_trigger(scenario, clients):
     parts = scenario.trigger.split(2)
     assert set(scenario.part_rows) == {5, 6} and clients[5].sample.__self__.backdoor_rows is scenario.part_rows[5]

@@ -247,8 +247,19 @@ class TriggerConfig(Section):
     gap: PositiveInt = 3
     """dba only: pixels between its lines, across and down. DBA's reference layouts: 3 with lines of
     6 on CIFAR (the default), 2 with lines of 4 on MNIST (``size = 4``, ``gap = 2``)."""
+    seed: NonNegativeInt | None = None
+    """A random whole-image pattern (blend) only: the seed it is drawn from. None: the run's
+    ``seed``, so that each seed has a key of its own; a number keys every seed of a sweep alike
+    (and tells the key's share of a seed's result from the model's and the data's)."""
 
     check_pattern = field_validator("pattern")(lambda v: registered(TRIGGERS, v))
+
+    @model_validator(mode="after")
+    def _seed_read(self) -> TriggerConfig:
+        if self.seed is not None and not TRIGGERS.get(self.pattern).info.get("whole_image"):
+            raise ValueError(f"seed: pattern '{self.pattern}' is not drawn at random (only a whole-image pattern "
+                             "such as blend is); leave it at None")
+        return self
 
 
 class AttackerConfig(Section):

@@ -100,7 +100,7 @@ def build_scenario(cfg: Backdoor, case: str) -> Scenario:
     trigger = make_trigger(
         att.trigger.pattern, base.train.image_shape, size=att.trigger.size, position=att.trigger.position,
         opacity=att.trigger.opacity, thickness=att.trigger.thickness, gap=att.trigger.gap,
-        gen=stream(cfg.seed, "trigger"),
+        gen=stream(cfg.seed if att.trigger.seed is None else att.trigger.seed, "trigger"),
     )
     store = base.train.images
     splitting = [a.user for a in att.attackers if ATTACKS.get(a.strategy).info.get("split_trigger")]

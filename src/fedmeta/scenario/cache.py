@@ -277,9 +277,10 @@ def before_attack(cfg: Backdoor, case: str, evaluate: Callable[[], dict[str, Acc
 
 def _new_trigger_keys(cfg: Backdoor) -> dict[str, dict[str, bool]]:
     """The ``attack`` settings left out of keys at their defaults, so that entries from before
-    they existed hold: ``trigger.gap`` (``{"trigger": {"gap": True}}``, or nothing)."""
-    trigger = cfg.attack.trigger
-    return {"trigger": {"gap": True}} if trigger.gap == type(trigger).model_fields["gap"].default else {}
+    they existed hold: ``trigger.gap`` and ``trigger.seed`` (``{"trigger": {"gap": True}}``, ...)."""
+    trigger, fields = cfg.attack.trigger, type(cfg.attack.trigger).model_fields
+    unset = {name: True for name in ("gap", "seed") if getattr(trigger, name) == fields[name].default}
+    return {"trigger": unset} if unset else {}
 
 
 def _accuracies(path: Path, what: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
