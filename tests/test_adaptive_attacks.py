@@ -325,6 +325,7 @@ def test_rule_seen_keys_norm_reading_attacks_by_the_norm_alone():
     assert rule_seen(norm, "fedavg", {}) == ["unchecked"]
     assert rule_seen(norm, "clip", {"norm": 0.2, "noise": 0.0}) == ["cap", 0.2] != rule_seen(norm, "clip", {"norm": 0.3})
     assert rule_seen([AttackerConfig()], "clip", {"norm": 0.2}) is None
+    assert rule_seen(norm, "clip:tight", {"norm": 0.1}) == ["cap", 0.1]  # a variant: its rule, its own cap
     # projected keeps inside the estimated bound under FedAvg too: its FedAvg round is the others'
     pgd = [AttackerConfig(strategy="projected"), AttackerConfig(user=1, strategy="projected")]
     assert rule_seen(pgd, "fedavg", {}) == rule_seen(pgd, "median", {}) == ["estimated"]
