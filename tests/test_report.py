@@ -219,16 +219,18 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
                  lr=lr)
     text = table_text(TableQuery.parse(["lr0.001", "lr0.01", "--columns", "defense", "--metrics",
                                         "attack_val_accuracy"]).within(tmp_path))
-    assert "| setting | metric | fedavg (SA) | krum | local matching (FedAvg) (SA) |" in text
+    assert "| setting | metric | fedavg (SA) | krum | local matching (FedAvg) (SA) | lowest | highest |" in text
     half = f"{100 * HALF:.2f}"
-    assert f"| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± {half} | 20.00 ± {half} | 10.00 ± {half} |" in text
+    # each row's best and worst server rule (the local row is read against its own clean reference)
+    assert (f"| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± {half} | 20.00 ± {half} | 10.00 ± {half} | "
+            "krum (20.00) | fedavg (SA) (50.00) |") in text
     assert "| meta.inner_lr=0.01 | attack_val_accuracy | 80.00 ±" in text
     rounds = table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--metrics", "rounds_survived"]
                                          ).within(tmp_path))
     # survived 2, 3 and all 5 rounds followed under FedAvg over the seeds (so at least 5: no mean,
     # the seeds' values); a local defense has no count, so no column
-    assert "| fedavg (SA) | krum |\n|---|---|---|---|\n" in rounds
-    assert "| all runs | rounds_survived | 2, 3, ≥ 5 | 0, 0, 0 |" in rounds
+    assert "| fedavg (SA) | krum | lowest | highest |\n|---|---|---|---|---|---|\n" in rounds
+    assert "| all runs | rounds_survived | 2, 3, ≥ 5 | 0, 0, 0 |  |  |" in rounds  # no extremes of a capped count
     assert '"≥" where the backdoor outlived the rounds followed' in rounds
     listed = table_text(TableQuery.parse(["lr0.001", "--where", "defense=fedavg", "--metrics", "rounds_survived"]
                                          ).within(tmp_path))
@@ -312,3 +314,14 @@ def test_membership_lines_are_told_apart_by_threat_and_attack_and_count_trials(t
     assert "| setting | position | attack_auc | seeds | trials |" in text
     assert "| all runs | attack inversion, score l0-cos | 0.505 ± 0.064 | 2 | 24 |" in text
     assert "| all runs | attack threshold, score loss | 0.505 ± 0.064 | 2 | 24 |" in text
+
+
+def test_extremes_name_the_best_and_worst_server_rule_and_count_long_ties():
+    from fedmeta.reports import extremes
+
+    means = {"fedavg": 0.5, "krum": 0.1, "median": 0.1, "clip": 0.1, "dnc": 0.1,
+             "local matching (FedAvg)": 0.0, "before the attack": 0.05}  # a reference and a local row: not ranked
+    assert extremes("defense", "attack_val_accuracy", means) == ("krum, median, clip and 1 more (10.00)",
+                                                                 "fedavg (SA) (50.00)")
+    assert extremes("defense", "rounds_survived", means) == ("", "")  # a capped count: per seed, no ranking
+    assert extremes("defense", "attack_val_accuracy", {"fedavg": 0.5, "before the attack": 0.1}) == ("", "")

@@ -220,28 +220,61 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
     """``table_markdown`` turned so that each value of the position key ``column`` is a column:
     one row per setting, rest of the position and metric (``column = "defense"``: a threat matrix,
     attacks down, defenses across; "(SA)" marks a defense that runs under secure aggregation). One
-    seed: means without an interval; a ``CAPPED`` count: its value per seed."""
+    seed: means without an interval; a ``CAPPED`` count: its value per seed. The last two columns
+    name where each row's mean is lowest and highest (``extremes``): against an attack, its best
+    and worst server rule by that metric."""
     values: dict[Any, None] = {}
     rows: dict[tuple[str, tuple, str], dict[Any, str]] = {}
+    means: dict[tuple[str, tuple, str], dict[Any, float]] = {}
     for (exp, group, position, metric), cell in table.items():
         where = dict(position)
         if exp == experiment and column in where:
             values.setdefault(where[column])
             rest = tuple(pair for pair in position if pair[0] != column)
-            text = capped_text(metric, cell) or _pivot_cell(
-                metric, interval([cell.values[s] for s in sorted(cell.values)]))
-            rows.setdefault((group, rest, metric), {})[where[column]] = text
+            ci = interval([cell.values[s] for s in sorted(cell.values)])
+            key = (group, rest, metric)
+            rows.setdefault(key, {})[where[column]] = capped_text(metric, cell) or _pivot_cell(metric, ci)
+            means.setdefault(key, {})[where[column]] = ci.mean
     if not rows:
         raise ReportError(f"--columns {column}: no line of {experiment} has a '{column}'")
     with_position = any(rest for _, rest, _ in rows)
-    head = ["setting", *(["position"] if with_position else []), "metric", *(_column(column, v) for v in values)]
+    head = ["setting", *(["position"] if with_position else []), "metric", *(_column(column, v) for v in values),
+            "lowest", "highest"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = group_order(names)
-    for (group, rest, metric), cells in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
+    for key, cells in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
+        group, rest, metric = key
         numbers = [cells.get(v, "") for v in values]
         out.append("| " + " | ".join([short_label(names[group]), *([position_text(rest)] if with_position else []),
-                                      metric, *numbers]) + " |")
+                                      metric, *numbers, *extremes(column, metric, means[key])]) + " |")
     return out
+
+
+TIES_NAMED = 3
+"""How many tied columns ``extremes`` names before it counts the rest."""
+
+
+def extremes(column: str, metric: str, means: dict[Any, float]) -> tuple[str, str]:
+    """The columns where ``means`` is lowest and where highest, with the value (ties as printed:
+    the first ``TIES_NAMED`` named, the rest counted). Of a comparison's defenses, the server
+    rules only: they are all read against the pre-trained model (its column), while a local
+    defense's row is read against that defense on a model nobody attacked (its own
+    ``clean_attack_val_accuracy``), so its raw number ranks with nothing else. A ``CAPPED`` count
+    has none (its cells are per seed)."""
+    from fedmeta.experiments.comparison import BEFORE
+
+    ranked = {name: _number(metric, mean) for name, mean in means.items()
+              if column != "defense" or (name != BEFORE and not str(name).startswith("local "))}
+    if metric in CAPPED or len(ranked) < 2:
+        return "", ""
+
+    def named(pick: Any) -> str:
+        value = _number(metric, pick(means[name] for name in ranked))
+        tied = [_column(column, name) for name, text in ranked.items() if text == value]
+        more = f" and {len(tied) - TIES_NAMED} more" if len(tied) > TIES_NAMED else ""
+        return ", ".join(tied[:TIES_NAMED]) + more + f" ({value})"
+
+    return named(min), named(max)
 
 
 def _column(key: str, value: Any) -> str:

@@ -32,7 +32,9 @@ Options of a table command:
   mean over them (e.g. ``--mean-over user``: the benign users of one run), before the interval
   over seeds: the users of one run share its attacked model, so they are not independent samples;
 - ``--columns key``: one column per value of the position key (``--columns defense``: a threat
-  matrix, one row per attack and metric), the cells as in the table of means.
+  matrix, one row per attack and metric), the cells as in the table of means, and two more naming
+  where each row's mean is lowest and highest (of a matrix's defenses, the server rules: its best
+  and worst rule against that attack by that metric; by the means, not a test).
 """
 
 from __future__ import annotations
