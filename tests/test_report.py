@@ -325,3 +325,4 @@ def test_extremes_name_the_best_and_worst_server_rule_and_count_long_ties():
                                                                  "fedavg (SA) (50.00)")
     assert extremes("defense", "rounds_survived", means) == ("", "")  # a capped count: per seed, no ranking
     assert extremes("defense", "attack_val_accuracy", {"fedavg": 0.5, "before the attack": 0.1}) == ("", "")
+    assert extremes("defense", "meta_test_accuracy", {"fedavg": 0.98, "krum": 0.98}) == ("all 2 (98.00)",) * 2

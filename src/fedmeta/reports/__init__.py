@@ -268,6 +268,9 @@ def extremes(column: str, metric: str, means: dict[Any, float]) -> tuple[str, st
     if metric in CAPPED or len(ranked) < 2:
         return "", ""
 
+    if len(set(ranked.values())) == 1:
+        return (f"all {len(ranked)} ({next(iter(ranked.values()))})",) * 2
+
     def named(pick: Any) -> str:
         value = _number(metric, pick(means[name] for name in ranked))
         tied = [_column(column, name) for name, text in ranked.items() if text == value]
