@@ -278,6 +278,36 @@ def test_membership_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, data_
         assert again == pytest.approx(first, abs=1e-4)
 
 
+def test_a_run_killed_inside_a_points_attack_goes_on_from_its_last_task(tmp_path, monkeypatch, data_root):
+    """Killed while attacking the realistic server's second task, a rerun attacks that task and
+    the later ones only, and ends with the records of a run that went through."""
+    import fedmeta.experiments.membership as experiment
+
+    realistic = [*THREATS_ONLY, "mia.threats=['realistic']", "mia.trials=3", "mia.joint.trials=3",
+                 "mia.joint.fill=public"]
+    lines = _run(tmp_path / "whole", realistic).records()
+    real, observed = experiment.observe, []
+
+    def observe(ctx, point, params, trial, t):
+        observed.append((point.threat, t))
+        if observed[-1] == ("realistic", 1) and kill:
+            raise KeyboardInterrupt
+        return real(ctx, point, params, trial, t)
+
+    monkeypatch.setattr(experiment, "observe", observe)
+    kill = True
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "resumed", realistic)
+    assert list((tmp_path / "resumed").glob("attack-point-*.partial.safetensors"))  # task 0's scores, saved
+    kill, observed[:] = False, []
+    resumed = _run(tmp_path / "resumed", realistic).records()
+    assert [t for threat, t in observed if threat == "realistic"] == [1, 2]  # not task 0 again
+    assert not list((tmp_path / "resumed").glob("*.partial.safetensors"))
+    assert len(resumed) == len(lines)
+    for again, first in zip(resumed, lines):  # up to round-off, as in the test above
+        assert again == pytest.approx(first, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_quick_preset_meets_the_bar(tmp_path):
     """Without a defense the informed server's support or query attack reaches AUC >= 0.8 (MNIST 5-way 1-shot)."""

@@ -50,7 +50,8 @@ ways, attacked on its own trials):
 
 Each task is attacked at one support slot and one query slot (the same observation), with the
 true example (member) and each kind of non-member as the candidate. ``metrics.jsonl`` gets one
-line per point, target, non-member kind and score.
+line per point, target, non-member kind and score. The run checkpoints after each point, and
+within a point after each task (``TaskJournal``), so a killed run goes on from its last task.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -100,6 +102,7 @@ from fedmeta.models.protocol import Model
 from fedmeta.models.smallconv import SmallConv
 from fedmeta.rng import stream, stream_seed
 from fedmeta.runs import RunDir, Session, accuracy_fields, format_duration
+from fedmeta.storage import CorruptFile, read_tensors, write_tensors
 
 Stage = Literal["threat", "defense", "ways"]
 Threat = Literal["informed", "realistic", "secagg"]
@@ -487,12 +490,16 @@ def score_candidate(ctx: Context, server: Adversary, trial: Trial, t: int, targe
     return scores
 
 
-def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: int, keep: int) -> PointResult:
-    """Attack ``trials`` tasks; keep the images of the first ``keep``."""
+def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: int, keep: int,
+           journal: Path | None = None) -> PointResult:
+    """Attack ``trials`` tasks; keep the images of the first ``keep``. With a ``journal`` file, the
+    scores so far are saved after every task and a rerun goes on from there (``TaskJournal``)."""
     mia, seed = ctx.cfg.mia, ctx.cfg.seed
     server = adversary(ctx, point, params)
-    result = PointResult({}, {})
-    for t in tqdm(range(trials), desc=f"attacking {point.key}", unit="task", leave=False):
+    saves = TaskJournal(journal, {"point": point.key, "trials": trials, "iterations": iterations, "keep": keep})
+    done, result = saves.resume()
+    for t in tqdm(range(done, trials), desc=f"attacking {point.key}", unit="task", leave=False, initial=done,
+                  total=trials):
         trial = draw_trial(ctx.cfg, ctx.test, point.ways, stream(seed, "mia-trial", point.ways, t))
         observed = observe(ctx, point, params, trial, t)
         for target in mia.targets:
@@ -508,7 +515,53 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
                                          t < keep)
                 for name, value in scores.items():
                     result.scores.setdefault((target, kind, name), []).append(value)
+        saves.save(t + 1, result)
     return result
+
+
+@dataclass(frozen=True)
+class TaskJournal:
+    """A point's attack, task by task, on disk: a point attacks tens to hundreds of tasks (the
+    joint inversion, about a minute each on a CPU thread), and the run checkpoints between
+    points, so a kill would lose them all. Every task draws from streams of its own (trial,
+    target, candidate) and the server's caches are filled from fixed streams, so tasks resumed
+    from a save give the scores of a run never killed. A save of another point or length, or a
+    damaged one, is named and the point starts again."""
+
+    path: Path | None
+    what: dict[str, Any]  # the point, its task count, inversion steps and kept reconstructions
+
+    def resume(self) -> tuple[int, PointResult]:
+        """The tasks done and their scores and images (none without a save to go on from)."""
+        empty = 0, PointResult({}, {})
+        if self.path is None or not self.path.is_file():
+            return empty
+        try:
+            tensors, meta = read_tensors(self.path)
+        except CorruptFile as err:
+            tqdm.write(f"attacking the point's tasks again: {err}")
+            return empty
+        if meta.get("what") != self.what:
+            tqdm.write(f"attacking the point's tasks again: {self.path} saved {meta.get('what')}, not {self.what}")
+            return empty
+        result = PointResult({}, {})
+        for name, values in tensors.items():
+            kind, _, rest = name.partition("|")
+            if kind == "scores":
+                result.scores[tuple(rest.split("|"))] = values.tolist()
+            else:
+                result.images[rest] = list(values.unbind(0))
+        tqdm.write(f"resuming the attack at task {meta['done']} of {self.what['trials']} from {self.path}")
+        return meta["done"], result
+
+    def save(self, done: int, result: PointResult) -> None:
+        """Save the scores and images of the first ``done`` tasks (the last task: nothing, the point is logged)."""
+        if self.path is None or done >= self.what["trials"]:
+            return
+        tensors = {"scores|" + "|".join(key): torch.tensor(values, dtype=torch.float64)
+                   for key, values in result.scores.items()}
+        tensors |= {f"images|{key}": torch.stack(images) for key, images in result.images.items()}
+        write_tensors(self.path, tensors, {"what": self.what, "done": done})
 
 
 def inversion_steps(mia: MiaConfig, point: Point, iterations: int) -> int:
@@ -601,7 +654,8 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
         trials, iterations = (mia.trials, mia.iterations) if first_stage else (mia.sweep_trials, mia.sweep_iterations)
         iterations = inversion_steps(mia, point, iterations)
         keep = mia.reconstructions if index == 0 and iterations else 0
-        result = attack(ctx, point, params, trials, iterations, keep)
+        journal = out.path / f"attack-point-{index}.partial.safetensors"  # the point's tasks so far
+        result = attack(ctx, point, params, trials, iterations, keep, journal)
         if result.images:
             out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
         lines = records(point, result, accuracy, cfg, iterations)
@@ -610,6 +664,7 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
         tqdm.write(log_line(point, lines, session.clock))
         session.checkpoint({f"clean.{k}": v for k, v in clean.items()}, step=index + 1,
                            accuracy=[clean_accuracy.mean, clean_accuracy.ci95, clean_accuracy.episodes])
+        journal.unlink(missing_ok=True)  # the point is logged and checkpointed
     out.save_weights(clean)
     return _summary(out.records(), clean_accuracy, classifier_accuracy) | session.summary()
 
