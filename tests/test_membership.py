@@ -295,6 +295,7 @@ def test_a_run_killed_inside_a_points_attack_goes_on_from_its_last_task(tmp_path
         return real(ctx, point, params, trial, t)
 
     monkeypatch.setattr(experiment, "observe", observe)
+    monkeypatch.setattr(experiment, "SAVE_EVERY", 0.0)  # a save after every task
     kill = True
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "resumed", realistic)

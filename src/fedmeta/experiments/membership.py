@@ -51,7 +51,7 @@ ways, attacked on its own trials):
 Each task is attacked at one support slot and one query slot (the same observation), with the
 true example (member) and each kind of non-member as the candidate. ``metrics.jsonl`` gets one
 line per point, target, non-member kind and score. The run checkpoints after each point, and
-within a point after each task (``TaskJournal``), so a killed run goes on from its last task.
+within a point saves the tasks done every 2 minutes (``TaskJournal``): a killed run goes on from there.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ from fedmeta.defenses.dp import DpSgd, epsilon, private_gradient
 from fedmeta.defenses.noise import DEFENSES, Noise, shared_gradient
 from fedmeta.federation.aggregation import make_rule
 from fedmeta.federation.client import RoundSettings
+from fedmeta.federation.journal import SAVE_EVERY
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
@@ -493,7 +494,7 @@ def score_candidate(ctx: Context, server: Adversary, trial: Trial, t: int, targe
 def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: int, keep: int,
            journal: Path | None = None) -> PointResult:
     """Attack ``trials`` tasks; keep the images of the first ``keep``. With a ``journal`` file, the
-    scores so far are saved after every task and a rerun goes on from there (``TaskJournal``)."""
+    scores so far are saved as the tasks go and a rerun goes on from there (``TaskJournal``)."""
     mia, seed = ctx.cfg.mia, ctx.cfg.seed
     server = adversary(ctx, point, params)
     saves = TaskJournal(journal, {"point": point.key, "trials": trials, "iterations": iterations, "keep": keep})
@@ -519,17 +520,20 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
     return result
 
 
-@dataclass(frozen=True)
+@dataclass
 class TaskJournal:
     """A point's attack, task by task, on disk: a point attacks tens to hundreds of tasks (the
     joint inversion, about a minute each on a CPU thread), and the run checkpoints between
-    points, so a kill would lose them all. Every task draws from streams of its own (trial,
-    target, candidate) and the server's caches are filled from fixed streams, so tasks resumed
-    from a save give the scores of a run never killed. A save of another point or length, or a
-    damaged one, is named and the point starts again."""
+    points, so a kill would lose them all. The tasks done are saved when ``SAVE_EVERY`` seconds
+    have passed since the last save (a kill loses at most that, and fast points write little).
+    Every task draws from streams of its own (trial, target, candidate) and the server's caches
+    are filled from fixed streams, so tasks resumed from a save give the scores of a run never
+    killed. A save of another point or length, or a damaged one, is named and the point starts
+    again."""
 
     path: Path | None
     what: dict[str, Any]  # the point, its task count, inversion steps and kept reconstructions
+    last: float = field(default_factory=time.monotonic)
 
     def resume(self) -> tuple[int, PointResult]:
         """The tasks done and their scores and images (none without a save to go on from)."""
@@ -555,13 +559,15 @@ class TaskJournal:
         return meta["done"], result
 
     def save(self, done: int, result: PointResult) -> None:
-        """Save the scores and images of the first ``done`` tasks (the last task: nothing, the point is logged)."""
-        if self.path is None or done >= self.what["trials"]:
+        """Save the scores and images of the first ``done`` tasks, if ``SAVE_EVERY`` seconds passed
+        (after the last task: nothing, the point is logged)."""
+        if self.path is None or done >= self.what["trials"] or time.monotonic() - self.last < SAVE_EVERY:
             return
         tensors = {"scores|" + "|".join(key): torch.tensor(values, dtype=torch.float64)
                    for key, values in result.scores.items()}
         tensors |= {f"images|{key}": torch.stack(images) for key, images in result.images.items()}
         write_tensors(self.path, tensors, {"what": self.what, "done": done})
+        self.last = time.monotonic()
 
 
 def inversion_steps(mia: MiaConfig, point: Point, iterations: int) -> int:
