@@ -326,3 +326,15 @@ def test_extremes_name_the_best_and_worst_server_rule_and_count_long_ties():
     assert extremes("defense", "rounds_survived", means) == ("", "")  # a capped count: per seed, no ranking
     assert extremes("defense", "attack_val_accuracy", {"fedavg": 0.5, "before the attack": 0.1}) == ("", "")
     assert extremes("defense", "meta_test_accuracy", {"fedavg": 0.98, "krum": 0.98}) == ("all 2 (98.00)",) * 2
+
+
+def test_a_table_figure_of_many_metrics_wraps_its_panels_into_rows(tmp_path):
+    from PIL import Image
+
+    metrics = [f"metric_{i}_accuracy" for i in range(8)]  # a comparison's eight: one row was 97 inches wide
+    for seed in range(2):
+        _run(tmp_path / "runs" / f"s{seed}", seed, [{"defense": f"rule{d}", **{m: 0.1 * d for m in metrics},
+                                                     "episodes": 40} for d in range(9)])
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    width, height = Image.open(tmp_path / "report" / "table-defense-comparison.png").size
+    assert width < 4500 and height > 1000  # three panels of about 10 inches a row, three rows (at 120 dpi)

@@ -86,9 +86,14 @@ def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str
     metrics = list(dict.fromkeys(k[3] for k in keys))
     positions = list(dict.fromkeys(k[2] for k in keys))
     groups = group_order(names)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(max(3.5, 0.9 * len(positions) + 2) * len(metrics), 3.4),
-                             squeeze=False)
-    for ax, metric in zip(axes[0], metrics, strict=True):
+    width = max(3.5, 0.9 * len(positions) + 2)
+    across = min(len(metrics), max(1, int(TABLE_FIGURE_WIDTH // width)))  # panels wrap into rows
+    down = -(-len(metrics) // across)
+    fig, grid = plt.subplots(down, across, figsize=(width * across, 3.4 * down), squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes, metrics, strict=False):
         for colour, group in enumerate(groups):
             shift = (colour - (len(groups) - 1) / 2) * 0.8 / max(1, len(groups))
             for x, position in enumerate(positions):
@@ -99,9 +104,13 @@ def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str
         ax.set_xticks(range(len(positions)), [position_text(p) for p in positions], fontsize=7, rotation=30, ha="right")
         ax.set_title(metric.replace("_", " "), fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
+    axes[across - 1].legend(fontsize=7)
     return _save(fig, out)
 
+
+TABLE_FIGURE_WIDTH = 32.0
+"""Inches a row of ``table_figure``'s panels may take before they wrap (eight metrics of a
+comparison in one row made a figure 97 inches wide)."""
 
 HEATMAP_METRICS = ("attack_val_accuracy", "meta_test_accuracy", "rounds_survived")
 
