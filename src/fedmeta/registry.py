@@ -85,9 +85,13 @@ class Registry(Generic[T]):
         self._load()
         base = self.base(name)
         if base not in self._entries:
-            raise RegistryError(f"{self.key}: unknown {self.kind} '{name}'; registered: {', '.join(self.names())}"
-                                + (f" (or a variant of one, 'NAME{VARIANT}LABEL')" if self.variants else ""))
+            raise RegistryError(f"{self.key}: {self.unknown(name)}")
         return self._entries[base]
+
+    def unknown(self, name: str) -> str:
+        """Why ``name`` is refused: what is registered (and, where variants are taken, their form)."""
+        variants = f" (or a variant of one, 'NAME{VARIANT}LABEL')" if self.variants else ""
+        return f"unknown {self.kind} '{name}'; registered: {', '.join(self.names())}{variants}"
 
     def base(self, name: str) -> str:
         """The registered name that ``name`` is a variant of (``name`` itself if it is none)."""

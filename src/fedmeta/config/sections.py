@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from fedmeta.registry import ATTACKS, DATASETS, LEARNERS, LOCAL_DEFENSES, RULES, TRIGGERS, Registry, RegistryError
+from fedmeta.registry import ATTACKS, DATASETS, LEARNERS, LOCAL_DEFENSES, RULES, TRIGGERS, Registry
 
 ALLOW = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
@@ -55,10 +55,8 @@ class Section(BaseModel):
 
 def registered(registry: Registry, name: str) -> str:
     """``name`` if ``registry`` has it (the check behind every name-valued key)."""
-    try:
-        registry.get(name)
-    except RegistryError as err:
-        raise ValueError(str(err).split(": ", 1)[1]) from err  # without the key, which pydantic names
+    if name not in registry:
+        raise ValueError(registry.unknown(name))  # without the key, which pydantic names
     return name
 
 

@@ -89,7 +89,7 @@ from fedmeta.defenses.dp import DpSgd, epsilon, private_gradient
 from fedmeta.defenses.noise import DEFENSES, Noise, shared_gradient
 from fedmeta.federation.aggregation import make_rule
 from fedmeta.federation.client import RoundSettings
-from fedmeta.federation.journal import SAVE_EVERY
+from fedmeta.federation.journal import SAVE_EVERY, read_save
 from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
@@ -103,7 +103,7 @@ from fedmeta.models.protocol import Model
 from fedmeta.models.smallconv import SmallConv
 from fedmeta.rng import stream, stream_seed
 from fedmeta.runs import RunDir, Session, accuracy_fields, format_duration
-from fedmeta.storage import CorruptFile, read_tensors, write_tensors
+from fedmeta.storage import write_tensors
 
 Stage = Literal["threat", "defense", "ways"]
 Threat = Literal["informed", "realistic", "secagg"]
@@ -537,18 +537,12 @@ class TaskJournal:
 
     def resume(self) -> tuple[int, PointResult]:
         """The tasks done and their scores and images (none without a save to go on from)."""
-        empty = 0, PointResult({}, {})
-        if self.path is None or not self.path.is_file():
-            return empty
-        try:
-            tensors, meta = read_tensors(self.path)
-        except CorruptFile as err:
-            tqdm.write(f"attacking the point's tasks again: {err}")
-            return empty
-        if meta.get("what") != self.what:
-            tqdm.write(f"attacking the point's tasks again: {self.path} saved {meta.get('what')}, not {self.what}")
-            return empty
+        found = None if self.path is None else read_save(self.path, "attacking the point's tasks again", "what",
+                                                         self.what)
         result = PointResult({}, {})
+        if found is None:
+            return 0, result
+        tensors, meta = found
         for name, values in tensors.items():
             kind, _, rest = name.partition("|")
             if kind == "scores":

@@ -60,17 +60,11 @@ class Journal:
 
     def resume(self, like: Params, gen: torch.Generator) -> Progress | None:
         """The last save (``gen`` set to its stream's state), or None when there is none to go on from."""
-        if not self.path.is_file():
+        found = read_save(self.path, "starting the update again", "steps", self.steps, "an update of {} steps",
+                          next(iter(like.values())).device)
+        if found is None:
             return None
-        try:
-            tensors, meta = read_tensors(self.path, next(iter(like.values())).device)
-        except CorruptFile as err:
-            tqdm.write(f"starting the update again: {err}")
-            return None
-        if meta.get("steps") != self.steps:
-            tqdm.write(f"starting the update again: {self.path} saved an update of {meta.get('steps')} steps, "
-                       f"not {self.steps}")
-            return None
+        tensors, meta = found
         names = list(like)
         gen.set_state(tensors["generator"].cpu())
         tqdm.write(f"resuming the update at step {meta['step']} of {self.steps} from {self.path}")
@@ -88,6 +82,24 @@ class Journal:
         write_tensors(self.path, tensors | {"generator": gen.get_state(), "loss_sum": progress.loss_sum},
                       {"step": progress.step, "steps": self.steps})
         self.last = time.monotonic()
+
+
+def read_save(path: Path, again: str, key: str, expected: object, saved: str = "{}",
+              device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], dict] | None:
+    """The tensors and metadata of the save at ``path``, or None when there is none, it is damaged,
+    or its metadata's ``key`` is not ``expected`` (a save of other work): then ``again`` and the
+    reason are printed, a mismatch as "saved ``saved`` (filled with the saved value), not ``expected``"."""
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = read_tensors(path, device)
+    except CorruptFile as err:
+        tqdm.write(f"{again}: {err}")
+        return None
+    if meta.get(key) != expected:
+        tqdm.write(f"{again}: {path} saved {saved.format(meta.get(key))}, not {expected}")
+        return None
+    return tensors, meta
 
 
 def _like(saved: Tensor, like: Tensor) -> Tensor:

@@ -267,7 +267,6 @@ def extremes(column: str, metric: str, means: dict[Any, float]) -> tuple[str, st
               if column != "defense" or (name != BEFORE and not str(name).startswith("local "))}
     if metric in CAPPED or len(ranked) < 2:
         return "", ""
-
     if len(set(ranked.values())) == 1:
         return (f"all {len(ranked)} ({next(iter(ranked.values()))})",) * 2
 
