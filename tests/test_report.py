@@ -338,3 +338,32 @@ def test_a_table_figure_of_many_metrics_wraps_its_panels_into_rows(tmp_path):
     write_report([tmp_path / "runs"], tmp_path / "report")
     width, height = Image.open(tmp_path / "report" / "table-defense-comparison.png").size
     assert width < 4500 and height > 1000  # three panels of about 10 inches a row, three rows (at 120 dpi)
+
+
+def test_a_membership_report_draws_each_defense_against_utility_across_folders(tmp_path, monkeypatch):
+    """The privacy-utility figure joins an undefended run and one folder per noise scale into one
+    curve per defense, in order of scale, each point the mean over seeds on both axes."""
+    import fedmeta.reports.figures as figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, title=None: drawn.setdefault(out.name, (fig, title)) and out)
+
+    def line(defense, scale, accuracy, auc, seed):
+        return {"stage": "threat" if defense == "none" else "defense", "threat": "realistic", "attack": "joint",
+                "score": "joint-cal", "defense": defense, "scale": scale, "trials": 60,
+                "meta_test_accuracy": accuracy + 0.01 * seed, "attack_auc": auc + 0.01 * seed,
+                "tpr_at_1pct_fpr": auc / 10}
+
+    folders = {"undefended": ("none", 0.0, 0.80, 0.75, 0.001), "ten": ("inner", 10.0, 0.70, 0.55, 0.002),
+               "three": ("inner", 3.0, 0.78, 0.70, 0.003)}
+    for name, (defense, scale, accuracy, auc, lr) in folders.items():
+        for seed in range(3):
+            _run(tmp_path / name / f"seed={seed}", seed, [line(defense, scale, accuracy, auc, seed)], lr=lr,
+                 experiment="membership")
+    write_report([tmp_path / name for name in folders], tmp_path / "report")
+    fig, title = drawn["tradeoff-membership.png"]
+    auc_panel = fig.axes[0]
+    (curve,) = [ln for ln in auc_panel.get_lines() if ln.get_label() == "inner"]
+    assert [round(x, 6) for x in curve.get_xdata()] == [81.0, 79.0, 71.0]  # none, then scales 3 and 10 (%)
+    assert [round(y, 6) for y in curve.get_ydata()] == [0.76, 0.71, 0.56]
+    assert "attack against utility per defense" in title and "score joint-cal" in title

@@ -9,7 +9,9 @@ Writes to the report folder:
 - ``curves-<experiment>.png``: each curve's mean over seeds with a shaded 95% band;
   ``table-<experiment>.png``: the table's means with their intervals as error bars;
   ``heatmap-<experiment>.png`` where lines have a ``defense``: the threat matrix, attacks down,
-  defenses across.
+  defenses across; ``tradeoff-<experiment>.png`` where they also have a noise ``scale``
+  (membership inference): each attack's AUC and TPR at 1% FPR against meta-test accuracy, a
+  curve per defense.
 
 Paired comparisons: every setting against the first one (the grid's first values) at the same
 position and seed, and within a setting every ``defense`` row against the undefended one
@@ -33,6 +35,7 @@ from fedmeta.reports.collect import (
     capped_text,
     curve_lines,
     find_runs,
+    group_of,
     labels,
     table_lines,
     tabulate,
@@ -62,14 +65,17 @@ def write_report(folders: list[Path], out: Path) -> list[Path]:
                _csv(out / "table.csv", table, names), _csv(out / "curves.csv", curves, names),
                _paired_csv(out / "paired.csv", comparisons)]
     from fedmeta.plots import experiment_title
-    from fedmeta.reports.figures import curve_figure, heatmap_figure, table_figure
+    from fedmeta.reports.figures import curve_figure, heatmap_figure, table_figure, tradeoff_figure
 
+    datasets = {group_of(r): r.dataset for r in runs}
     for experiment in sorted({r.experiment for r in runs}):
         of = [r for r in runs if r.experiment == experiment]
         title = experiment_title(experiment, [r.dataset for r in of], [r.seed for r in of])
         written += [p for p in (curve_figure(curves, names, experiment, out / f"curves-{experiment}.png", title),
                                 table_figure(table, names, experiment, out / f"table-{experiment}.png"),
-                                heatmap_figure(table, names, experiment, out / f"heatmap-{experiment}.png")) if p]
+                                heatmap_figure(table, names, experiment, out / f"heatmap-{experiment}.png"),
+                                tradeoff_figure(table, datasets, experiment, out / f"tradeoff-{experiment}.png",
+                                                title)) if p]
     return written
 
 

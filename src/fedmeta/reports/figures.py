@@ -157,6 +157,92 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     return _save(fig, out)
 
 
+TRADEOFF_METRICS = ("attack_auc", "tpr_at_1pct_fpr")
+TRADEOFF_ACROSS = 6
+"""Panels in a row of ``tradeoff_figure`` before a metric's attacks wrap into another row."""
+UNDEFENDED = "none"
+
+
+def tradeoff_figure(table: Table, datasets: dict[str, str | None], experiment: str, out: Path,
+                    title: str) -> Path | None:
+    """Privacy against utility (membership inference): for each attack (threat, target, score...),
+    each ``TRADEOFF_METRICS`` metric against meta-test accuracy, one curve per defense and dataset
+    through its noise scales, starting at the undefended point; every point the mean over seeds
+    with its 95% interval on both axes. A panel per metric (rows) and attack (columns).
+
+    A curve may join the settings (groups) of one dataset (``datasets``: each group's), as kept
+    results are usually split: the undefended run beside one sweep per noise scale. Where two
+    settings give the same point, the one with more seeds, then more trials, is drawn."""
+    from fedmeta.plots import DEFENSE_COLORS
+    from fedmeta.reports import position_text
+
+    points: dict[tuple, dict[float, tuple[Any, Any]]] = {}  # (metric, attack, dataset, defense) -> scale -> cells
+    for (exp, group, position, metric), cell in table.items():
+        where = dict(position)
+        accuracy = table.get((exp, group, position, "meta_test_accuracy"))
+        if exp != experiment or metric not in TRADEOFF_METRICS or "scale" not in where or accuracy is None:
+            continue
+        attack = tuple(pair for pair in position if pair[0] not in ("stage", "defense", "scale"))
+        curve = points.setdefault((metric, attack, datasets.get(group), where["defense"]), {})
+        rank = (len(cell.values), max(cell.episodes, default=0))
+        if where["scale"] not in curve or rank > curve[where["scale"]][2]:
+            curve[where["scale"]] = (accuracy, cell, rank)
+    defended = [k for k in points if k[3] != UNDEFENDED]
+    if not defended:
+        return None
+    metrics = [m for m in TRADEOFF_METRICS if any(k[0] == m for k in defended)]
+    attacks = list(dict.fromkeys(k[1] for k in defended))
+    shared = tuple(pair for pair in attacks[0] if all(pair in a for a in attacks))
+    across = min(len(attacks), TRADEOFF_ACROSS)
+    down = -(-len(attacks) // across)
+    fig, grid = plt.subplots(down * len(metrics), across, figsize=(3.6 * across, 3.0 * down * len(metrics)),
+                             squeeze=False)
+    for ax in grid.flat:
+        ax.set_visible(False)
+    styles = {d: s for d, s in zip(dict.fromkeys(k[2] for k in defended), ("-", "--", ":", "-."), strict=False)}
+    colours = {d: DEFENSE_COLORS.get(d, f"C{i}") for i, d in enumerate(dict.fromkeys(k[3] for k in defended))}
+    for metric_row, metric in enumerate(metrics):
+        for j, attack in enumerate(attacks):
+            ax = grid[metric_row * down + j // across][j % across]
+            ax.set_visible(True)
+            for (m, a, dataset, defense), curve in points.items():
+                if (m, a) == (metric, attack) and defense != UNDEFENDED:
+                    start = points.get((metric, attack, dataset, UNDEFENDED), {})
+                    _tradeoff_curve(ax, {**start, **curve}, colours[defense], styles[dataset],
+                                    f"{defense}, {dataset}" if len(styles) > 1 else defense, metric)
+            own = position_text(tuple(p for p in attack if p not in shared)) or position_text(attack)
+            ax.set_title(textwrap.fill(own, 48), fontsize=8)
+            ax.set_xlabel("meta-test accuracy (%)", fontsize=8)
+            ax.set_ylabel(metric.replace("_", " ") + ("" if metric.endswith("_auc") else " (%)"), fontsize=8)
+            if metric.endswith("_auc"):
+                ax.axhline(0.5, color="gray", lw=0.8)
+            else:  # a rate's t-interval over few seeds may pass 0; the rate cannot
+                ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+    legend = {label: handle for ax in grid.flat for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(legend.values(), legend.keys(), fontsize=7, ncol=min(len(legend), 5), loc="upper center",
+               bbox_to_anchor=(0.5, 0.0))  # one legend, below the panels: in a panel it covered points
+    shared_text = position_text(shared)
+    return _save(fig, out, f"{title}: attack against utility per defense" + (f" ({shared_text})" * bool(shared_text)))
+
+
+def _tradeoff_curve(ax: Any, curve: dict[float, tuple[Any, Any, Any]], colour: str, style: Any, label: str,
+                    metric: str) -> None:
+    """One defense's points in order of scale, each with its intervals, labelled by its scale."""
+    scale = 1 if metric.endswith("_auc") else 100
+    xs, ys = [], []
+    for noise, (accuracy, cell, _) in sorted(curve.items()):
+        x = interval([accuracy.values[s] for s in sorted(accuracy.values)])
+        y = interval([cell.values[s] for s in sorted(cell.values)])
+        ax.errorbar(100 * x.mean, scale * y.mean, xerr=100 * (x.half or 0.0), yerr=scale * (y.half or 0.0),
+                    fmt="o", ms=3, color=colour, capsize=2, lw=0.8)
+        ax.annotate(f"{noise:g}", (100 * x.mean, scale * y.mean), fontsize=6, color=colour, xytext=(3, 3),
+                    textcoords="offset points")
+        xs.append(100 * x.mean)
+        ys.append(scale * y.mean)
+    ax.plot(xs, ys, color=colour, ls=style, lw=1.2, label=label)
+
+
 def _save(fig: Any, out: Path, title: str | None = None) -> Path:
     fig.tight_layout()
     if title:
