@@ -367,3 +367,13 @@ def test_a_membership_report_draws_each_defense_against_utility_across_folders(t
     assert [round(x, 6) for x in curve.get_xdata()] == [81.0, 79.0, 71.0]  # none, then scales 3 and 10 (%)
     assert [round(y, 6) for y in curve.get_ydata()] == [0.76, 0.71, 0.56]
     assert "attack against utility per defense" in title and "score joint-cal" in title
+
+
+def test_where_keeps_only_the_lines_a_report_is_asked_for(tmp_path):
+    for seed in range(2):
+        _run(tmp_path / "runs" / f"s{seed}", seed, [{"defense": d, "attack_val_accuracy": 0.1 + seed / 100,
+                                                     "episodes": 40} for d in ("fedavg", "krum", "median")])
+    write_report([tmp_path / "runs"], tmp_path / "report", {"defense": ["fedavg", "krum"]})
+    assert {row["defense"] for row in _rows(tmp_path / "report" / "table.csv")} == {"fedavg", "krum"}
+    with pytest.raises(ReportError, match="no line matches --where defense=flame"):
+        write_report([tmp_path / "runs"], tmp_path / "other", {"defense": ["flame"]})

@@ -141,7 +141,8 @@ def report(
     table: Annotated[bool, typer.Option("--table", help="Print one Markdown table (as in the docs) instead.")] = False,
     experiment: Annotated[str | None, typer.Option("--experiment", help="--table: one experiment of the folders.")] = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="--table: metric columns, m1,m2,...")] = None,
-    where: Annotated[list[str] | None, typer.Option("--where", help="--table: key=v1,v2 (a round, a case...).")] = None,
+    where: Annotated[list[str] | None, typer.Option("--where", help="key=v1,v2 (a round, a case...): only those lines, "
+                                                   "in the table or the report's files.")] = None,
     paired: Annotated[bool, typer.Option("--paired", help="--table: paired differences instead of means.")] = False,
     against: Annotated[str | None, typer.Option("--against", help="--table: paired differences of each line against "
                                                 "the same setting's line at key=value (e.g. round=0).")] = None,
@@ -174,7 +175,7 @@ def report(
                                paired, against_of(against), mean_over, baseline_of(baseline), columns)
             typer.echo(table_text(query), nl=False)
             return
-        written = write_report(folders, out or default_out(folders))
+        written = write_report(folders, out or default_out(folders), where_filters(where or []))
     except ReportError as err:
         _fail(str(err))
     for path in written:

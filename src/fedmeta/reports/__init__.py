@@ -54,9 +54,16 @@ def default_out(folders: list[Path]) -> Path:
     return Path("report")
 
 
-def write_report(folders: list[Path], out: Path) -> list[Path]:
-    """Write the report of the runs under ``folders`` to ``out``; the files written."""
+def write_report(folders: list[Path], out: Path, where: dict[str, list[str]] | None = None) -> list[Path]:
+    """Write the report of the runs under ``folders`` to ``out``; the files written. With
+    ``where`` (key -> values, as ``--where``), only the lines whose position has each key at one
+    of its values: a figure of the few scores or cases a page discusses."""
     runs, unfinished = find_runs(folders)
+    if where:
+        runs = [replace(r, records=[rec for rec in r.records if all(str(rec.get(k)) in v for k, v in where.items())])
+                for r in runs]
+        if not any(r.records for r in runs):
+            raise ReportError("no line matches --where " + " ".join(k + "=" + ",".join(v) for k, v in where.items()))
     names = labels(runs)
     table, curves = tabulate(runs, table_lines), tabulate(runs, curve_lines)
     comparisons = comparisons_of(table, names)

@@ -199,17 +199,26 @@ def tradeoff_figure(table: Table, datasets: dict[str, str | None], experiment: s
                              squeeze=False)
     for ax in grid.flat:
         ax.set_visible(False)
-    styles = {d: s for d, s in zip(dict.fromkeys(k[2] for k in defended), ("-", "--", ":", "-."), strict=False)}
+    datasets_drawn = list(dict.fromkeys(k[2] for k in defended))
+    styles = dict(zip(datasets_drawn, ("-", "--", ":", "-."), strict=False))
+    markers = dict(zip(datasets_drawn, ("s", "D", "^", "v"), strict=False))
     colours = {d: DEFENSE_COLORS.get(d, f"C{i}") for i, d in enumerate(dict.fromkeys(k[3] for k in defended))}
     for metric_row, metric in enumerate(metrics):
         for j, attack in enumerate(attacks):
             ax = grid[metric_row * down + j // across][j % across]
             ax.set_visible(True)
             for (m, a, dataset, defense), curve in points.items():
-                if (m, a) == (metric, attack) and defense != UNDEFENDED:
-                    start = points.get((metric, attack, dataset, UNDEFENDED), {})
-                    _tradeoff_curve(ax, {**start, **curve}, colours[defense], styles[dataset],
-                                    f"{defense}, {dataset}" if len(styles) > 1 else defense, metric)
+                if (m, a) != (metric, attack):
+                    continue
+                start = points.get((metric, attack, dataset, UNDEFENDED), {})
+                if defense == UNDEFENDED:  # drawn once, in black; each defense's curve starts from it
+                    _tradeoff_points(ax, curve, "black", metric, f"undefended, {dataset}" if len(styles) > 1
+                                     else "undefended", marker=markers.get(dataset, "s"))
+                else:
+                    _tradeoff_points(ax, curve, colours[defense], metric, None)
+                    xy = [_tradeoff_xy(*cells, metric) for _, cells in sorted({**start, **curve}.items())]
+                    ax.plot(*zip(*xy, strict=True), color=colours[defense], ls=styles[dataset], lw=1.2,
+                            label=f"{defense}, {dataset}" if len(styles) > 1 else defense)
             own = position_text(tuple(p for p in attack if p not in shared)) or position_text(attack)
             ax.set_title(textwrap.fill(own, 48), fontsize=8)
             ax.set_xlabel("meta-test accuracy (%)", fontsize=8)
@@ -226,21 +235,28 @@ def tradeoff_figure(table: Table, datasets: dict[str, str | None], experiment: s
     return _save(fig, out, f"{title}: attack against utility per defense" + (f" ({shared_text})" * bool(shared_text)))
 
 
-def _tradeoff_curve(ax: Any, curve: dict[float, tuple[Any, Any, Any]], colour: str, style: Any, label: str,
-                    metric: str) -> None:
-    """One defense's points in order of scale, each with its intervals, labelled by its scale."""
+def _tradeoff_xy(accuracy: Any, cell: Any, _rank: Any, metric: str) -> tuple[float, float]:
+    """A point's means: meta-test accuracy and the attack metric (a rate in %, an AUC as it is)."""
+    return 100 * _mean(accuracy), (1 if metric.endswith("_auc") else 100) * _mean(cell)
+
+
+def _mean(cell: Any) -> float:
+    return interval([cell.values[s] for s in sorted(cell.values)]).mean
+
+
+def _tradeoff_points(ax: Any, curve: dict[float, tuple[Any, Any, Any]], colour: str, metric: str, label: str | None,
+                     marker: str = "o") -> None:
+    """Each point with its intervals on both axes, annotated with its noise scale."""
     scale = 1 if metric.endswith("_auc") else 100
-    xs, ys = [], []
     for noise, (accuracy, cell, _) in sorted(curve.items()):
         x = interval([accuracy.values[s] for s in sorted(accuracy.values)])
         y = interval([cell.values[s] for s in sorted(cell.values)])
         ax.errorbar(100 * x.mean, scale * y.mean, xerr=100 * (x.half or 0.0), yerr=scale * (y.half or 0.0),
-                    fmt="o", ms=3, color=colour, capsize=2, lw=0.8)
-        ax.annotate(f"{noise:g}", (100 * x.mean, scale * y.mean), fontsize=6, color=colour, xytext=(3, 3),
-                    textcoords="offset points")
-        xs.append(100 * x.mean)
-        ys.append(scale * y.mean)
-    ax.plot(xs, ys, color=colour, ls=style, lw=1.2, label=label)
+                    fmt=marker, ms=3, color=colour, capsize=2, lw=0.8, label=label)
+        label = None
+        if noise:
+            ax.annotate(f"{noise:g}", (100 * x.mean, scale * y.mean), fontsize=6, color=colour, xytext=(3, 3),
+                        textcoords="offset points")
 
 
 def _save(fig: Any, out: Path, title: str | None = None) -> Path:
