@@ -309,6 +309,26 @@ def test_a_run_killed_inside_a_points_attack_goes_on_from_its_last_task(tmp_path
         assert again == pytest.approx(first, abs=1e-4)
 
 
+def test_an_observation_whose_scores_overflow_stops_the_run_at_its_first_task(tmp_path, monkeypatch, data_root):
+    """A defense whose noise makes the attacked user's adaptation diverge sends a finite but huge
+    update (1e23 at 30 x RMS inner-loop noise): the run stops at the first task, naming the point,
+    the task and the scores, instead of attacking every task and failing in the ROC at the end."""
+    import fedmeta.experiments.membership as experiment
+    from fedmeta.runtime import Diverged
+
+    real, observed = experiment.observe, []
+
+    def diverged(ctx, point, params, trial, t):
+        observed.append(t)
+        return {k: v * 1e30 for k, v in real(ctx, point, params, trial, t).items()}
+
+    monkeypatch.setattr(experiment, "observe", diverged)
+    with pytest.raises(Diverged, match=r"attacking threat/realistic/ways-5/none/users-1, task 0: the member "
+                                       r"candidate's scores .*l0-l2.* are not finite"):
+        _run(tmp_path / "run", [*THREATS_ONLY, "mia.threats=['realistic']", "mia.trials=3", "mia.joint.trials=2"])
+    assert observed == [0]
+
+
 @pytest.mark.slow
 def test_quick_preset_meets_the_bar(tmp_path):
     """Without a defense the informed server's support or query attack reaches AUC >= 0.8 (MNIST 5-way 1-shot)."""

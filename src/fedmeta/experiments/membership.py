@@ -56,6 +56,7 @@ within a point saves the tasks done every 2 minutes (``TaskJournal``): a killed 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -514,10 +515,26 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
                 gen = stream(seed, "mia-server", point.key, t, target)
                 scores = score_candidate(ctx, server, trial, t, target, kind, observed, gen, iterations, result,
                                          t < keep)
+                check_scores(scores, point, t, kind, observed)
                 for name, value in scores.items():
                     result.scores.setdefault((target, kind, name), []).append(value)
         saves.save(t + 1, result)
     return result
+
+
+def check_scores(scores: dict[str, float], point: Point, t: int, kind: str, observed: Params) -> None:
+    """Raise ``Diverged`` at the first task whose scores are not all finite, instead of attacking
+    the rest of the point and failing in the ROC computation at its end. A noise defense at a large
+    scale can make the attacked user's own adaptation diverge: the update it shares is then finite
+    but astronomically large (inner-loop noise at 30 x RMS sent updates of 1e23), and every score
+    computed from it overflows."""
+    bad = [name for name, value in scores.items() if not math.isfinite(value)]
+    if bad:
+        peak = max(float(v.abs().max()) for v in observed.values())
+        cause = (f"; under defense {defense_name(point.defense)} the attacked user's update diverges: lower its scale"
+                 if point.defense is not None else "")
+        raise runtime.Diverged(f"attacking {point.key}, task {t}: the {kind} candidate's scores {', '.join(bad)} are "
+                               f"not finite (the observed update's largest coordinate is {peak:.3g}){cause}")
 
 
 @dataclass
