@@ -309,24 +309,40 @@ def test_a_run_killed_inside_a_points_attack_goes_on_from_its_last_task(tmp_path
         assert again == pytest.approx(first, abs=1e-4)
 
 
-def test_an_observation_whose_scores_overflow_stops_the_run_at_its_first_task(tmp_path, monkeypatch, data_root):
+def test_a_point_whose_scores_overflow_is_not_scored_and_the_others_are(tmp_path, monkeypatch, data_root):
     """A defense whose noise makes the attacked user's adaptation diverge sends a finite but huge
-    update (1e23 at 30 x RMS inner-loop noise): the run stops at the first task, naming the point,
-    the task and the scores, instead of attacking every task and failing in the ROC at the end."""
+    update (1e23 at 30 x RMS inner-loop noise): that point stops at its first task, naming it, the
+    task and the scores, and keeps its model's accuracy; the other points are scored, the summary
+    written, and the run ends with an error that names the point."""
     import fedmeta.experiments.membership as experiment
-    from fedmeta.runtime import Diverged
+    from fedmeta.runs import RunError
 
     real, observed = experiment.observe, []
 
     def diverged(ctx, point, params, trial, t):
-        observed.append(t)
-        return {k: v * 1e30 for k, v in real(ctx, point, params, trial, t).items()}
+        update = real(ctx, point, params, trial, t)
+        if point.threat == "realistic":
+            observed.append(t)
+            return {k: v * 1e30 for k, v in update.items()}
+        return update
 
     monkeypatch.setattr(experiment, "observe", diverged)
-    with pytest.raises(Diverged, match=r"attacking threat/realistic/ways-5/none/users-1, task 0: the member "
-                                       r"candidate's scores .*l0-l2.* are not finite"):
-        _run(tmp_path / "run", [*THREATS_ONLY, "mia.threats=['realistic']", "mia.trials=3", "mia.joint.trials=2"])
+    with pytest.raises(RunError, match=r"1 point\(s\) not scored.*threat/realistic/ways-5/none/users-1, task 0: the "
+                                       r"member candidate's scores .*l0-l2.* are not finite"):
+        _run(tmp_path / "run", [*THREATS_ONLY, "mia.threats=['informed', 'realistic']", "mia.trials=3",
+                                "mia.joint.trials=2"])
     assert observed == [0]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (unscored,) = [r for r in lines if r["threat"] == "realistic"]
+    assert "task 0" in unscored["not_scored"] and 0 <= unscored["meta_test_accuracy"] <= 1
+    assert {r["score"] for r in lines if r["threat"] == "informed"} >= {"l0-cos", "loss"}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert list(summary["not_scored"]) == ["threat threat=realistic users=1 ways=5 defense=none scale=0"]
+    from fedmeta.plots import plot_runs
+    from fedmeta.reports import write_report
+
+    assert plot_runs([tmp_path / "run"], tmp_path / "figure.png").is_file()  # the figures read past the line
+    assert write_report([tmp_path / "run"], tmp_path / "report")
 
 
 @pytest.mark.slow

@@ -271,6 +271,7 @@ def _membership(records: list[dict[str, Any]], images: Path) -> plt.Figure:
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.25, 1]) if images.is_file() else (None, fig)
     if top is not None:
         _reconstructions(top, images)
+    records = [r for r in records if "not_scored" not in r]  # a point whose attack diverged: no scores
     nonmember = records[0]["nonmember"]  # the first kind in the config: same-class by default
     rows = [r for r in records if r["nonmember"] == nonmember]
     panels = [(_defense_curves, [r for r in rows if r["stage"] == "defense" and r["target"] == target], (target,))
@@ -335,8 +336,10 @@ def _threat_scores(ax: plt.Axes, rows: list[dict[str, Any]]) -> None:
     """Each score's AUC with its 95% bootstrap interval, one point per server, target and score."""
     x = range(len(rows))
     auc = [r["attack_auc"] for r in rows]
-    ax.errorbar(x, auc, yerr=[[a - r["attack_auc_low"] for a, r in zip(auc, rows)],
-                              [r["attack_auc_high"] - a for a, r in zip(auc, rows)]], fmt="o", ms=3, capsize=2)
+    # a percentile bootstrap interval over few trials can leave out its own estimate: no bar on that side
+    ax.errorbar(x, auc, yerr=[[max(0.0, a - r["attack_auc_low"]) for a, r in zip(auc, rows)],
+                              [max(0.0, r["attack_auc_high"] - a) for a, r in zip(auc, rows)]], fmt="o", ms=3,
+                capsize=2)
     servers = [r["threat"] + (f" M={r['users']}" if r["users"] > 1 else "") for r in rows]
     ax.set_xticks(list(x), [f"{server}, {r['target']}: {r['score']}" for server, r in zip(servers, rows)],
                   rotation=30, ha="right", fontsize=6)

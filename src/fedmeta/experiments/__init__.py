@@ -46,6 +46,10 @@ def run(cfg: Config, out: RunDir, engine: Engine = IN_PROCESS) -> dict[str, Any]
     summary = get(cfg.experiment)(cfg, out, engine)
     summary |= {"engine": engine.name, **getattr(engine, "stats", dict)()}
     out.finish(summary)
+    if unscored := summary.get("not_scored"):
+        raise RunError(f"{len(unscored)} point(s) not scored, their attack diverged: "
+                       + "; ".join(f"{name}: {why}" for name, why in unscored.items())
+                       + f" (the other points are in {out.path / RunDir.METRICS})")
     if empty := empty_phases(summary):
         raise RunError(f"no round of {', '.join(empty)} applied any update (every update rejected as non-finite, or "
                        f"missing): its model never trained; the counts are in {out.path / RunDir.SUMMARY}")

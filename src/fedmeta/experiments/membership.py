@@ -621,6 +621,13 @@ def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, 
     return lines
 
 
+def not_scored(point: Point, accuracy: Accuracy, reason: str) -> dict[str, Any]:
+    """The line of a point whose attack stopped with ``Diverged`` (a defense so strong that the
+    attacked user's update overflows): its model's meta-test accuracy, and why it has no scores.
+    The run goes on with its other points and exits with an error once its summary is written."""
+    return {**point.fields(), "not_scored": reason, **accuracy_fields("meta_test_accuracy", accuracy)}
+
+
 def log_line(point: Point, lines: list[dict], clock: float) -> str:
     """``[point] target/non-member: AUC per score | meta-test accuracy | elapsed``."""
     where = " ".join(f"{k} {v}" for k, v in point.fields().items())
@@ -672,13 +679,18 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
         iterations = inversion_steps(mia, point, iterations)
         keep = mia.reconstructions if index == 0 and iterations else 0
         journal = out.path / f"attack-point-{index}.partial.safetensors"  # the point's tasks so far
-        result = attack(ctx, point, params, trials, iterations, keep, journal)
-        if result.images:
-            out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
-        lines = records(point, result, accuracy, cfg, iterations)
+        try:
+            result = attack(ctx, point, params, trials, iterations, keep, journal)
+        except runtime.Diverged as err:  # the point's model and accuracy stand; its attack has no scores
+            lines = [not_scored(point, accuracy, str(err))]
+            tqdm.write(f"[{' '.join(f'{k} {v}' for k, v in point.fields().items())}] not scored: {err}")
+        else:
+            if result.images:
+                out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
+            lines = records(point, result, accuracy, cfg, iterations)
+            tqdm.write(log_line(point, lines, session.clock))
         for line in lines:
             session.log(line, quiet=True)
-        tqdm.write(log_line(point, lines, session.clock))
         session.checkpoint({f"clean.{k}": v for k, v in clean.items()}, step=index + 1,
                            accuracy=[clean_accuracy.mean, clean_accuracy.ci95, clean_accuracy.episodes])
         journal.unlink(missing_ok=True)  # the point is logged and checkpointed
@@ -696,10 +708,10 @@ def _summary(lines: list[dict], clean: Accuracy, classifier_accuracy: float | No
     (``epsilon``) and for substituting one example (``epsilon_substitution``, the membership game);
     every score is in ``metrics.jsonl``."""
     points: dict[str, dict[str, Any]] = {}
-    nonmember = lines[0]["nonmember"]
-    for r in (r for r in lines if r["nonmember"] == nonmember):
-        name = (f"{r['stage']} threat={r['threat']} users={r['users']} ways={r['ways']} "
-                f"defense={r['defense']} scale={r['scale']:g}")
+    scored = [r for r in lines if "not_scored" not in r]
+    nonmember = scored[0]["nonmember"] if scored else None
+    for r in (r for r in scored if r["nonmember"] == nonmember):
+        name = _point_name(r)
         entry = points.setdefault(name, {"meta_test_accuracy": r["meta_test_accuracy"],
                                          **{k: r[k] for k in PRIVACY if k in r}})
         best = entry.get(r["target"])
@@ -712,4 +724,11 @@ def _summary(lines: list[dict], clean: Accuracy, classifier_accuracy: float | No
         **accuracy_fields("meta_test_accuracy", clean),
         "classifier_accuracy": classifier_accuracy,
         "points": points,
+        **({"not_scored": not_scored} if (not_scored := {_point_name(r): r["not_scored"] for r in lines
+                                                         if "not_scored" in r}) else {}),
     }
+
+
+def _point_name(r: dict[str, Any]) -> str:
+    return (f"{r['stage']} threat={r['threat']} users={r['users']} ways={r['ways']} "
+            f"defense={r['defense']} scale={r['scale']:g}")
