@@ -335,6 +335,7 @@ def test_a_point_whose_scores_overflow_is_not_scored_and_the_others_are(tmp_path
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     (unscored,) = [r for r in lines if r["threat"] == "realistic"]
     assert "task 0" in unscored["not_scored"] and 0 <= unscored["meta_test_accuracy"] <= 1
+    assert unscored["score"] == "not-scored"
     assert {r["score"] for r in lines if r["threat"] == "informed"} >= {"l0-cos", "loss"}
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert list(summary["not_scored"]) == ["threat threat=realistic users=1 ways=5 defense=none scale=0"]

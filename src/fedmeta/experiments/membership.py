@@ -624,8 +624,14 @@ def records(point: Point, result: PointResult, accuracy: Accuracy, cfg: Config, 
 def not_scored(point: Point, accuracy: Accuracy, reason: str) -> dict[str, Any]:
     """The line of a point whose attack stopped with ``Diverged`` (a defense so strong that the
     attacked user's update overflows): its model's meta-test accuracy, and why it has no scores.
-    The run goes on with its other points and exits with an error once its summary is written."""
-    return {**point.fields(), "not_scored": reason, **accuracy_fields("meta_test_accuracy", accuracy)}
+    The run goes on with its other points and exits with an error once its summary is written.
+    Its ``score`` is ``not-scored``, so that a table can ask for it beside a score
+    (``--where score=loss,not-scored``)."""
+    return {**point.fields(), "score": NOT_SCORED, "not_scored": reason,
+            **accuracy_fields("meta_test_accuracy", accuracy)}
+
+
+NOT_SCORED = "not-scored"
 
 
 def log_line(point: Point, lines: list[dict], clock: float) -> str:

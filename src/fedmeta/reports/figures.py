@@ -188,6 +188,7 @@ def tradeoff_figure(table: Table, datasets: dict[str, str | None], experiment: s
         if where["scale"] not in curve or rank > curve[where["scale"]][2]:
             curve[where["scale"]] = (accuracy, cell, rank)
     defended = [k for k in points if k[3] != UNDEFENDED]
+    seeds = max((len(cell.values) for curve in points.values() for _, cell, _ in curve.values()), default=0)
     if not defended:
         return None
     metrics = [m for m in TRADEOFF_METRICS if any(k[0] == m for k in defended)]
@@ -213,9 +214,9 @@ def tradeoff_figure(table: Table, datasets: dict[str, str | None], experiment: s
                 start = points.get((metric, attack, dataset, UNDEFENDED), {})
                 if defense == UNDEFENDED:  # drawn once, in black; each defense's curve starts from it
                     _tradeoff_points(ax, curve, "black", metric, f"undefended, {dataset}" if len(styles) > 1
-                                     else "undefended", marker=markers.get(dataset, "s"))
+                                     else "undefended", marker=markers.get(dataset, "s"), seeds=seeds)
                 else:
-                    _tradeoff_points(ax, curve, colours[defense], metric, None)
+                    _tradeoff_points(ax, curve, colours[defense], metric, None, seeds=seeds)
                     xy = [_tradeoff_xy(*cells, metric) for _, cells in sorted({**start, **curve}.items())]
                     ax.plot(*zip(*xy, strict=True), color=colours[defense], ls=styles[dataset], lw=1.2,
                             label=f"{defense}, {dataset}" if len(styles) > 1 else defense)
@@ -245,8 +246,9 @@ def _mean(cell: Any) -> float:
 
 
 def _tradeoff_points(ax: Any, curve: dict[float, tuple[Any, Any, Any]], colour: str, metric: str, label: str | None,
-                     marker: str = "o") -> None:
-    """Each point with its intervals on both axes, annotated with its noise scale."""
+                     marker: str = "o", seeds: int = 0) -> None:
+    """Each point with its intervals on both axes, annotated with its noise scale, and with its
+    count of seeds where it has fewer than ``seeds`` (a seed whose point was not scored)."""
     scale = 1 if metric.endswith("_auc") else 100
     for noise, (accuracy, cell, _) in sorted(curve.items()):
         x = interval([accuracy.values[s] for s in sorted(accuracy.values)])
@@ -254,8 +256,9 @@ def _tradeoff_points(ax: Any, curve: dict[float, tuple[Any, Any, Any]], colour: 
         ax.errorbar(100 * x.mean, scale * y.mean, xerr=100 * (x.half or 0.0), yerr=scale * (y.half or 0.0),
                     fmt=marker, ms=3, color=colour, capsize=2, lw=0.8, label=label)
         label = None
-        if noise:
-            ax.annotate(f"{noise:g}", (100 * x.mean, scale * y.mean), fontsize=6, color=colour, xytext=(3, 3),
+        fewer = f" ({y.n} seed{'s' * (y.n > 1)})" if y.n < seeds else ""
+        if noise or fewer:
+            ax.annotate(f"{noise:g}{fewer}", (100 * x.mean, scale * y.mean), fontsize=6, color=colour, xytext=(3, 3),
                         textcoords="offset points")
 
 
