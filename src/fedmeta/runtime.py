@@ -98,8 +98,8 @@ def synchronized_time(device: torch.device) -> float:
 
 
 class Diverged(RuntimeError):
-    """Training produced a non-finite loss or weights, or an attack non-finite scores: the run stops
-    with the cause named, instead of finishing at chance or failing later without it."""
+    """Training produced a non-finite loss or weights, or an attack produced non-finite scores: the
+    run stops with the cause named, instead of finishing at chance or failing later without it."""
 
 
 def check_finite(params: dict[str, torch.Tensor], where: str) -> None:

@@ -176,21 +176,11 @@ def tradeoff_figure(table: Table, datasets: dict[str, str | None], experiment: s
     from fedmeta.plots import DEFENSE_COLORS
     from fedmeta.reports import position_text
 
-    points: dict[tuple, dict[float, tuple[Any, Any]]] = {}  # (metric, attack, dataset, defense) -> scale -> cells
-    for (exp, group, position, metric), cell in table.items():
-        where = dict(position)
-        accuracy = table.get((exp, group, position, "meta_test_accuracy"))
-        if exp != experiment or metric not in TRADEOFF_METRICS or "scale" not in where or accuracy is None:
-            continue
-        attack = tuple(pair for pair in position if pair[0] not in ("stage", "defense", "scale"))
-        curve = points.setdefault((metric, attack, datasets.get(group), where["defense"]), {})
-        rank = (len(cell.values), max(cell.episodes, default=0))
-        if where["scale"] not in curve or rank > curve[where["scale"]][2]:
-            curve[where["scale"]] = (accuracy, cell, rank)
+    points = _tradeoff_points_of(table, datasets, experiment)
     defended = [k for k in points if k[3] != UNDEFENDED]
-    seeds = max((len(cell.values) for curve in points.values() for _, cell, _ in curve.values()), default=0)
     if not defended:
         return None
+    seeds = max(len(cell.values) for curve in points.values() for _, cell, _ in curve.values())
     metrics = [m for m in TRADEOFF_METRICS if any(k[0] == m for k in defended)]
     attacks = list(dict.fromkeys(k[1] for k in defended))
     shared = tuple(pair for pair in attacks[0] if all(pair in a for a in attacks))
@@ -220,20 +210,46 @@ def tradeoff_figure(table: Table, datasets: dict[str, str | None], experiment: s
                     xy = [_tradeoff_xy(*cells, metric) for _, cells in sorted({**start, **curve}.items())]
                     ax.plot(*zip(*xy, strict=True), color=colours[defense], ls=styles[dataset], lw=1.2,
                             label=f"{defense}, {dataset}" if len(styles) > 1 else defense)
-            own = position_text(tuple(p for p in attack if p not in shared)) or position_text(attack)
-            ax.set_title(textwrap.fill(own, 48), fontsize=8)
-            ax.set_xlabel("meta-test accuracy (%)", fontsize=8)
-            ax.set_ylabel(metric.replace("_", " ") + ("" if metric.endswith("_auc") else " (%)"), fontsize=8)
-            if metric.endswith("_auc"):
-                ax.axhline(0.5, color="gray", lw=0.8)
-            else:  # a rate's t-interval over few seeds may pass 0; the rate cannot
-                ax.set_ylim(bottom=0)
-            ax.grid(alpha=0.3)
+            _tradeoff_axes(ax, metric, position_text(tuple(p for p in attack if p not in shared))
+                           or position_text(attack))
     legend = {label: handle for ax in grid.flat for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
     fig.legend(legend.values(), legend.keys(), fontsize=7, ncol=min(len(legend), 5), loc="upper center",
                bbox_to_anchor=(0.5, 0.0))  # one legend, below the panels: in a panel it covered points
     shared_text = position_text(shared)
     return _save(fig, out, f"{title}: attack against utility per defense" + (f" ({shared_text})" * bool(shared_text)))
+
+
+def _tradeoff_axes(ax: Any, metric: str, title: str) -> None:
+    ax.set_title(textwrap.fill(title, 48), fontsize=8)
+    ax.set_xlabel("meta-test accuracy (%)", fontsize=8)
+    ax.set_ylabel(metric.replace("_", " ") + ("" if metric.endswith("_auc") else " (%)"), fontsize=8)
+    if metric.endswith("_auc"):
+        ax.axhline(0.5, color="gray", lw=0.8)
+    else:  # a rate's t-interval over few seeds may pass 0; the rate cannot
+        ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+
+
+TradeoffPoint = tuple[Any, Any, tuple[int, int]]
+"""A point's meta-test accuracy cell, attack metric cell and rank (seeds, trials)."""
+
+
+def _tradeoff_points_of(table: Table, datasets: dict[str, str | None],
+                        experiment: str) -> dict[tuple, dict[float, TradeoffPoint]]:
+    """(metric, attack, dataset, defense) -> noise scale -> point, across settings (see
+    ``tradeoff_figure``): where two give one point, the one with more seeds, then more trials."""
+    points: dict[tuple, dict[float, TradeoffPoint]] = {}
+    for (exp, group, position, metric), cell in table.items():
+        where = dict(position)
+        accuracy = table.get((exp, group, position, "meta_test_accuracy"))
+        if exp != experiment or metric not in TRADEOFF_METRICS or "scale" not in where or accuracy is None:
+            continue
+        attack = tuple(pair for pair in position if pair[0] not in ("stage", "defense", "scale"))
+        curve = points.setdefault((metric, attack, datasets.get(group), where["defense"]), {})
+        rank = (len(cell.values), max(cell.episodes, default=0))
+        if where["scale"] not in curve or rank > curve[where["scale"]][2]:
+            curve[where["scale"]] = (accuracy, cell, rank)
+    return points
 
 
 def _tradeoff_xy(accuracy: Any, cell: Any, _rank: Any, metric: str) -> tuple[float, float]:
@@ -245,7 +261,7 @@ def _mean(cell: Any) -> float:
     return interval([cell.values[s] for s in sorted(cell.values)]).mean
 
 
-def _tradeoff_points(ax: Any, curve: dict[float, tuple[Any, Any, Any]], colour: str, metric: str, label: str | None,
+def _tradeoff_points(ax: Any, curve: dict[float, TradeoffPoint], colour: str, metric: str, label: str | None,
                      marker: str = "o", seeds: int = 0) -> None:
     """Each point with its intervals on both axes, annotated with its noise scale, and with its
     count of seeds where it has fewer than ``seeds`` (a seed whose point was not scored)."""
