@@ -86,6 +86,19 @@ def test_sweep_keep_copies_each_finished_cell_without_weights(tmp_path, omniglot
     assert (tmp_path / "again" / "seed=0" / "metrics.jsonl").read_bytes() == (cell / "metrics.jsonl").read_bytes()
 
 
+def test_a_cell_that_wrote_its_summary_and_then_failed_is_kept(tmp_path, monkeypatch, omniglot):
+    """A run that writes its summary and then exits with an error (a membership point not scored)
+    holds numbers a report reads: ``--keep`` hears of it like a finished cell, and the sweep lists
+    it as failed."""
+    from fedmeta import experiments
+
+    monkeypatch.setattr(experiments, "get", lambda name: lambda cfg, out, engine: {"not_scored": {"point": "why"}})
+    told = []
+    result = run_sweep(_plan(grid=(), seeds=1), tmp_path / "sweep", InProcess(), finished=told.append)
+    (name,) = result.failed
+    assert "1 point(s) not scored" in result.failed[name] and told == [name]
+
+
 def test_a_failing_cell_is_reported_and_the_others_go_on(tmp_path, omniglot):
     sweep = _plan(seeds=1)
     blocked = tmp_path / "sweep" / sweep.cells[0].name

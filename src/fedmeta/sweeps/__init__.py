@@ -51,7 +51,9 @@ class Result:
 def run_sweep(sweep: Plan, out: Path, executor: Executor, echo: Callable[[str], Any] = tqdm.write,
               finished: Callable[[str], Any] | None = None) -> Result:
     """Run every unfinished cell of ``sweep`` into ``out`` on ``executor``; ``finished`` is called
-    with each cell's name as soon as it finishes (``fedmeta sweep --keep``: copy it somewhere safe)."""
+    with each cell's name as soon as it finishes (``fedmeta sweep --keep``: copy it somewhere safe),
+    also when it wrote its summary and then failed (a membership point not scored, a phase that
+    applied no update): a report reads such a cell, and a rerun skips it as finished."""
     out = out.resolve()
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder")
@@ -67,7 +69,7 @@ def run_sweep(sweep: Plan, out: Path, executor: Executor, echo: Callable[[str], 
         for outcome in _progress(executor.run([_task(out, c, sweep, executor) for c in todo]), len(todo), executor):
             _record(out, state, outcome, result)
             echo(_line(outcome, len(result.done) + len(result.failed), len(todo)))
-            if finished is not None and outcome.error is None:
+            if finished is not None and (outcome.error is None or (out / outcome.name / RunDir.SUMMARY).is_file()):
                 finished(outcome.name)
         return result
     finally:
