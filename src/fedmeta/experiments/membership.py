@@ -635,8 +635,11 @@ NOT_SCORED = "not-scored"
 
 
 def log_line(point: Point, lines: list[dict], clock: float) -> str:
-    """``[point] target/non-member: AUC per score | meta-test accuracy | elapsed``."""
+    """``[point] target/non-member: AUC per score | meta-test accuracy | elapsed``, or ``[point]
+    not scored: why`` (``not_scored``)."""
     where = " ".join(f"{k} {v}" for k, v in point.fields().items())
+    if "not_scored" in lines[0]:
+        return f"[{where}] not scored: {lines[0]['not_scored']}"
     groups: dict[str, list[str]] = {}
     for r in lines:
         groups.setdefault(f"{r['target']}/{r['nonmember']}", []).append(f"{r['score']} {r['attack_auc']:.2f}")
@@ -689,14 +692,13 @@ def run(cfg: Config, out: RunDir, engine: Any = None) -> dict[str, Any]:
             result = attack(ctx, point, params, trials, iterations, keep, journal)
         except runtime.Diverged as err:  # the point's model and accuracy stand; its attack has no scores
             lines = [not_scored(point, accuracy, str(err))]
-            tqdm.write(f"[{' '.join(f'{k} {v}' for k, v in point.fields().items())}] not scored: {err}")
         else:
             if result.images:
                 out.save_weights({k: torch.stack(v) for k, v in result.images.items()}, RECONSTRUCTIONS)
             lines = records(point, result, accuracy, cfg, iterations)
-            tqdm.write(log_line(point, lines, session.clock))
         for line in lines:
             session.log(line, quiet=True)
+        tqdm.write(log_line(point, lines, session.clock))
         session.checkpoint({f"clean.{k}": v for k, v in clean.items()}, step=index + 1,
                            accuracy=[clean_accuracy.mean, clean_accuracy.ci95, clean_accuracy.episodes])
         journal.unlink(missing_ok=True)  # the point is logged and checkpointed
@@ -715,6 +717,7 @@ def _summary(lines: list[dict], clean: Accuracy, classifier_accuracy: float | No
     every score is in ``metrics.jsonl``."""
     points: dict[str, dict[str, Any]] = {}
     scored = [r for r in lines if "not_scored" not in r]
+    unscored = {_point_name(r): r["not_scored"] for r in lines if "not_scored" in r}
     nonmember = scored[0]["nonmember"] if scored else None
     for r in (r for r in scored if r["nonmember"] == nonmember):
         name = _point_name(r)
@@ -730,8 +733,7 @@ def _summary(lines: list[dict], clean: Accuracy, classifier_accuracy: float | No
         **accuracy_fields("meta_test_accuracy", clean),
         "classifier_accuracy": classifier_accuracy,
         "points": points,
-        **({"not_scored": not_scored} if (not_scored := {_point_name(r): r["not_scored"] for r in lines
-                                                         if "not_scored" in r}) else {}),
+        **({"not_scored": unscored} if unscored else {}),
     }
 
 

@@ -39,8 +39,9 @@ from fedmeta.reports.collect import (
     labels,
     table_lines,
     tabulate,
+    within,
 )
-from fedmeta.reports.stats import CONFIDENCE, Interval, interval, paired
+from fedmeta.reports.stats import CONFIDENCE, Interval, paired
 
 __all__ = ["ReportError", "default_out", "write_report"]
 
@@ -60,8 +61,7 @@ def write_report(folders: list[Path], out: Path, where: dict[str, list[str]] | N
     of its values: a figure of the few scores or cases a page discusses."""
     runs, unfinished = find_runs(folders)
     if where:
-        runs = [replace(r, records=[rec for rec in r.records if all(str(rec.get(k)) in v for k, v in where.items())])
-                for r in runs]
+        runs = [replace(r, records=[rec for rec in r.records if within(rec, where)]) for r in runs]
         if not any(r.records for r in runs):
             raise ReportError("no line matches --where " + " ".join(k + "=" + ",".join(v) for k, v in where.items()))
     names = labels(runs)
@@ -212,7 +212,7 @@ def table_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
         if exp == experiment:
             row = rows.setdefault((group, position), {"n": set(), "episodes": set()})
             row[metric] = capped_text(metric, cell) or _cell_text(
-                metric, interval([cell.values[s] for s in sorted(cell.values)]))
+                metric, cell.interval())
             row["n"].add(len(cell.values))
             row["episodes"] |= cell.episodes
     positions = [position for _, position in rows]
@@ -244,7 +244,7 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
         if exp == experiment and column in where:
             values.setdefault(where[column])
             rest = tuple(pair for pair in position if pair[0] != column)
-            ci = interval([cell.values[s] for s in sorted(cell.values)])
+            ci = cell.interval()
             key = (group, rest, metric)
             rows.setdefault(key, {})[where[column]] = capped_text(metric, cell) or _pivot_cell(metric, ci)
             means.setdefault(key, {})[where[column]] = ci.mean
@@ -326,7 +326,7 @@ def _csv(path: Path, table: Table, names: dict[str, dict[str, Any]]) -> Path:
         writer.writerow(head)
         for (experiment, group, position, metric), cell in sorted(
                 table.items(), key=lambda item: (item[0][0], order.index(item[0][1]), json.dumps(item[0][2:]))):
-            ci = interval([cell.values[s] for s in sorted(cell.values)])
+            ci = cell.interval()
             numbers = _numbers(replace(ci, half=None) if metric in CAPPED else ci)  # capped: a lower bound, no interval
             where = dict(position)
             values = capped_text(metric, cell, " ") or " ".join(f"{cell.values[s]:.6g}" for s in sorted(cell.values))

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.config import ConfigError, validate
+from fedmeta.reports.stats import Interval, interval
 from fedmeta.runs import RunDir, flat_keys, in_use, matches
 from fedmeta.storage import atomic_write
 
@@ -61,6 +62,10 @@ class Cell:
     episodes: set[int] = field(default_factory=set)
     cap: dict[int, float] = field(default_factory=dict)
     """Per seed, the largest value a ``CAPPED`` count could take (empty for other metrics)."""
+
+    def interval(self) -> Interval:
+        """The mean over seeds and its 95% t-interval (values in seed order)."""
+        return interval([self.values[s] for s in sorted(self.values)])
 
 
 CAPPED = {"rounds_survived": "rounds_followed"}
@@ -165,6 +170,12 @@ def position(record: dict[str, Any]) -> Position:
 def metrics(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in record.items()
             if k.endswith(METRIC_SUFFIXES) and isinstance(v, float | int) and not isinstance(v, bool)}
+
+
+def within(fields: dict[str, Any], where: dict[str, list[str]]) -> bool:
+    """Whether a line (or a position as a dict) has every key of ``where`` at one of its values
+    (compared as text: ``--where round=1``)."""
+    return all(k in fields and str(fields[k]) in values for k, values in where.items())
 
 
 def series(pos: Position) -> Position:

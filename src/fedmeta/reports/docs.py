@@ -46,7 +46,18 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from fedmeta.reports.collect import AXES, CAPPED, Cell, ReportError, Table, find_runs, labels, table_lines, tabulate
+from fedmeta.reports.collect import (
+    AXES,
+    CAPPED,
+    Cell,
+    ReportError,
+    Table,
+    find_runs,
+    labels,
+    table_lines,
+    tabulate,
+    within,
+)
 
 MARKER = re.compile(r"^<!-- fedmeta report (?P<args>.+?) -->\n(?P<table>.*?)^<!-- end -->$", re.MULTILINE | re.DOTALL)
 
@@ -231,11 +242,8 @@ def _seed_means(parts: list[dict[int, float]]) -> dict[int, float]:
 
 def _select(table: Table, query: TableQuery) -> Table:
     """The cells of ``table`` at positions ``query.where`` allows, for its metrics (in its order)."""
-    def wanted(position: tuple) -> bool:
-        where = dict(position)
-        return all(k in where and str(where[k]) in values for k, values in query.where.items())
-
-    cells = {k: v for k, v in table.items() if wanted(k[2]) and (query.metrics is None or k[3] in query.metrics)}
+    cells = {k: v for k, v in table.items()
+             if within(dict(k[2]), query.where) and (query.metrics is None or k[3] in query.metrics)}
     order = query.metrics or []
     return dict(sorted(cells.items(), key=lambda item: order.index(item[0][3]))) if order else cells
 

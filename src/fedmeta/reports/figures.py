@@ -12,8 +12,7 @@ from typing import Any
 from matplotlib.ticker import MaxNLocator
 
 from fedmeta.plots import ATTACK_ROUNDS, FINE_TUNING, ROUND_LABEL, STEP_LABEL, plt
-from fedmeta.reports.collect import AXES, CAPPED, Table, capped_text, series
-from fedmeta.reports.stats import interval
+from fedmeta.reports.collect import AXES, CAPPED, Cell, Table, capped_text, series
 
 
 def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path,
@@ -63,7 +62,7 @@ def _axis(position: tuple) -> float:
 def _band(ax: Any, points: list, colour: str, label: str, unadapted_start: bool) -> None:
     """The mean over seeds and its 95% band; with ``unadapted_start``, a point at x = 0 is drawn
     apart, as a marker with its interval."""
-    cis = [interval([c.values[s] for s in sorted(c.values)]) for _, c in points]
+    cis = [c.interval() for _, c in points]
     seeds = min(ci.n for ci in cis)
     if unadapted_start and points[0][0] == 0:
         ax.errorbar(0, cis[0].mean, yerr=cis[0].half, color=colour, marker="o", ms=3, capsize=2)
@@ -98,7 +97,7 @@ def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str
             shift = (colour - (len(groups) - 1) / 2) * 0.8 / max(1, len(groups))
             for x, position in enumerate(positions):
                 if (cell := table.get((experiment, group, position, metric))) is not None:
-                    ci = interval([cell.values[s] for s in sorted(cell.values)])
+                    ci = cell.interval()
                     ax.errorbar(x + shift, ci.mean, yerr=ci.half or 0.0, fmt="o", color=f"C{colour}", capsize=3,
                                 label=label_text(names[group]) if x == 0 else None)
         ax.set_xticks(range(len(positions)), [position_text(p) for p in positions], fontsize=7, rotation=30, ha="right")
@@ -135,7 +134,7 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     fig, axes = plt.subplots(len(metrics), 1, figsize=(width, (0.5 * len(groups) + 2.2) * len(metrics)), squeeze=False)
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         found = {(k[1], dict(k[2])["defense"]): k for k in keys if k[3] == metric}
-        cells = {gd: interval([table[k].values[s] for s in sorted(table[k].values)]) for gd, k in found.items()}
+        cells = {gd: table[k].interval() for gd, k in found.items()}
         percent = metric.endswith("accuracy")
         scale = 100 if percent else 1
         top = 100 if percent else max(1.0, max(ci.mean for ci in cells.values()))
@@ -230,7 +229,7 @@ def _tradeoff_axes(ax: Any, metric: str, title: str) -> None:
     ax.grid(alpha=0.3)
 
 
-TradeoffPoint = tuple[Any, Any, tuple[int, int]]
+TradeoffPoint = tuple[Cell, Cell, tuple[int, int]]
 """A point's meta-test accuracy cell, attack metric cell and rank (seeds, trials)."""
 
 
@@ -252,13 +251,9 @@ def _tradeoff_points_of(table: Table, datasets: dict[str, str | None],
     return points
 
 
-def _tradeoff_xy(accuracy: Any, cell: Any, _rank: Any, metric: str) -> tuple[float, float]:
+def _tradeoff_xy(accuracy: Cell, cell: Cell, _rank: Any, metric: str) -> tuple[float, float]:
     """A point's means: meta-test accuracy and the attack metric (a rate in %, an AUC as it is)."""
-    return 100 * _mean(accuracy), (1 if metric.endswith("_auc") else 100) * _mean(cell)
-
-
-def _mean(cell: Any) -> float:
-    return interval([cell.values[s] for s in sorted(cell.values)]).mean
+    return 100 * accuracy.interval().mean, (1 if metric.endswith("_auc") else 100) * cell.interval().mean
 
 
 def _tradeoff_points(ax: Any, curve: dict[float, TradeoffPoint], colour: str, metric: str, label: str | None,
@@ -267,8 +262,8 @@ def _tradeoff_points(ax: Any, curve: dict[float, TradeoffPoint], colour: str, me
     count of seeds where it has fewer than ``seeds`` (a seed whose point was not scored)."""
     scale = 1 if metric.endswith("_auc") else 100
     for noise, (accuracy, cell, _) in sorted(curve.items()):
-        x = interval([accuracy.values[s] for s in sorted(accuracy.values)])
-        y = interval([cell.values[s] for s in sorted(cell.values)])
+        x = accuracy.interval()
+        y = cell.interval()
         ax.errorbar(100 * x.mean, scale * y.mean, xerr=100 * (x.half or 0.0), yerr=scale * (y.half or 0.0),
                     fmt=marker, ms=3, color=colour, capsize=2, lw=0.8, label=label)
         label = None
