@@ -68,6 +68,8 @@ def test_impossible_attackers_and_keys_of_other_experiments_are_refused():
         load_config("omniglot-exp1a-quick", ["attack.attackers=[{user=0}, {user=1}, {user=2}, {user=3}]"])
     with pytest.raises(ConfigError, match="per_round = 3 is more than the 2 benign users"):
         load_config("omniglot-exp1a-quick", ["attack.attackers=[{user=0}, {user=1}]"])
+    with pytest.raises(ConfigError, match=r"strategy 'dba' splits the trigger .* at least 2 \(got user 0 alone\)"):
+        load_config("omniglot-fleet-quick", ["attack.attackers=[{user=0, strategy='dba'}, {user=1}]"])
     with pytest.raises(ConfigError, match=r"robust: unknown key; allowed here: experiment, description"):
         load_config("omniglot-exp1a-quick", ["robust.epsilon=4"])
     with pytest.raises(ConfigError, match=r"meta.inner_lr: Input should be a finite number"):

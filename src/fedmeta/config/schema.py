@@ -203,8 +203,15 @@ class Backdoor(Federated):
             raise ValueError(f"attack.attackers: more attackers than federation.per_round = {fed.per_round} in rounds "
                              f"{sorted(crowded)}")
         for name in dict.fromkeys(a.strategy for a in self.attack.attackers):  # a strategy's own refusals
-            if check := ATTACKS.get(name).info.get("check"):  # (registered ``check=``)
+            info = ATTACKS.get(name).info
+            if check := info.get("check"):  # (registered ``check=``)
                 check(self.attack_options(name), fed.per_round, len(users))
+            splitting = [a.user for a in self.attack.attackers if a.strategy == name]
+            if info.get("split_trigger") and len(splitting) < 2:
+                # one part of a trigger split in one is the whole trigger: a centralised attack, not DBA
+                raise ValueError(f"attack.attackers: strategy '{name}' splits the trigger among the users that run "
+                                 f"it and needs at least 2 (got user {splitting[0]} alone); for one attacker with "
+                                 "the whole trigger use strategy 'boosted'")
         return self
 
     @model_validator(mode="after")
