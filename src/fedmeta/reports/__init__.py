@@ -79,8 +79,8 @@ def write_report(folders: list[Path], out: Path, where: dict[str, list[str]] | N
         of = [r for r in runs if r.experiment == experiment]
         title = experiment_title(experiment, [r.dataset for r in of], [r.seed for r in of])
         written += [p for p in (curve_figure(curves, names, experiment, out / f"curves-{experiment}.png", title),
-                                table_figure(table, names, experiment, out / f"table-{experiment}.png"),
-                                heatmap_figure(table, names, experiment, out / f"heatmap-{experiment}.png"),
+                                table_figure(table, names, experiment, out / f"table-{experiment}.png", title),
+                                heatmap_figure(table, names, experiment, out / f"heatmap-{experiment}.png", title),
                                 tradeoff_figure(table, datasets, experiment, out / f"tradeoff-{experiment}.png",
                                                 title)) if p]
     return written

@@ -74,9 +74,11 @@ def _band(ax: Any, points: list, colour: str, label: str, unadapted_start: bool)
                         color=colour, alpha=0.2, lw=0)
 
 
-def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
+def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path,
+                 title: str) -> Path | None:
     """One panel per metric: each table position on the x axis, a point and error bar per setting
-    (not for a ``CAPPED`` count, which has no interval: the tables and the heatmap give it per seed)."""
+    (not for a ``CAPPED`` count, which has no interval: the tables and the heatmap give it per seed);
+    ``title`` above (the experiment and its dataset)."""
     from fedmeta.reports import group_order, label_text, position_text
 
     keys = [k for k in table if k[0] == experiment and k[3] not in CAPPED]
@@ -103,8 +105,11 @@ def table_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str
         ax.set_xticks(range(len(positions)), [position_text(p) for p in positions], fontsize=7, rotation=30, ha="right")
         ax.set_title(metric.replace("_", " "), fontsize=9)
         ax.grid(alpha=0.3)
+        if metric.endswith("accuracy"):  # an interval over few seeds may pass 0 or 1; an accuracy cannot
+            low, high = ax.get_ylim()
+            ax.set_ylim(max(low, -0.02), min(high, 1.02))
     axes[across - 1].legend(fontsize=7)
-    return _save(fig, out)
+    return _save(fig, out, title)
 
 
 TABLE_FIGURE_WIDTH = 32.0
@@ -114,12 +119,13 @@ comparison in one row made a figure 97 inches wide)."""
 HEATMAP_METRICS = ("attack_val_accuracy", "meta_test_accuracy", "rounds_survived")
 
 
-def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path) -> Path | None:
+def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path,
+                   title: str) -> Path | None:
     """A threat matrix: one row per setting (attack), one column per ``defense``, a panel per metric
     of ``HEATMAP_METRICS`` the lines have; each cell its mean over seeds (± half-width of the 95%
     interval; a ``CAPPED`` count: coloured by its mean, a lower bound, and labelled seed by seed),
     blank where a row has no such metric (a local defense has no rounds survived). A defense the
-    server can run under secure aggregation is marked "(SA)"."""
+    server can run under secure aggregation is marked "(SA)". ``title`` above, as ``table_figure``."""
     from fedmeta.reports import defense_text, group_order, short_label
 
     keys = [k for k in table if k[0] == experiment and "defense" in dict(k[2]) and k[3] in HEATMAP_METRICS]
@@ -153,7 +159,7 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
                 " (benign rounds after the attack) per seed, ≥: outlived every round followed; colour: the mean"
                 if metric in CAPPED else ", mean over seeds ± 95% interval")
         ax.set_title(f"{metric.replace('_', ' ')}{what}; (SA): runs under secure aggregation", fontsize=8)
-    return _save(fig, out)
+    return _save(fig, out, title)
 
 
 TRADEOFF_METRICS = ("attack_auc", "tpr_at_1pct_fpr")
