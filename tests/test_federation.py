@@ -400,3 +400,18 @@ def test_a_revised_strategy_keys_its_cached_rounds_apart_from_the_earlier_code()
         mp.setitem(entry.info, "revision", 1)
         assert key("replacement") != revised
         assert key("boosted") == boosted
+
+
+def test_a_revised_rule_keys_its_cached_clean_rows_apart_from_the_earlier_code():
+    """``foolsgold`` registered ``revision=2`` (its step no longer renormalised): a clean row of the
+    earlier code is not read as this one's; rules never revised keep their keys."""
+    from fedmeta.registry import RULES
+    from fedmeta.scenario.cache import _clean_parts, _digest
+
+    cfg = load_config("omniglot-compare-quick", [])
+    entry = RULES.get("foolsgold")
+    revised, median = (_digest(_clean_parts(cfg, "a", rule)) for rule in ("foolsgold", "median"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(entry.info, "revision", 1)
+        assert _digest(_clean_parts(cfg, "a", "foolsgold")) != revised
+        assert _digest(_clean_parts(cfg, "a", "median")) == median

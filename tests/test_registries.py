@@ -99,7 +99,8 @@ def test_foolsgold_weights_sybils_zero_and_distinct_users_one():
     rule = FoolsGold()
     updates = torch.cat([distinct, sybil, sybil])
     out = rule(updates, torch.full((4,), 0.25), torch.Generator(), users=[0, 1, 2, 3])
-    assert torch.allclose(out, distinct.mean(0))  # the sybils are out, the others equally weighted
+    # the sybils' weight is 0 and the others' 1: their shares of the round (a quarter each), not rescaled (Alg. 1)
+    assert torch.allclose(out, 0.25 * distinct.sum(0))
     state = rule.state_dict()
     again = FoolsGold()
     again.load_state_dict(state)

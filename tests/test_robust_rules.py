@@ -367,19 +367,19 @@ def test_the_server_hands_the_layer_shapes_to_foolsgold_on_the_output_layer():
     """Users 0 and 1 send the same output-layer weights and different trunks (whole updates at
     cosine 0.35), users 2 and 3 orthogonal ones. On whole updates every FoolsGold weight logits
     to 1 (a plain mean); on the output layer (``head.weight``: the last matrix, the bias left
-    out) the pair are sybils at cosine 1 and weigh 0."""
+    out) the pair are sybils at cosine 1 and weigh 0, the other two keep their quarter each."""
     head = [[1.0, 1.0], [0.0, 0.0]]
     sent = [{"trunk": [1.0, 0, 0], "head.weight": head, "head.bias": [0.0, 0]},
             {"trunk": [0.0, 0, 3], "head.weight": head, "head.bias": [0.0, 0]},
             {"trunk": [0.0, 1, 0], "head.weight": [[0.0, 0], [1, 0]], "head.bias": [0.0, 0]},
             {"trunk": [0.0, 0, 0], "head.weight": [[0.0, 0], [0, 1]], "head.bias": [1.0, 0]}]
     params = {"trunk": torch.zeros(3), "head.weight": torch.zeros(2, 2), "head.bias": torch.zeros(2)}
-    for features, mean_of in (("all", [0, 1, 2, 3]), ("head", [2, 3])):
+    for features, kept in (("all", [0, 1, 2, 3]), ("head", [2, 3])):
         rule = make_rule("foolsgold", {"features": features})
         server = Server({u: Sends(u, d) for u, d in enumerate(sent)}, Schedule(4, 4, 0), rule, 4)
         new, _ = server.round(params, RoundSettings(1))
         for k in params:
-            torch.testing.assert_close(new[k], torch.stack([torch.tensor(sent[u][k]) for u in mean_of]).mean(0))
+            torch.testing.assert_close(new[k], torch.stack([torch.tensor(sent[u][k]) for u in kept]).sum(0) / 4)
     assert rule.history[0].shape == (4,)  # a history of the output layer's weights only
     with pytest.raises(ValueError, match="needs the layer shapes"):
         rule(torch.zeros(2, 9), torch.full((2,), 0.5), GEN(), users=[0, 1])

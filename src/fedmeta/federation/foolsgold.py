@@ -13,9 +13,13 @@ confidence kappa = 1):
 3. ``w[i] = 1 - max_j cs[i, j]``, clipped to [0, 1], divided by its maximum, 1 replaced by 0.99;
 4. logit: ``w = ln(w / (1 - w)) + 0.5``, clipped to [0, 1].
 
-The update applied is the mean of the updates weighted by ``w_i * alpha_i`` (renormalised; the
-reference applies ``sum_i w_i delta_i`` to gradients with a learning rate, which has no
-counterpart for model deltas). If every weight is 0 the model is left unchanged.
+The update applied is ``sum_i w_i alpha_i delta_i``, not renormalised: the paper's Algorithm 1
+(``sum_i alpha_i Delta_i`` with its weights alpha) and the reference's ``aggregate_gradients``
+(``sum_c wv[c] grad_c / n``, a step a learning rate then scales, as the server applies a model
+delta). With every weight 1 it is FedAvg; sybils at weight 0 take their share of the step with them,
+and a round whose users all look alike takes a short step, FoolsGold's damping. (Until 2026-12-07
+fedmeta divided by ``sum_i w_i alpha_i``, a full-length step whatever the weights; revision 2 of
+the rule.) If every weight is 0 the model is left unchanged.
 
 What a history holds (``features``): by default the whole update; ``"head"`` keeps only the
 output layer's weight matrix (the last parameter of two or more dimensions, bias excluded), as the
@@ -74,7 +78,7 @@ def foolsgold_weights(histories: Tensor) -> Tensor:
     return torch.where(w > 1, torch.ones_like(w), w).clamp_min(0)
 
 
-@RULES.register("foolsgold", options=FoolsGoldOptions)
+@RULES.register("foolsgold", options=FoolsGoldOptions, revision=2)  # 2: the step is no longer renormalised
 class FoolsGold:
     """FoolsGold (Fung et al., 2020): per-user update histories; sybils that look alike get weight 0."""
 
@@ -96,10 +100,7 @@ class FoolsGold:
             self.history[user] = self.history[user] + row if user in self.history else row.clone()
         if len(users) == 1:
             return updates[0]
-        w = foolsgold_weights(torch.stack([self.history[u] for u in users])) * weights
-        if float(w.sum()) == 0.0:
-            return torch.zeros_like(updates[0])
-        return (w / w.sum()) @ updates
+        return (foolsgold_weights(torch.stack([self.history[u] for u in users])) * weights) @ updates
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"history.{user}": h for user, h in self.history.items()}

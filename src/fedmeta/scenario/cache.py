@@ -41,7 +41,7 @@ from fedmeta.federation.server import Server
 from fedmeta.federation.updates import ClientUpdate
 from fedmeta.meta.evaluation import Accuracy, t95
 from fedmeta.models.conv4 import Params
-from fedmeta.registry import ATTACKS
+from fedmeta.registry import ATTACKS, RULES
 from fedmeta.runs import RunDir, RunError, Session
 from fedmeta.scenario.builder import Phase, Population, build_server
 from fedmeta.storage import cached, intact, read_tensors, write_tensors
@@ -105,7 +105,7 @@ def pretrain_key(cfg: Backdoor, case: str) -> str:
         "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": _model_key(cfg),
         "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
         "federation": _federation(fed, {"rounds", "episodes", "eval_every", "secure_aggregation", "reply_timeout"}),
-        "rule": cfg.rule_options(fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
+        "rule": _rule_key(cfg, fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
         "benign_holds_backdoor_classes": case != "a", "version": VERSION,
     }
     if fed.secure_aggregation and fed.min_updates < fed.per_round:  # only then another model; older keys hold
@@ -199,7 +199,7 @@ def attack_round_key(cfg: Backdoor, case: str, settings: RoundSettings, pretrain
     if first:
         rule = rule_seen(attack.attackers, fed.rule, cfg.rule_options(fed.rule)) if attack.enabled else None
     else:
-        rule = cfg.rule_options(fed.rule)
+        rule = _rule_key(cfg, fed.rule)
     own = {"attack": {"enabled": False}, "attacks": {}}
     if attack.enabled:
         default_way = {"target_way": True} if attack.target_way == "random" else {}  # older keys hold
@@ -217,8 +217,18 @@ def _strategy_key(cfg: Backdoor, strategy: str) -> dict:
     """A strategy's settings and, once its algorithm changed (``revision`` in its registration,
     e.g. ``replacement``'s per-step projection), the revision, so that a cached round of the
     earlier code is not read as this one's; revision 1 stays out (older keys hold)."""
-    revision = ATTACKS.get(strategy).info.get("revision", 1)
-    return {**cfg.attack_options(strategy), **({"revision": revision} if revision > 1 else {})}
+    return {**cfg.attack_options(strategy), **_revision(ATTACKS.get(strategy).info)}
+
+
+def _rule_key(cfg: Backdoor, rule: str) -> dict:
+    """A rule's settings and its revision, as ``_strategy_key`` (e.g. ``foolsgold``'s step, no
+    longer renormalised)."""
+    return {**cfg.rule_options(rule), **_revision(RULES.get(rule).info)}
+
+
+def _revision(info: dict) -> dict:
+    revision = info.get("revision", 1)
+    return {"revision": revision} if revision > 1 else {}
 
 
 def without_attack(cfg: Backdoor) -> Backdoor:
@@ -259,7 +269,7 @@ def _clean_parts(cfg: Backdoor, case: str, rule: str) -> dict:
     return {**rounds, "round": attack_round_key(without_attack(cfg), case, RoundSettings(1, "main")), "rule": rule,
             "case": case,
             "case_c_backdoor_ways": cfg.attack.case_c_backdoor_ways,  # the scenario's evaluation episodes
-            "options": cfg.rule_options(rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
+            "options": _rule_key(cfg, rule), "eval": cfg.eval.model_dump(exclude={"workers"}),
             "federation": _federation(cfg.federation, {"rounds", "eval_every", "reply_timeout", "rule",
                                                        "secure_aggregation"}), "version": VERSION}
 
