@@ -131,17 +131,22 @@ def test_clipped_shortens_only_what_is_longer():
 
 
 def test_replacement_against_plain_fedavg_scales_by_n_over_f(clients, start):
-    """Bagdasaryan's gamma = n / eta (eta = 1), shared by the f = 7 colluders: with n = 7 the raw
-    update (gamma = 1), with n = 8 exactly 8/7 of it. FedAvg checks nothing, so by default there is
-    no anomaly term (alpha_unchecked = 1): the raw update is plain poisoned training; with the
-    term kept (alpha_unchecked = alpha), the direction sent against the clip."""
+    """Bagdasaryan's gamma = n / eta (eta = 1), shared by the f = 7 colluders of the round: with
+    n = 7 averaged updates the raw update (gamma = 1), with n = 8 exactly 8/7 of it, and 7 times it
+    when the other six attack in another round (f counts this round's attackers only). FedAvg
+    checks nothing, so by default there is no anomaly term (alpha_unchecked = 1): the raw update is
+    plain poisoned training; with the term kept (alpha_unchecked = alpha), the direction sent
+    against the clip."""
     attacker = clients[1]
 
-    def sent(n: int, **change) -> torch.Tensor:
-        fedavg = replace(attacker, ctx=replace(attacker.ctx, rule="fedavg", per_round=n), **change)
+    def sent(n: int, ctx: dict | None = None, **change) -> torch.Tensor:
+        fedavg = replace(attacker, ctx=replace(attacker.ctx, rule="fedavg", averaged=n, **(ctx or {})), **change)
         return flatten(fedavg.update(start, SETTINGS).delta)
 
     assert torch.allclose(sent(8), sent(7) * 8 / 7, rtol=1e-5, atol=1e-8)
+    later = {u: (1,) if u == attacker.ctx.user else (2,) for u in attacker.ctx.attack_rounds}
+    assert attacker.ctx.attacking(1) == 7 and replace(attacker.ctx, attack_rounds=later).attacking(1) == 1
+    assert torch.allclose(sent(7, {"attack_rounds": later}), sent(7) * 7, rtol=1e-5, atol=1e-7)
     estimated = []  # the benign updates it estimates: none, even for a benign-mean anomaly term, at weight 0
     estimate = type(attacker.ctx).benign_updates
     with pytest.MonkeyPatch.context() as mp:
@@ -159,14 +164,18 @@ def test_replacement_against_plain_fedavg_scales_by_n_over_f(clients, start):
 
 
 def test_replacement_step_descends_the_weighted_loss(clients):
-    """theta + alpha (theta' - theta) - (1 - alpha) eps ((theta - theta_G) - r), by hand."""
+    """theta + alpha (theta' - theta) - (1 - alpha) eps v / ||v||, v = (theta - theta_G) - r: the
+    gradient of Bagdasaryan's plain L2 anomaly term, by hand (v = (0.5, 1), ||v|| = sqrt(1.25));
+    no pull at v = 0."""
     attacker: Replacement = clients[1]
     eps = attacker.training.learner.cfg.meta_lr
     anchor, before, after = {"w": torch.tensor([0.0, 1.0])}, {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 2.0])}
     step = attacker.constrained(anchor, torch.tensor([0.5, 0.0]))(before, after, 0.0)
-    alpha = attacker.alpha
-    expected = torch.tensor([1 + alpha * 2 - (1 - alpha) * eps * 0.5, 2 - (1 - alpha) * eps * 1.0])
+    alpha, length = attacker.alpha, 1.25**0.5
+    expected = torch.tensor([1 + alpha * 2 - (1 - alpha) * eps * 0.5 / length, 2 - (1 - alpha) * eps * 1.0 / length])
     assert torch.allclose(step["w"], expected)
+    at_reference = attacker.constrained(anchor, torch.tensor([1.0, 1.0]))(before, after, 0.0)
+    assert torch.allclose(at_reference["w"], torch.tensor([1 + alpha * 2, 2.0]))
 
 
 def test_projected_stays_in_the_ball(clients, start):
@@ -213,8 +222,12 @@ def test_neurotoxin_ranks_coordinates_by_the_mean_of_its_estimates(clients, star
 
 
 def test_alie_update_stays_within_benign_mean_plus_minus_z_std(clients, start):
+    """The box is the estimates' mean -/+ z times their population std (the authors' np.var ** 0.5)."""
     attacker = clients[4]
     low, high = attacker.bounds(start, SETTINGS)
+    benign = attacker.ctx.benign_updates(start, SETTINGS, attacker.estimates)
+    spread = attacker.z * (benign - benign.mean(dim=0)).pow(2).mean(dim=0).sqrt()
+    torch.testing.assert_close(high - low, 2 * spread)
     free = flatten(attacker.training.update(start, SETTINGS).delta)
     sent = flatten(attacker.update(start, SETTINGS).delta)
     tol = 1e-6 * float(flatten(start).abs().max())  # (theta_G + d) - theta_G rounds d at theta_G's scale

@@ -384,7 +384,7 @@ def test_the_clean_round_is_one_cache_entry_for_every_attack_strategy():
 
 
 def test_a_revised_strategy_keys_its_cached_rounds_apart_from_the_earlier_code():
-    """``replacement`` registered ``revision=2`` (per-step projection): its rounds of the earlier
+    """``replacement`` registered ``revision=3`` (its L2 anomaly term): its rounds of the earlier
     code, keyed without a revision, are not read as this one's; strategies never revised keep their keys."""
     from fedmeta.registry import ATTACKS
     from fedmeta.scenario.cache import attack_round_key
@@ -394,7 +394,7 @@ def test_a_revised_strategy_keys_its_cached_rounds_apart_from_the_earlier_code()
         return attack_round_key(load_config("omniglot-compare-quick", [attackers]), "a", RoundSettings(1))
 
     entry = ATTACKS.get("replacement")
-    assert entry.info["revision"] == 2 and "revision" not in ATTACKS.get("boosted").info
+    assert entry.info["revision"] == 3 and "revision" not in ATTACKS.get("boosted").info
     revised, boosted = key("replacement"), key("boosted")
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(entry.info, "revision", 1)

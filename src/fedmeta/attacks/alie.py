@@ -43,8 +43,10 @@ def z_max(n: int, f: int) -> float:
 class Alie(SteeredAttack):
     """Each round, from the global model theta_G:
 
-    1. mu_j, sigma_j: per-coordinate mean and (unbiased) standard deviation of ``estimates``
-       benign updates from theta_G on the malicious users' own clean classes.
+    1. mu_j, sigma_j: per-coordinate mean and standard deviation of ``estimates`` benign updates
+       from theta_G on the malicious users' own clean classes; the population standard deviation,
+       as the authors' code (``malicious.py``: ``np.var(users_grads, axis=0) ** 0.5``; until
+       2026-12-07 the unbiased one, a box sqrt(k / (k - 1)) wider, 1.15x at k = 4: revision 2).
     2. Train on poisoned episodes; after every outer step project the update theta - theta_G onto
        [mu_j - z sigma_j, mu_j + z sigma_j] in every coordinate j. The update sent lies in that box.
     """
@@ -55,7 +57,7 @@ class Alie(SteeredAttack):
     def bounds(self, global_params: Params, settings: RoundSettings) -> tuple[Tensor, Tensor]:
         """Flat (low, high) = mu -/+ z sigma."""
         benign = self.ctx.benign_updates(global_params, settings, self.estimates)
-        mean, std = benign.mean(dim=0), benign.std(dim=0)
+        mean, std = benign.mean(dim=0), benign.std(dim=0, correction=0)
         return mean - self.z * std, mean + self.z * std
 
     def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
@@ -68,7 +70,7 @@ def check(options: dict, per_round: int, attackers: int) -> None:
         z_max(per_round, min(attackers, per_round))
 
 
-@ATTACKS.register("alie", options=AlieOptions, check=check)
+@ATTACKS.register("alie", options=AlieOptions, check=check, revision=2)  # 2: the population std
 def alie(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, z: float | str) -> Alie:
     """A little is enough (Baruch et al., NeurIPS 2019): the backdoor within the benign mean +/- z std
     per coordinate. For z_max, n = federation.per_round and f = every malicious user (at most n); a

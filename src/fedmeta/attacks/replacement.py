@@ -27,8 +27,8 @@ class ReplacementOptions(BoundOptions):
     """alpha against plain FedAvg, which checks nothing: 1, no anomaly term (both reference
     implementations' default, ``alpha_loss: 1``); the term is there to evade a detector."""
     anomaly: Literal["global", "benign"] = "global"
-    """L_ano = 1/2 ||(theta - theta_G) - r||^2 with r = 0 ("global": distance to the global model)
-    or r = the mean of the estimated benign updates ("benign": distance to a benign-looking update)."""
+    """L_ano = ||(theta - theta_G) - r|| with r = 0 ("global": distance to the global model) or r =
+    the mean of the estimated benign updates ("benign": distance to a benign-looking update)."""
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,22 @@ class Replacement(SteeredAttack):
        meta-learner's outer step is theta' = theta - eps grad L_class (Reptile: eps (phi - theta),
        phi the inner-loop weights; MAML: its outer step), so each outer step becomes
        theta <- theta + alpha (theta' - theta) - (1 - alpha) eps grad L_ano(theta), with
-       grad L_ano = (theta - theta_G) - r and eps the outer step size (``meta.meta_lr``, annealed).
+       L_ano = ||v||, v = (theta - theta_G) - r, the plain L2 distance of Bagdasaryan's code
+       (``model_dist_norm_var``), so grad L_ano = v / ||v||: a pull of fixed length towards the
+       reference, whatever the distance (0 at v = 0), and eps the outer step size (``meta.meta_lr``,
+       annealed). (Until 2026-12-07 L_ano was 1/2 ||v||^2, a pull that shrinks near the reference.)
        With a bound, every outer step is also projected back onto the ball ||theta - theta_G|| <= S,
        as Bagdasaryan's code does after each SGD step when the server bounds norms
        (``diff_privacy``, ``s_norm``): the backdoor is learned inside what the rule lets through,
        not trained freely and shrunk afterwards.
     3. Scaling by Bagdasaryan's gamma = n / eta with eta = 1 (the server's rate), shared among the
-       f colluders: gamma = n / f, n = ``federation.per_round``, so that together they replace the
-       model; with a bound, the scaled update is then clipped to S (the reference's last step), so
-       it is sent with norm min(gamma ||X - theta_G||, S): S whenever training reached the ball.
+       f colluders: gamma = n / f, so that together they replace the model. n: the updates the
+       server averages (``federation.min_updates``; every one of the round's under secure
+       aggregation); f: the malicious users attacking in this round (his
+       ``current_number_of_adversaries``; until 2026-12-07, every malicious user of the run and n =
+       ``per_round``, the same in every preset). With a bound, the scaled update is then clipped
+       to S (the reference's last step), so it is sent with norm min(gamma ||X - theta_G||, S): S
+       whenever training reached the ball.
     """
 
     estimates: int
@@ -69,7 +76,7 @@ class Replacement(SteeredAttack):
         needed = anomaly or not (ctx.knows_norm_bound or ctx.unchecked)
         benign = ctx.benign_updates(global_params, settings, self.estimates) if needed else None
         reference = benign.mean(dim=0) if anomaly else torch.zeros_like(flatten(global_params))
-        gamma = ctx.per_round / len(ctx.attackers)
+        gamma = ctx.averaged / ctx.attacking(settings.round)
         step = self.constrained(global_params, reference, alpha)
         if ctx.unchecked:
             return Steering(step, lambda delta: gamma * delta)
@@ -83,7 +90,8 @@ class Replacement(SteeredAttack):
 
         def step(before: Params, after: Params, progress: float) -> Params:
             theta = flatten(before)
-            pull = (1.0 - alpha) * outer_rate(cfg, progress) * (theta - centre - reference)
+            v = theta - centre - reference
+            pull = (1.0 - alpha) * outer_rate(cfg, progress) * v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
             return unflatten(theta + alpha * (flatten(after) - theta) - pull, anchor)
 
         return step
@@ -94,7 +102,8 @@ def clipped(delta: Tensor, norm: float) -> Tensor:
     return delta * (norm / delta.norm().clamp_min(torch.finfo(delta.dtype).tiny)).clamp(max=1.0)
 
 
-@ATTACKS.register("replacement", options=ReplacementOptions, knows_rule="norm", revision=2)  # 2: per-step projection
+@ATTACKS.register("replacement", options=ReplacementOptions, knows_rule="norm", revision=3)  # 3: L2 anomaly term
+# (2: per-step projection)
 def replacement(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, slack: float, alpha: float,
                 anomaly: str, alpha_unchecked: float) -> Replacement:
     """Model replacement with a norm bound (Bagdasaryan et al., AISTATS 2020): training that keeps

@@ -72,8 +72,15 @@ class AttackerContext:
     rule: str  # the server's aggregation rule (federation.rule) ...
     rule_options: Mapping[str, Any]  # ... and its settings
     per_round: int  # n: users in a round
+    averaged: int  # updates the server averages in a round: M_min (all of a round's under secure aggregation)
     attackers: tuple[int, ...]  # every malicious user (f of them)
+    attack_rounds: Mapping[int, tuple[int, ...]]  # each malicious user's attack rounds
     target_way: TargetWay = "random"  # the target slot's way in its episodes (attack.target_way)
+
+    def attacking(self, round: int) -> int:
+        """The malicious users attacking in ``round``, this one among them (Bagdasaryan et al.'s
+        ``current_number_of_adversaries``): a user attacks only in its rounds (``Schedule``)."""
+        return sum(round in rounds for rounds in self.attack_rounds.values())
 
     def poisoned(self, gen: torch.Generator):
         """One outer step of poisoned episodes (the paper's: N-1 own ways and a target slot), with
