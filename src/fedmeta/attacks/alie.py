@@ -49,6 +49,11 @@ class Alie(SteeredAttack):
        2026-12-07 the unbiased one, a box sqrt(k / (k - 1)) wider, 1.15x at k = 4: revision 2).
     2. Train on poisoned episodes; after every outer step project the update theta - theta_G onto
        [mu_j - z sigma_j, mu_j + z sigma_j] in every coordinate j. The update sent lies in that box.
+
+    Unlike the paper's backdoor attack, which trains on the backdoor loss plus a distance to the
+    benign mean and clamps to the box once at the end (the authors' ``backdoor.py``), the box
+    holds at every outer step (a projected-gradient attacker; docs/threats.md, ``alie``); each
+    colluder sends its own update, where the authors' malicious workers send one and the same.
     """
 
     estimates: int
