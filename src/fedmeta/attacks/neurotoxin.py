@@ -37,7 +37,7 @@ class Neurotoxin(SteeredAttack):
        Neurotoxin's attacker uses the last global update instead, but a fedmeta client keeps
        nothing between rounds and the paper's attacker is selected once, so it has seen one global
        model only; running the benign protocol on its own data from this very model shows which
-       coordinates benign training moves most. The authors' code ranks the same way: by the
+       coordinates benign training moves most. The authors' code also ranks from this model: by the
        gradient on clean data at the current global model (jhcknzzm/Federated-Learning-Backdoor,
        ``train_funcs.py``), not by the last global update.
     2. Mask the top-k% coordinates of |g| (``top``).
