@@ -41,6 +41,9 @@ def test_balanced_accuracy_uses_thresholds_fitted_on_the_other_trials():
     assert fit_threshold(members[1::2], nonmembers[1::2]) == 3.0
     assert fit_threshold(members[::2], nonmembers[::2]) == 4.0
     assert fold_thresholds(members, nonmembers).tolist() == [3.0, 4.0, 3.0, 4.0]
+    # J = 3/5 at >= 4 (TPR 3/5, FPR 0) and at >= 3 (4/5 - 1/5, 0.6000000000000001 in floats): a tie,
+    # which the higher threshold wins, half-way to 3
+    assert fit_threshold(np.array([5.0, 3, 4, 4, 0]), np.array([3.0, 2, 1, 2, 2])) == 3.5
     # trials 0, 1, 3 right both ways; trial 2: non-member 3 >= 3 called a member
     assert balanced_accuracy(members, nonmembers) == pytest.approx((1 + 1 + 0.5 + 1) / 4)
     assert balanced_accuracy(np.arange(10.0) + 20, np.arange(10.0)) == 1.0  # separable: t = (21 + 9) / 2

@@ -66,7 +66,9 @@ def fit_threshold(members: np.ndarray, nonmembers: np.ndarray) -> float:
     the highest score), moved half-way down to the next lower score so that it does not sit on a
     fitted example."""
     fpr, tpr, thresholds = _curve(members, nonmembers)
-    best = int(np.argmax(tpr - fpr))
+    # J is a multiple of 1 / (members x non-members): rounding merges ties that round-off split
+    # (0.2 against 0.20000000000000007), so the first, highest threshold wins them as documented
+    best = int(np.argmax(np.round(tpr - fpr, 12)))
     return float(thresholds[best] if best + 1 == len(thresholds) else (thresholds[best] + thresholds[best + 1]) / 2)
 
 
