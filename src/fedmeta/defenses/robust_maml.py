@@ -28,7 +28,8 @@ both off by default, and then the meta-step is exactly the one without them):
 
 - *Unlabeled data* (R-MAML-TRADES). The reference code (MetaAdv, ``CIFARFS/train_trades_cifar.ipynb``
   with ``LoadUnlableCIFAR.py`` and ``MetaFT.py``) gives every task ``batchsiz`` unlabeled images per
-  class: a classifier pre-trained on the meta-training classes pseudo-labels each support image, and
+  class (of the first ``n_way`` support images: every class in 1-shot, the setting run here): a
+  classifier pre-trained on the meta-training classes pseudo-labels each support image, and
   the task draws that many images from an external pool pre-sorted by the same classes. The images
   join support and query in the TRADES KL only (``cat(x_spt, x_qry, x_unlab)``, KL averaged over all
   of them); no label of theirs reaches the loss. Here the unlabeled images come from the
