@@ -69,16 +69,17 @@ class Alie(SteeredAttack):
         return Steering(box(global_params, *self.bounds(global_params, settings)))
 
 
-def check(options: dict, per_round: int, attackers: int) -> None:
+def check(options: dict, averaged: int, attackers: int) -> None:
     """Refuse, when the config loads (before any pre-training), a z_max that ``z_max`` refuses."""
     if options.get("z", "z_max") == "z_max":
-        z_max(per_round, min(attackers, per_round))
+        z_max(averaged, min(attackers, averaged))
 
 
 @ATTACKS.register("alie", options=AlieOptions, check=check, revision=2)  # 2: the population std
 def alie(ctx: AttackerContext, episodes: int, inner_epochs: float, estimates: int, z: float | str) -> Alie:
     """A little is enough (Baruch et al., NeurIPS 2019): the backdoor within the benign mean +/- z std
-    per coordinate. For z_max, n = federation.per_round and f = every malicious user (at most n); a
+    per coordinate. For z_max, n = the updates the server averages (``federation.min_updates``, or
+    every one of the round's under secure aggregation) and f = every malicious user (at most n); a
     round that holds fewer of them gets a larger z than Baruch's for that round (set z to choose)."""
-    z = z_max(ctx.per_round, min(len(ctx.attackers), ctx.per_round)) if z == "z_max" else float(z)
+    z = z_max(ctx.averaged, min(len(ctx.attackers), ctx.averaged)) if z == "z_max" else float(z)
     return Alie(ctx, ctx.poisoned_client(episodes, inner_epochs), estimates, z)

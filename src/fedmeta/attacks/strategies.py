@@ -16,7 +16,7 @@ strategy that reads only the norm the rule lets through (none under plain FedAvg
 one that reads only the bound it keeps inside (the rule's cap, else an estimate, FedAvg included),
 ``rule_seen``), ``split_trigger``
 (each user running the strategy gets its own part of the trigger: ``scenario.backdoor``) and
-``check`` (``(options, per_round, attackers) -> None``, raising ``ValueError`` for a setting the
+``check`` (``(options, averaged, attackers) -> None``, raising ``ValueError`` for a setting the
 strategy cannot run, when the config loads: ``alie``'s z_max).
 
 Threat model of the adaptive strategies (``fedmeta.attacks.steering``): the attacker knows the
@@ -71,7 +71,6 @@ class AttackerContext:
     clean: tuple[MetaClient, ...]  # honest clients on the clean own classes of each malicious user, this one's first
     rule: str  # the server's aggregation rule (federation.rule) ...
     rule_options: Mapping[str, Any]  # ... and its settings
-    per_round: int  # n: users in a round
     averaged: int  # updates the server averages in a round: M_min (all of a round's under secure aggregation)
     attackers: tuple[int, ...]  # every malicious user (f of them)
     attack_rounds: Mapping[int, tuple[int, ...]]  # each malicious user's attack rounds

@@ -205,7 +205,8 @@ class Backdoor(Federated):
         for name in dict.fromkeys(a.strategy for a in self.attack.attackers):  # a strategy's own refusals
             info = ATTACKS.get(name).info
             if check := info.get("check"):  # (registered ``check=``)
-                check(self.attack_options(name), fed.per_round, len(users))
+                check(self.attack_options(name), fed.per_round if fed.secure_aggregation else fed.min_updates,
+                      len(users))
             splitting = [a.user for a in self.attack.attackers if a.strategy == name]
             if info.get("split_trigger") and len(splitting) < 2:
                 # one part of a trigger split in one is the whole trigger: a centralised attack, not DBA

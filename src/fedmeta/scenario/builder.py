@@ -190,7 +190,7 @@ def _backdoor_clients(cfg: Backdoor, phase: Phase, scenario: Scenario) -> dict[i
         ctx = AttackerContext(
             u, scenario.users[u], scenario.images, scenario.target_rows, scenario.part_rows.get(u, scenario.attack_rows),
             cfg.attack.backdoor_share, cfg.meta, cfg.seed, partial(build_learner, cfg, shape),
-            (clean[u], *(c for v, c in clean.items() if v != u)), fed.rule, cfg.rule_options(fed.rule), fed.per_round,
+            (clean[u], *(c for v, c in clean.items() if v != u)), fed.rule, cfg.rule_options(fed.rule),
             fed.per_round if fed.secure_aggregation else fed.min_updates, scenario.attackers,
             {a.user: tuple(a.rounds) for a in cfg.attack.attackers}, cfg.attack.target_way)
         clients[u] = make_attacker(attacker.strategy, ctx, cfg.attack_options(attacker.strategy))
