@@ -377,3 +377,18 @@ def test_where_keeps_only_the_lines_a_report_is_asked_for(tmp_path):
     assert {row["defense"] for row in _rows(tmp_path / "report" / "table.csv")} == {"fedavg", "krum"}
     with pytest.raises(ReportError, match="no line matches --where defense=flame"):
         write_report([tmp_path / "runs"], tmp_path / "other", {"defense": ["flame"]})
+
+
+def test_reading_a_results_folder_never_runs_the_plugins_its_config_names(tmp_path, monkeypatch):
+    """A results folder is data: a config naming ``plugins`` (code) is reported as written, and
+    ``fedmeta keep`` copies it, without importing them."""
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(tmp_path)
+    for seed in range(2):
+        _run(tmp_path / "runs" / f"s{seed}", seed, [{"defense": "fedavg", "attack_train_accuracy": 0.5}])
+        config = tmp_path / "runs" / f"s{seed}" / "config.toml"
+        config.write_text('plugins = ["evil.py"]\n' + config.read_text())
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    keep(tmp_path / "runs", tmp_path / "kept")
+    assert not marker.exists()

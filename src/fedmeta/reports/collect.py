@@ -135,7 +135,11 @@ def load(path: Path) -> Run:
 def resolved(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with every default of this fedmeta filled in, so a run written before a key
     existed (with that key's default behaviour) groups with runs written after; as written if
-    this fedmeta cannot validate it."""
+    this fedmeta cannot validate it, or if it names plugins: validating imports them, and a
+    results folder is data (one checked into git, or sent by a colleague) whose reading must
+    never run its code."""
+    if config.get("plugins"):
+        return config
     try:
         return validate(config).model_dump(mode="json")
     except ConfigError:
