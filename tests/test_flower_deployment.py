@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -220,6 +221,28 @@ def test_replies_for_another_user_or_with_foreign_arrays_are_refused():
     assert nodes.refused[0] == "main round 1: node 11, asked for user 1's update, sent user 0's"
 
 
+def test_a_node_claiming_another_data_size_or_an_infinite_one_is_refused():
+    """Under size weighting a node's claim would weigh its update: the server holds each user's
+    size from its own split and refuses another (10**15); an infinite claim is refused, not a crash."""
+    users = {10: 0, 11: 1, 12: 2}
+    claims = {0: 5, 1: 10**15, 2: float("inf")}
+
+    def claiming(node: int, msg: Message) -> Message | None:
+        reply = _node(users)(node, msg)
+        if not msg.metadata.message_type.startswith("query"):
+            reply.content["metrics"]["examples"] = claims[users[node]]
+        return reply
+
+    nodes = _nodes(FakeGrid(list(users), claiming), 3)
+    sizes = {0: 5, 1: 5, 2: 5}
+    arrived, missing = nodes.updates([0, 1, 2], PARAMS, RoundSettings(1, "main"), Phase("main", "a"), sizes)
+    assert [u.user for u in arrived] == [0] and missing == [1, 2]
+    assert "claims 1000000000000000 examples, where the federation's split gives it 5" in nodes.refused[0]
+    assert "is unreadable" in nodes.refused[1]
+    with pytest.raises(FlowerError, match=r"no node holds users \[1\]; refused: node 11 does not say which user"):
+        _nodes(FakeGrid([10, 11], _node({10: 0, 11: float("inf")})), 2)  # a user id of inf, at discovery
+
+
 def test_a_reply_from_another_node_than_the_users_is_refused():
     users = {10: 0, 11: 1}
 
@@ -264,3 +287,19 @@ def test_the_run_folder_is_the_operators(tmp_path, monkeypatch):
     monkeypatch.setenv(RUNS_ENV, str(tmp_path))
     monkeypatch.setenv(NODES_ENV, str(tmp_path / "nodes.toml"))
     assert Operator.from_environment() == Operator(tmp_path, {0: 123, 1: 456})
+
+
+def test_an_honest_node_does_not_send_a_diverged_update_into_the_secure_sum():
+    """SecAgg+ quantises each coordinate, so a NaN would enter the sum as a large integer and the
+    server could not see it: the node refuses to send a non-finite update."""
+    from flwr.common import FitIns, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    from fedmeta.engines.flower.secagg import SecureAggregationError, secure_reply
+    from fedmeta.federation.updates import ClientUpdate
+
+    fitins = FitIns(ndarrays_to_parameters([np.zeros(2, dtype=np.float32)]), {"names": "w", "clip": 1.0, "round": 1})
+    msg = Message(compat.fitins_to_recorddict(fitins, keep_input=True), dst_node_id=1, message_type="train")
+    diverged = ClientUpdate(3, {"w": torch.tensor([float("nan"), 0.5])}, 1, {"loss": 0.1})
+    with pytest.raises(SecureAggregationError, match="user 3: a non-finite update"):
+        secure_reply(msg, lambda spec, params: diverged)

@@ -106,6 +106,11 @@ class SteeredAttack(ABC):
         """The image store it trains on (a Flower node moves the global weights to its device)."""
         return self.training.images
 
+    @property
+    def examples(self) -> int:
+        """Its data size, as its updates claim it (``MetaClient.examples``)."""
+        return self.training.examples
+
     @abstractmethod
     def steering(self, global_params: Params, settings: RoundSettings) -> Steering:
         """This round's plan, from the global model it starts from."""

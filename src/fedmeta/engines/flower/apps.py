@@ -193,7 +193,7 @@ class Nodes:
         for node, reply in self._exchange(queries, "whoami").items():
             try:
                 claims.setdefault(int(reply.content["node"]["user"]), []).append(node)
-            except (KeyError, TypeError, ValueError) as err:
+            except (KeyError, TypeError, ValueError, OverflowError) as err:  # Overflow: a claim of inf
                 self._refuse(f"node {node} does not say which user it holds: {err!r}")
         node_of = {}
         for user, nodes in sorted(claims.items()):
@@ -231,10 +231,12 @@ class Nodes:
         return {"config": self.config_toml, **phase.fields(), "round": settings.round,
                 "progress-start": start, "progress-end": end, "user": user}
 
-    def updates(self, users: list[int], params: Params, settings: RoundSettings,
-                phase: Phase) -> tuple[list[ClientUpdate], list[int]]:
+    def updates(self, users: list[int], params: Params, settings: RoundSettings, phase: Phase,
+                examples: Mapping[int, int] | None = None) -> tuple[list[ClientUpdate], list[int]]:
         """The updates of ``params`` computed on the users' nodes that arrived in time and check out,
-        in the order of ``users``, and the users whose update did not."""
+        in the order of ``users``, and the users whose update did not. ``examples``: each user's data
+        size as the server's own split gives it; a node that claims another is refused (its claim
+        weighs its update under ``federation.weighting = "size"``)."""
         arrays = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in params.items()})
         messages = {
             user: Message(RecordDict({"arrays": arrays, "config": ConfigRecord(self.spec(user, settings, phase))}),
@@ -244,18 +246,20 @@ class Nodes:
         }
         what = f"{settings.phase} round {settings.round}"
         replies = self._exchange(messages, what)
-        checked = {u: self._check(u, replies[u], params, what) for u in users if u in replies}
+        known = examples or {}
+        checked = {u: self._check(u, replies[u], params, what, known.get(u)) for u in users if u in replies}
         arrived = [update for update in checked.values() if update is not None]
         self.updates_received += len(arrived)
         return arrived, [u for u in users if checked.get(u) is None]
 
-    def _check(self, user: int, reply: Message, params: Params, what: str) -> ClientUpdate | None:
+    def _check(self, user: int, reply: Message, params: Params, what: str,
+               examples: int | None = None) -> ClientUpdate | None:
         """``user``'s update in ``reply``, or None (refused) unless it is for that user and has the
         model's arrays: a node must not slip another user's update or a malformed one into the sum."""
         node = reply.metadata.src_node_id
         try:
             update = _decode(reply, next(iter(params.values())).device)
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
             return self._refuse(f"{what}: the reply of node {node} (user {user}) is unreadable: {err}")
         if update.user != user:
             return self._refuse(f"{what}: node {node}, asked for user {user}'s update, sent user {update.user}'s")
@@ -265,8 +269,10 @@ class Nodes:
             wrong = sorted(set(shapes) ^ set(expected) | {k for k in set(shapes) & set(expected) if shapes[k] != expected[k]})
             return self._refuse(f"{what}: the update of user {user} (node {node}) does not match the model's arrays "
                                 f"(names, shapes or dtypes of {', '.join(wrong)})")
-        if update.examples < 1:
-            return self._refuse(f"{what}: the update of user {user} (node {node}) claims {update.examples} examples")
+        if update.examples < 1 or update.examples != (examples or update.examples):
+            known = "" if examples is None else f", where the federation's split gives it {examples}"
+            return self._refuse(f"{what}: the update of user {user} (node {node}) claims {update.examples} "
+                                f"examples{known}")
         return update
 
     def secure_mean(self, users: list[int], params: Params, settings: RoundSettings,
@@ -354,7 +360,8 @@ class FlowerServer(Server):
 
     def updates(self, params: Params, settings: RoundSettings) -> Arrived:
         users = self.schedule.participants(settings.round, settings.phase)
-        arrived, missing = self.nodes.updates(users, params, settings, self.phase)
+        examples = {u: c.examples for u, c in self.clients.items() if isinstance(getattr(c, "examples", None), int)}
+        arrived, missing = self.nodes.updates(users, params, settings, self.phase, examples)
         self._enough(settings, len(arrived), missing)
         return Arrived(arrived, missing)
 

@@ -122,6 +122,9 @@ def secure_reply(msg: Message, update: Callable[[Mapping[str, Any], Params], Cli
     arrays = parameters_to_ndarrays(fitins.parameters)
     result = update(spec, {k: torch.from_numpy(np.array(a)) for k, a in zip(names, arrays, strict=True)})
     delta = [result.delta[k].detach().cpu().numpy() for k in names]
+    if not all(np.isfinite(d).all() for d in delta):  # quantised, NaN would enter the sum as a large integer
+        raise SecureAggregationError(f"user {result.user}: a non-finite update (the training diverged); it is not "
+                                     "sent into the secure sum")
     largest = max(float(np.abs(d).max()) for d in delta)
     if largest > float(spec["clip"]):
         raise SecureAggregationError(f"user {result.user}: an update coordinate of {largest:.3g} exceeds the SecAgg+ "
