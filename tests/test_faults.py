@@ -211,6 +211,13 @@ def test_unusable_out_folders_and_caches_are_one_line_errors(tmp_path, monkeypat
     result = _cli(foreign, CENTRAL)
     assert result.exit_code == 2 and "holds files fedmeta did not write (notes.txt)" in result.output
     assert (foreign / "notes.txt").read_text() == "mine" and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+    photos = tmp_path / "photos"  # names a run writes, but no run of fedmeta's: not its to replace or delete
+    photos.mkdir()
+    for name in ("figure.png", "weights.safetensors", ".draft.tmp"):
+        (photos / name).write_text("mine")
+    result = _cli(photos, CENTRAL)
+    assert result.exit_code == 2 and "holds files fedmeta did not write (.draft.tmp, figure.png" in result.output
+    assert sorted(p.name for p in photos.iterdir()) == [".draft.tmp", "figure.png", "weights.safetensors"]
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in _cli(tmp_path / "file", CENTRAL).output
     read_only = _read_only_folder(tmp_path)

@@ -95,7 +95,10 @@ class RunDir:
         if self.path.exists() and not self.path.is_dir():
             raise RunError(f"--out {self.path} is a file, not a folder")
         if self.path.is_dir():
-            foreign = sorted(p.name for p in self.path.iterdir() if not _ours(p.name))
+            entries = sorted(p.name for p in self.path.iterdir())
+            # names fedmeta writes count as ours only beside its config or lock: a folder of someone's
+            # figure.png and weights.safetensors is not a run folder, whose files a run may replace
+            foreign = [n for n in entries if not _ours(n)] or ([] if {self.CONFIG, self.LOCK} & set(entries) else entries)
             if foreign:
                 raise RunError(f"--out {self.path} holds files fedmeta did not write ({', '.join(foreign[:5])}"
                                f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new folder")
