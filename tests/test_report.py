@@ -279,11 +279,21 @@ def test_docs_table_commands_are_checked(tmp_path):
 def test_keep_copies_what_a_report_reads_and_no_weights(tmp_path):
     _exp1a_like(tmp_path)
     (tmp_path / "sweep" / "sweep.json").write_text("{}\n")
+    (tmp_path / "sweep" / "base.toml").write_text('experiment = "backdoor-rounds"\n')
     written = keep(tmp_path / "sweep", tmp_path / "results" / "exp")
     names = sorted(str(p.relative_to(tmp_path / "results" / "exp")) for p in written)
-    assert names == ["seed=0/config.toml", "seed=0/metrics.jsonl", "seed=0/summary.json", "seed=1/config.toml",
-                     "seed=1/metrics.jsonl", "seed=1/summary.json", "seed=2/config.toml", "seed=2/metrics.jsonl",
-                     "seed=2/summary.json", "sweep.json"]
+    assert names == ["base.toml", "seed=0/config.toml", "seed=0/metrics.jsonl", "seed=0/summary.json",
+                     "seed=1/config.toml", "seed=1/metrics.jsonl", "seed=1/summary.json", "seed=2/config.toml",
+                     "seed=2/metrics.jsonl", "seed=2/summary.json", "sweep.json"]
+    assert keep(tmp_path / "sweep", tmp_path / "results" / "exp")  # an earlier keep of this sweep: refreshed
+    assert keep(tmp_path / "sweep" / "seed=0", tmp_path / "results" / "one")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "base.toml").write_text("my notes")
+    for source, dest in ((tmp_path / "sweep" / "seed=1", tmp_path / "results" / "one"), (tmp_path / "sweep", mine)):
+        with pytest.raises(ReportError, match="holds files but not an earlier keep of"):
+            keep(source, dest)  # another seed's run onto the first's; a sweep onto someone's folder
+    assert (mine / "base.toml").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["base.toml"]
     kept, fresh = tmp_path / "kept.md", "<!-- fedmeta report --table {} --where round=1 -->\n<!-- end -->\n"
     kept.write_text(fresh.format("results/exp"))
     (tmp_path / "orig.md").write_text(fresh.format("sweep"))
@@ -392,3 +402,33 @@ def test_reading_a_results_folder_never_runs_the_plugins_its_config_names(tmp_pa
     write_report([tmp_path / "runs"], tmp_path / "report")
     keep(tmp_path / "runs", tmp_path / "kept")
     assert not marker.exists()
+
+
+def test_report_and_plot_replace_only_what_fedmeta_wrote(tmp_path):
+    """``--out`` onto someone's folder or image is refused and leaves it as it was; a folder or a
+    figure fedmeta wrote is replaced by the next report or plot."""
+    from fedmeta.plots import drawn_by_fedmeta, plot_runs
+
+    for seed in range(2):
+        _run(tmp_path / "runs" / f"s{seed}", seed, [{"defense": "fedavg", "attack_train_accuracy": 0.5 + seed / 10}])
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("MY NOTES")
+    with pytest.raises(ReportError, match="holds files a fedmeta report did not write \\(report.md\\)"):
+        write_report([tmp_path / "runs"], mine)
+    assert [p.name for p in mine.iterdir()] == ["report.md"] and (mine / "report.md").read_text() == "MY NOTES"
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    assert write_report([tmp_path / "runs"], tmp_path / "report")  # its own folder: replaced
+    run = tmp_path / "pretrain"
+    _run(run, 0, [{"step": 10, "shots": 5, "ways": 5, "mode": "transductive", "meta_test_accuracy": 0.5,
+                   "episodes": 10}], experiment="pretrain")
+    thesis = tmp_path / "thesis.png"
+    thesis.write_text("precious")
+    for out, message in ((thesis, "exists and fedmeta did not draw it"), (tmp_path / "notes.md", "PNG figures"),
+                         (mine, "give a name ending in .png")):
+        with pytest.raises(ValueError, match=message):
+            plot_runs([run], out)
+    assert thesis.read_text() == "precious"
+    figure = plot_runs([run], tmp_path / "figs" / "pretraining.png")
+    assert drawn_by_fedmeta(figure) and plot_runs([run], figure) == figure
+    assert not drawn_by_fedmeta(thesis) and plot_runs([run], run / "figure.png")  # a run's own figure

@@ -89,7 +89,10 @@ def plot(
     if missing:
         typer.secho(f"error: no metrics.jsonl in {', '.join(missing)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
+    try:
+        typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
+    except ValueError as err:
+        _fail(str(err))
 
 
 @app.command()

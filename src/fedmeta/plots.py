@@ -109,10 +109,39 @@ def plot_runs(folders: Sequence[Path], out: Path) -> Path:
         raise ValueError(f"no figure for experiment '{experiment}'")
     title = textwrap.fill(title, 70)
     fig.suptitle(title, fontsize=9, y=1.0 + 0.05 * (title.count("\n") + 1))  # above the panel titles
+    return save_figure(fig, out)
+
+
+SOFTWARE = "fedmeta"
+"""The PNG ``Software`` text of every figure fedmeta draws: what tells its own images from others'."""
+
+
+def save_figure(fig: plt.Figure, out: Path) -> Path:
+    """``fig`` as the PNG ``out``, marked as fedmeta's. An existing file is replaced only if
+    fedmeta drew it (or it is a run folder's own ``figure.png``): ``--out thesis.png`` must not
+    overwrite someone's image. Refusals are ``ValueError`` naming the path."""
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: fedmeta draws PNG figures; give a name ending in .png")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give an image file such as {out / 'figure.png'}")
+    run_figure = out.name == "figure.png" and (out.parent / "config.toml").is_file()
+    if out.exists() and not run_figure and not drawn_by_fedmeta(out):
+        raise ValueError(f"{out} exists and fedmeta did not draw it; delete it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    fig.savefig(out, dpi=120, bbox_inches="tight", metadata={"Software": SOFTWARE})
     plt.close(fig)
     return out
+
+
+def drawn_by_fedmeta(path: Path) -> bool:
+    """Whether ``path`` is a PNG whose ``Software`` text is fedmeta's (``save_figure``)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Software") == SOFTWARE
+    except (OSError, ValueError):
+        return False
 
 
 def _cases(records: list[dict[str, Any]]) -> list[str]:

@@ -55,6 +55,23 @@ def default_out(folders: list[Path]) -> Path:
     return Path("report")
 
 
+REPORT_MARK = ".fedmeta-report"
+"""The file that marks a folder as a fedmeta report's, whose files the next report there replaces."""
+
+
+def _claim(out: Path) -> None:
+    """Make ``out`` a report folder: a new or empty one, or one a fedmeta report marked (``--out``
+    must not overwrite a folder of someone's own report.md or table.csv)."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and REPORT_MARK not in entries:
+        raise ReportError(f"--out {out} holds files a fedmeta report did not write ({', '.join(entries[:5])}"
+                          f"{', ...' if len(entries) > 5 else ''}); choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_MARK).write_text("Written by `fedmeta report`: the next report here replaces its files.\n")
+
+
 def write_report(folders: list[Path], out: Path, where: dict[str, list[str]] | None = None) -> list[Path]:
     """Write the report of the runs under ``folders`` to ``out``; the files written. With
     ``where`` (key -> values, as ``--where``), only the lines whose position has each key at one
@@ -67,7 +84,7 @@ def write_report(folders: list[Path], out: Path, where: dict[str, list[str]] | N
     names = labels(runs)
     table, curves = tabulate(runs, table_lines), tabulate(runs, curve_lines)
     comparisons = comparisons_of(table, names)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out)
     written = [_markdown(out / "report.md", runs, unfinished, table, comparisons, names),
                _csv(out / "table.csv", table, names), _csv(out / "curves.csv", curves, names),
                _paired_csv(out / "paired.csv", comparisons)]

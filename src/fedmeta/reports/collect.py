@@ -110,8 +110,11 @@ KEPT_SWEEP = ("sweep.json", "base.toml")
 def keep(source: Path, dest: Path) -> list[Path]:
     """Copy the small files of the finished runs under ``source`` (a run or sweep folder) to
     ``dest``, in the same layout, for a ``results/`` folder kept in git; the files written.
-    Only files of those names are written, so nothing else in ``dest`` is touched."""
+    Only files of those names are written, so nothing else in ``dest`` is touched; a ``dest`` that
+    holds anything must be an earlier keep of this run or sweep (the same config or base config:
+    a sweep's cells kept as they finish), so that one keep never replaces another's files."""
     runs, _ = find_runs([source])
+    _check_keep(source, dest)
     pairs = [(source / name, dest / name) for name in KEPT_SWEEP if (source / name).is_file()]
     for run in runs:
         where = dest / run.path.relative_to(source)
@@ -120,6 +123,17 @@ def keep(source: Path, dest: Path) -> list[Path]:
         dst.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(dst, src.read_bytes())
     return [dst for _, dst in pairs]
+
+
+def _check_keep(source: Path, dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise ReportError(f"{dest} is a file, not a folder")
+    if not dest.is_dir() or not any(dest.iterdir()):
+        return
+    name = "base.toml" if (source / "base.toml").is_file() else RunDir.CONFIG  # a sweep's, or a run's
+    if not (dest / name).is_file() or (dest / name).read_bytes() != (source / name).read_bytes():
+        raise ReportError(f"{dest} holds files but not an earlier keep of {source} (its {name} differs or is "
+                          "missing); keep into a new folder")
 
 
 def load(path: Path) -> Run:

@@ -11,7 +11,7 @@ from typing import Any
 
 from matplotlib.ticker import MaxNLocator
 
-from fedmeta.plots import ATTACK_ROUNDS, FINE_TUNING, ROUND_LABEL, STEP_LABEL, plt
+from fedmeta.plots import ATTACK_ROUNDS, FINE_TUNING, ROUND_LABEL, STEP_LABEL, plt, save_figure
 from fedmeta.reports.collect import AXES, CAPPED, Cell, Table, capped_text, series
 
 
@@ -284,6 +284,4 @@ def _save(fig: Any, out: Path, title: str | None = None) -> Path:
     if title:
         title = textwrap.fill(title, 70)
         fig.suptitle(title, fontsize=9, y=1.0 + 0.3 * (title.count("\n") + 1) / fig.get_figheight())
-    fig.savefig(out, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
