@@ -227,6 +227,19 @@ def test_non_finite_update_is_rejected_and_logged(caplog):
     assert "rejected the update of user 0" in caplog.text and "round 4" in caplog.text
 
 
+def test_a_rule_that_returns_a_non_finite_update_stops_the_round_by_name():
+    from fedmeta.runtime import Diverged
+
+    class Broken:
+        def __call__(self, updates, weights, gen, users=None):
+            return updates.sum(0) * float("nan")
+
+    clients = {0: _Fixed(0, 1.0), 1: _Fixed(1, 2.0)}
+    with pytest.raises(Diverged, match="main round 2: the rule Broken returned a non-finite update from 2 finite ones"):
+        Server(clients, Schedule(users=2, per_round=2, seed=0), Broken(), 2).round({"w": torch.zeros(2)},
+                                                                                   RoundSettings(2))
+
+
 TINY = [
     "model.filters=8", "meta.shots=2", "meta.inner_steps=2", "meta.meta_batch=2", "federation.episodes=4",
     "federation.rounds=2", "pretrain.rounds=1", "pretrain.episodes=4", "attacks.boosted.episodes=4", "attacks.boosted.inner_epochs=1",

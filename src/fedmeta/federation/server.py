@@ -28,6 +28,7 @@ from fedmeta.federation.schedule import Schedule
 from fedmeta.federation.updates import ClientUpdate, add, flatten, unflatten
 from fedmeta.models.conv4 import Params
 from fedmeta.rng import stream
+from fedmeta.runtime import Diverged
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,11 @@ class Server:
             extra["model"] = flatten(params).to(stacked.device)
         if getattr(self.rule, "sees_shapes", False):
             extra["shapes"] = [tuple(v.shape) for v in params.values()]
-        delta = unflatten(self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen, users=users, **extra), params)
-        return add(params, delta), report
+        aggregated = self.rule(stacked, (sizes / sizes.sum()).to(stacked.device), gen, users=users, **extra)
+        if not bool(torch.isfinite(aggregated).all()):  # one sync a round: a rule (a plugin's) that breaks
+            raise Diverged(f"{settings.phase} round {settings.round}: the rule {type(self.rule).__name__} returned "
+                           f"a non-finite update from {len(accepted)} finite ones; the model was not changed")
+        return add(params, unflatten(aggregated, params)), report
 
     def _reference(self, params: Params, settings: RoundSettings) -> torch.Tensor:
         """The flat update of the server's reference client this round; an error if it is not finite
