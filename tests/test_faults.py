@@ -142,7 +142,10 @@ def test_corrupt_or_truncated_entries_are_detected_and_caches_rebuilt(tmp_path):
     good = path.read_bytes()
     flipped = bytearray(good)
     flipped[-3] ^= 0xFF  # one bit of one weight
-    for damaged, reason in ((bytes(flipped), "content sha256"), (good[:-7], "unreadable")):
+    edited = good.replace(b"[1, 2]", b"[7, 2]")  # the progress a checkpoint records, same length
+    assert edited != good
+    for damaged, reason in ((bytes(flipped), "content sha256"), (good[:-7], "unreadable .* file sha256 [0-9a-f]{64}"),
+                            (edited, "metadata sha256")):
         path.write_bytes(damaged)
         with pytest.raises(CorruptFile, match=reason):
             read_tensors(path)

@@ -40,6 +40,9 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 DIGEST = "sha256"
+META_DIGEST = "meta-sha256"
+"""SHA-256 of the JSON metadata (checkpoint progress, a cached round's user ids): files written
+before it existed carry none and are read as before."""
 
 
 class CorruptFile(RuntimeError):
@@ -99,7 +102,9 @@ def _atomically(path: Path, write: Callable[[Path], Any]) -> None:
 def write_tensors(path: Path, tensors: Mapping[str, Tensor], meta: dict[str, Any] | None = None) -> None:
     """Atomically write ``tensors`` with JSON-able ``meta`` and their content digest."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {k: json.dumps(v) for k, v in (meta or {}).items()} | {DIGEST: content_digest(cpu)}
+    header = {k: json.dumps(v) for k, v in (meta or {}).items()}
+    # as a JSON string like the other entries, so that a fedmeta from before it reads the file too
+    header |= {DIGEST: content_digest(cpu), META_DIGEST: json.dumps(_meta_digest(header))}
     _atomically(path, lambda tmp: save_file(cpu, tmp, metadata=header))
 
 
@@ -148,18 +153,32 @@ def _read(path: Path, load: Callable[[Path], dict]) -> tuple[dict, dict[str, Any
         with safe_open(str(path), "np") as f:
             raw = dict(f.metadata() or {})
         values = load(path)
-        header = {k: json.loads(v) for k, v in raw.items() if k != DIGEST}
+        header = {k: json.loads(v) for k, v in raw.items() if k not in (DIGEST, META_DIGEST)}
     except (SafetensorError, OSError, ValueError, KeyError, struct.error) as err:
         if isinstance(err, FileNotFoundError):
             raise
-        raise CorruptFile(path, f"unreadable ({err})") from None
+        raise CorruptFile(path, f"unreadable ({err}); file sha256 {_file_digest(path)}") from None
     expected = raw.get(DIGEST)
     if expected is None:
         raise CorruptFile(path, f"carries no {DIGEST} (written by an older fedmeta, or not by fedmeta)")
     actual = content_digest(values)
     if actual != expected:
         raise CorruptFile(path, f"content {DIGEST} is {actual}, written as {expected}")
+    meta = {k: v for k, v in raw.items() if k not in (DIGEST, META_DIGEST)}
+    if META_DIGEST in raw and (found := _meta_digest(meta)) != (written := json.loads(raw[META_DIGEST])):
+        raise CorruptFile(path, f"metadata {DIGEST} is {found}, written as {written}")
     return values, header
+
+
+def _meta_digest(header: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(header), sort_keys=True).encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        return f"not readable ({err.strerror or err})"
 
 
 # --- locks --------------------------------------------------------------------------------------
