@@ -432,3 +432,11 @@ def test_report_and_plot_replace_only_what_fedmeta_wrote(tmp_path):
     figure = plot_runs([run], tmp_path / "figs" / "pretraining.png")
     assert drawn_by_fedmeta(figure) and plot_runs([run], figure) == figure
     assert not drawn_by_fedmeta(thesis) and plot_runs([run], run / "figure.png")  # a run's own figure
+
+
+def test_an_unreadable_run_is_named_not_a_traceback(tmp_path):
+    _run(tmp_path / "runs" / "s0", 0, [{"defense": "fedavg", "attack_train_accuracy": 0.5}])
+    with (tmp_path / "runs" / "s0" / "metrics.jsonl").open("a") as f:
+        f.write('{"defense": "krum", "attack_tr')  # cut short
+    with pytest.raises(ReportError, match=r"runs/s0: cannot read this run \(Unterminated string"):
+        write_report([tmp_path / "runs"], tmp_path / "report")

@@ -91,7 +91,7 @@ def plot(
         raise typer.Exit(2)
     try:
         typer.echo(f"wrote {plot_runs(runs, out or runs[0] / 'figure.png')}")
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # ValueError: a refused --out, or a run's unreadable TOML or JSON
         _fail(str(err))
 
 
@@ -179,7 +179,7 @@ def report(
             typer.echo(table_text(query), nl=False)
             return
         written = write_report(folders, out or default_out(folders), where_filters(where or []))
-    except ReportError as err:
+    except (ReportError, OSError) as err:
         _fail(str(err))
     for path in written:
         typer.echo(f"wrote {path}")
@@ -196,7 +196,7 @@ def keep(
 
     try:
         written = keep_runs(source, dest)
-    except ReportError as err:
+    except (ReportError, OSError) as err:
         _fail(str(err))
     typer.echo(f"kept {len(written)} files in {dest}")
 

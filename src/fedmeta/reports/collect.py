@@ -137,12 +137,14 @@ def _check_keep(source: Path, dest: Path) -> None:
 
 
 def load(path: Path) -> Run:
-    config = resolved(tomllib.loads((path / "config.toml").read_text()))
-    lines = (path / "metrics.jsonl").read_text().splitlines()
+    try:
+        config = resolved(tomllib.loads((path / "config.toml").read_text()))
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        summary = json.loads((path / "summary.json").read_text())
+    except (OSError, ValueError) as err:  # ValueError: TOML, JSON and UTF-8 decoding
+        raise ReportError(f"{path}: cannot read this run ({err})") from None
     setting = {k: v for k, v in flat_keys(in_use(config)).items() if not matches(k, IGNORED)}
-    summary = json.loads((path / "summary.json").read_text())
-    return Run(path, config["experiment"], int(config.get("seed", 0)), setting,
-               [json.loads(line) for line in lines if line.strip()], summary.get("eval_episodes"),
+    return Run(path, config["experiment"], int(config.get("seed", 0)), setting, records, summary.get("eval_episodes"),
                config.get("data", {}).get("dataset"))
 
 
