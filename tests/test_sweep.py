@@ -187,3 +187,16 @@ def test_cell_names_are_readable_and_distinct():
     cells = plan("omniglot-exp1a-quick", [], [f"attack.attackers={attackers}"], 1).cells
     assert cells[0].name == "attack.attackers=[{user=0,rounds=[1],strategy=alie}]__seed=0"
     assert [_slug(v) for v in ('["true"]', "[true]", '["a"]', '["a b"]')] == ["[%22true%22]", "[true]", "[a]", "[%22a%20b%22]"]
+
+
+def test_cell_names_are_one_folder_of_at_most_255_bytes():
+    """A variant label with a slash stays inside the name; a grid of long values (eight attackers)
+    keeps a readable start and a digest that tells cells apart."""
+    from fedmeta.sweeps.grid import NAME_BYTES, _cell
+
+    assert "/" not in _cell(None, [("rules.trimmed-mean:a/b.trim", "0.1")], 0).name
+    attackers = ["[" + ",".join(f"{{user={u},rounds=[1],strategy='{s}'}}" for u in range(8)) + "]"
+                 for s in ("boosted", "projected")]
+    names = [_cell(None, [("attack.attackers", a)], 0).name for a in attackers]
+    assert all(len(n.encode()) <= NAME_BYTES and n.startswith("attack.attackers=[{user=0,") for n in names)
+    assert len(set(names)) == 2

@@ -10,6 +10,7 @@ fails in a second instead of after an hour of other cells.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import re
@@ -161,10 +162,21 @@ def _combos(grid: dict[str, list[str]]) -> list[list[tuple[str, str]]]:
     return [list(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
+NAME_BYTES = 255
+"""The longest file name most file systems take; a longer cell name keeps its first part and a digest."""
+
+
 def _cell(base: Config, combo: list[tuple[str, str]], seed: int) -> Cell:
     settings = [(key, value) for key, value in combo] + [("seed", str(seed))]
-    name = "__".join(f"{key}={_slug(value)}" for key, value in settings)
+    # a key's variant label may hold a path separator ('rules.clip:a/b.norm'): one folder, not two
+    name = "__".join(f"{quote(key, safe=_KEY_SAFE)}={_slug(value)}" for key, value in settings)
+    if len(name) > NAME_BYTES:  # ASCII after quoting; the digest keeps long names distinct
+        name = f"{name[: NAME_BYTES - 18]}~{hashlib.sha256(name.encode()).hexdigest()[:16]}"
     return Cell(name, tuple(f"{key}={value}" for key, value in settings))
+
+
+_KEY_SAFE = "".join(chr(c) for c in range(33, 127) if chr(c) not in '/\\%"')
+"""What a key keeps unquoted in a cell name: printable ASCII but path separators, % and quotes."""
 
 
 def _slug(value: str) -> str:
