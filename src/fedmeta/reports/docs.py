@@ -58,6 +58,7 @@ from fedmeta.reports.collect import (
     tabulate,
     within,
 )
+from fedmeta.storage import atomic_write
 
 MARKER = re.compile(r"^<!-- fedmeta report (?P<args>.+?) -->\n(?P<table>.*?)^<!-- end -->$", re.MULTILINE | re.DOTALL)
 
@@ -273,7 +274,9 @@ def refresh_files(paths: list[Path], root: Path, check: bool = False) -> dict[Pa
         if count:
             changed[path] = new != text
             if new != text and not check:
-                path.write_text(new)
+                mode = path.stat().st_mode
+                atomic_write(path, new.encode())  # a kill mid-write must not leave half a document
+                path.chmod(mode)  # (the temporary file it renames is private)
     if not changed:
         raise ReportError(f"no generated table (a line '<!-- fedmeta report ... -->') in {', '.join(map(str, paths))}")
     return changed
