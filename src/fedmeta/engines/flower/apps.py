@@ -269,7 +269,7 @@ class Nodes:
             wrong = sorted(set(shapes) ^ set(expected) | {k for k in set(shapes) & set(expected) if shapes[k] != expected[k]})
             return self._refuse(f"{what}: the update of user {user} (node {node}) does not match the model's arrays "
                                 f"(names, shapes or dtypes of {', '.join(wrong)})")
-        if update.examples < 1 or update.examples != (examples or update.examples):
+        if update.examples < 1 or (examples is not None and update.examples != examples):
             known = "" if examples is None else f", where the federation's split gives it {examples}"
             return self._refuse(f"{what}: the update of user {user} (node {node}) claims {update.examples} "
                                 f"examples{known}")
@@ -360,6 +360,7 @@ class FlowerServer(Server):
 
     def updates(self, params: Params, settings: RoundSettings) -> Arrived:
         users = self.schedule.participants(settings.round, settings.phase)
+        # the data sizes the server knows from its own split (a plugin's client need not say)
         examples = {u: c.examples for u, c in self.clients.items() if isinstance(getattr(c, "examples", None), int)}
         arrived, missing = self.nodes.updates(users, params, settings, self.phase, examples)
         self._enough(settings, len(arrived), missing)
