@@ -207,13 +207,18 @@ def test_without_a_table_conflicting_claims_stop_the_run():
         _nodes(FakeGrid(list(users), _node(users)), 2)
 
 
-def test_replies_for_another_user_or_with_foreign_arrays_are_refused():
+def test_replies_for_another_user_or_with_foreign_arrays_are_refused(monkeypatch):
+    import fedmeta.engines.flower.apps as apps
+
     users = {10: 0, 11: 1, 12: 2}
     odd = {0: {"w": torch.zeros(3, 2), "b": torch.zeros(2)}, 1: {"w": torch.zeros(2, 3), "b": torch.zeros(2)},
            2: {"w": torch.zeros(3, 2, dtype=torch.float64), "b": torch.zeros(2)}}
+    decoded, decode = [], apps._decode
+    monkeypatch.setattr(apps, "_decode", lambda reply, device: decoded.append(1) or decode(reply, device))
     nodes = _nodes(FakeGrid(list(users), _node(users, arrays=odd.__getitem__)), 3)
     arrived, missing = nodes.updates([0, 1, 2], PARAMS, RoundSettings(1, "main"), Phase("main", "a"))
     assert [u.user for u in arrived] == [0] and missing == [1, 2]
+    assert len(decoded) == 2  # user 1's arrays, of the wrong shapes, were refused before decoding
     assert all("does not match the model's arrays (names, shapes or dtypes of w)" in r for r in nodes.refused)
     nodes = _nodes(FakeGrid(list(users), _node(users, claim=lambda user: 0)), 3)
     arrived, missing = nodes.updates([1, 2], PARAMS, RoundSettings(1, "main"), Phase("main", "a"))

@@ -257,6 +257,18 @@ class Nodes:
         """``user``'s update in ``reply``, or None (refused) unless it is for that user and has the
         model's arrays: a node must not slip another user's update or a malformed one into the sum."""
         node = reply.metadata.src_node_id
+
+        def mismatch(found: dict[str, tuple], expected: dict[str, tuple]) -> None:
+            wrong = sorted(set(found) ^ set(expected) | {k for k in set(found) & set(expected) if found[k] != expected[k]})
+            return self._refuse(f"{what}: the update of user {user} (node {node}) does not match the model's arrays "
+                                f"(names, shapes or dtypes of {', '.join(wrong)})")
+
+        try:  # names and shapes as the reply declares them: a malformed or huge reply is refused undecoded
+            declared = {k: tuple(a.shape) for k, a in reply.content["arrays"].items()}
+        except (KeyError, TypeError, AttributeError) as err:
+            return self._refuse(f"{what}: the reply of node {node} (user {user}) is unreadable: {err!r}")
+        if declared != {k: tuple(v.shape) for k, v in params.items()}:
+            return mismatch(declared, {k: tuple(v.shape) for k, v in params.items()})
         try:
             update = _decode(reply, next(iter(params.values())).device)
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
@@ -266,9 +278,7 @@ class Nodes:
         shapes = {k: (tuple(v.shape), v.dtype) for k, v in update.delta.items()}
         expected = {k: (tuple(v.shape), v.dtype) for k, v in params.items()}
         if shapes != expected:
-            wrong = sorted(set(shapes) ^ set(expected) | {k for k in set(shapes) & set(expected) if shapes[k] != expected[k]})
-            return self._refuse(f"{what}: the update of user {user} (node {node}) does not match the model's arrays "
-                                f"(names, shapes or dtypes of {', '.join(wrong)})")
+            return mismatch(shapes, expected)
         if update.examples < 1 or (examples is not None and update.examples != examples):
             known = "" if examples is None else f", where the federation's split gives it {examples}"
             return self._refuse(f"{what}: the update of user {user} (node {node}) claims {update.examples} "
