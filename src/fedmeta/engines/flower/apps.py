@@ -267,8 +267,8 @@ class Nodes:
             declared = {k: tuple(a.shape) for k, a in reply.content["arrays"].items()}
         except (KeyError, TypeError, AttributeError) as err:
             return self._refuse(f"{what}: the reply of node {node} (user {user}) is unreadable: {err!r}")
-        if declared != {k: tuple(v.shape) for k, v in params.items()}:
-            return mismatch(declared, {k: tuple(v.shape) for k, v in params.items()})
+        if declared != (model := {k: tuple(v.shape) for k, v in params.items()}):
+            return mismatch(declared, model)
         try:
             update = _decode(reply, next(iter(params.values())).device)
         except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:
