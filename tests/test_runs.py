@@ -65,3 +65,17 @@ def test_finished_or_different_run_folder_is_refused(tmp_path, omniglot):
     (tmp_path / "b" / "config.toml").write_text(load_config("omniglot-pretrain-quick", [*TINY, "seed=5"]).to_toml())
     with pytest.raises(RunError, match=r"different config \(seed differ\)"):
         RunDir.open(tmp_path / "b", cfg)
+
+
+def test_metric_lines_are_strict_json_with_null_for_values_that_are_not_numbers(tmp_path):
+    """Python writes NaN and Infinity as literals no JSON reader outside Python accepts."""
+    folder = RunDir.open(tmp_path / "run", load_config("omniglot-pretrain-quick", TINY))
+    folder.log({"round": 1, "loss": float("nan"), "losses": {"3": float("-inf"), "4": 0.5}, "acc": [float("inf"), 1]})
+    folder.finish({"acc": float("nan")})
+
+    def refuse(name):
+        raise ValueError(name)
+
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert line == {"round": 1, "loss": None, "losses": {"3": None, "4": 0.5}, "acc": [None, 1]}
+    assert json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=refuse) == {"acc": None}

@@ -2,6 +2,7 @@
 
 ``DIR/config.toml``    the fully resolved config (run it again with ``fedmeta run DIR/config.toml``)
 ``DIR/metrics.jsonl``  one JSON object per evaluation point, flushed and fsync-ed as it is written
+                       (strict JSON: a value that is not a number, such as a rejected update's loss, is null)
 ``DIR/summary.json``   final numbers, written last: its presence means the run finished
 ``DIR/checkpoint.safetensors``  everything needed to continue (weights, optimiser, rule and RNG states)
 ``DIR/weights.safetensors``     the final weights
@@ -22,6 +23,7 @@ folder (``DIR/.lock`` names it), so two runs never write one folder.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import tomllib
@@ -132,7 +134,7 @@ class RunDir:
     # metrics ---------------------------------------------------------------------------------
     def log(self, record: dict[str, Any]) -> None:
         with (self.path / self.METRICS).open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(strict_json(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -152,7 +154,7 @@ class RunDir:
             atomic_write(self.path / self.METRICS, "".join(lines[:count]).encode())
         if self._changes:
             with (self.path / self.RESUMES).open("a") as f:
-                f.write(json.dumps({"from_metric_line": count, "changed": self._changes}, sort_keys=True) + "\n")
+                f.write(strict_json({"from_metric_line": count, "changed": self._changes}) + "\n")
             tqdm.write(f"resuming with changed {', '.join(self._changes)} (metric lines from {count} on)")
             self._changes = {}
 
@@ -179,9 +181,26 @@ class RunDir:
         write_tensors(self.path / (name or self.WEIGHTS), params)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / self.SUMMARY, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(self.path / self.SUMMARY, (strict_json(summary, indent=2) + "\n").encode())
         (self.path / self.CHECKPOINT).unlink(missing_ok=True)
         self.close()
+
+
+def strict_json(value: Any, indent: int | None = None) -> str:
+    """``value`` as JSON with sorted keys and every NaN or infinity written as null: Python's
+    ``NaN``/``Infinity`` literals are not JSON, and jq, JavaScript, pandas' strict readers and most
+    other tools a user points at a results file refuse the whole file for one of them."""
+    return json.dumps(_finite(value), indent=indent, sort_keys=True, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _ours(name: str) -> bool:
