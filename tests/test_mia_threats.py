@@ -10,10 +10,10 @@ import torch
 from scipy.stats import norm
 
 from fedmeta.attacks.mia_metrics import auc, balanced_accuracy, fit_threshold, fold_thresholds, summarize, tpr_at_fpr
-from fedmeta.attacks.mia_scores import likelihood_ratio, lira_statistic, threshold_scores
+from fedmeta.attacks.mia_scores import likelihood_ratio, lira_statistic, pooled_variances, ratio, threshold_scores
 from fedmeta.config import ConfigError, load_config
 from fedmeta.defenses.dp import DpSgd, clip_to, epsilon, private_gradient, terms
-from fedmeta.experiments.membership import Point, TaskClient, plan, round_mean
+from fedmeta.experiments.membership import Point, TaskClient, add_global_lira, plan, round_mean
 from fedmeta.meta.maml import task_meta_gradient
 from fedmeta.models.mlp import Mlp
 
@@ -80,6 +80,23 @@ def test_lira_likelihood_ratio_is_the_gaussian_log_ratio():
     expected = norm.logpdf(1.5, 2, 1) - norm.logpdf(1.5, 0, 1)  # = (1.5^2 - 0.5^2) / 2 = 1.0
     assert likelihood_ratio(1.5, ins, outs) == pytest.approx(expected) == pytest.approx(1.0)
     assert likelihood_ratio(3.0, [], outs) == pytest.approx(3.0)  # offline: z-score under N(0, 1)
+
+
+def test_global_variance_lira_pools_each_sides_variance_over_the_candidates():
+    # online: per-candidate fits N(2, 1) / N(0, 1) and N(2, 9) / N(0, 4); pooled variances 5 and 2.5
+    first = {"observed": 1.5, "mean_in": 2.0, "var_in": 1.0, "mean_out": 0.0, "var_out": 1.0}
+    second = {"observed": 1.5, "mean_in": 2.0, "var_in": 9.0, "mean_out": 0.0, "var_out": 4.0}
+    assert pooled_variances([first, second]) == {"var_in": 5.0, "var_out": 2.5}
+    assert ratio(first) == pytest.approx(1.0)
+    expected = norm.logpdf(1.5, 2, np.sqrt(5)) - norm.logpdf(1.5, 0, np.sqrt(2.5))
+    assert ratio(first, var_in=5.0, var_out=2.5) == pytest.approx(expected)
+    # offline, through the run's scores: candidates with OUT variances 1 (member) and 9 (non-member)
+    scores = {("support", "member", "lira:observed"): [1.0], ("support", "member", "lira:mean_out"): [0.0],
+              ("support", "member", "lira:var_out"): [1.0], ("support", "same-class", "lira:observed"): [2.0],
+              ("support", "same-class", "lira:mean_out"): [0.0], ("support", "same-class", "lira:var_out"): [9.0]}
+    add_global_lira(scores)  # per candidate the z-scores are 1 and 2/3; pooled (variance 5): 1/sqrt5, 2/sqrt5
+    assert scores[("support", "member", "lira-global")] == pytest.approx([1 / np.sqrt(5)])
+    assert scores[("support", "same-class", "lira-global")] == pytest.approx([2 / np.sqrt(5)])
     # the logit-scaled confidence of p = 0.8 is log 4
     assert lira_statistic({"loss": float(np.log(0.8))}, "loss") == pytest.approx(np.log(4))
     assert lira_statistic({"alignment": 0.3}, "alignment") == 0.3

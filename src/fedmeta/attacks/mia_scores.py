@@ -19,13 +19,17 @@ observed as the real one would be (same defense, same number of users summed). I
 to a statistic of the IN observations and one to the OUT ones, per candidate, and scores the real
 observation by the log likelihood ratio log N(s; mu_in, sd_in^2) - log N(s; mu_out, sd_out^2).
 The OUT shadows depend on the candidate only through its class and label, so they can be shared;
-the offline variant (no IN shadows) scores by the z-score under the OUT fit.
+the offline variant (no IN shadows) scores by the z-score under the OUT fit. With few shadows, the
+global-variance variant (``pooled_variances``) fits each candidate's means but one variance per
+side shared by every candidate of the point.
 For ``loss`` the statistic is the logit-scaled confidence log p - log(1 - p) of y* under omega',
 Carlini et al.'s transform that makes it close to Gaussian.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -73,8 +77,39 @@ def likelihood_ratio(observed: float, ins: list[float], outs: list[float]) -> fl
 
     Without IN statistics this is offline LiRA: the z-score of ``observed`` under the OUT fit,
     a monotone transform of Carlini et al.'s one-sided test 1 - Pr[Z > observed]."""
-    mean_out, sd_out = float(np.mean(outs)), max(float(np.std(outs)), MIN_SD)
-    if not ins:
-        return (observed - mean_out) / sd_out
-    mean_in, sd_in = float(np.mean(ins)), max(float(np.std(ins)), MIN_SD)
-    return float(norm.logpdf(observed, mean_in, sd_in) - norm.logpdf(observed, mean_out, sd_out))
+    return ratio(shadow_fit(observed, ins, outs))
+
+
+def shadow_fit(observed: float, ins: list[float], outs: list[float]) -> dict[str, float]:
+    """What LiRA keeps of one candidate: its observed statistic and the mean and population
+    variance of each side's shadow statistics (``mean_in`` and ``var_in`` only online)."""
+    fit = {"observed": observed, "mean_out": float(np.mean(outs)), "var_out": float(np.var(outs))}
+    if ins:
+        fit |= {"mean_in": float(np.mean(ins)), "var_in": float(np.var(ins))}
+    return fit
+
+
+def ratio(fit: Mapping[str, float], var_in: float | None = None, var_out: float | None = None) -> float:
+    """The likelihood ratio (offline: z-score) of a ``shadow_fit``, with its own variances or the
+    given ones (``pooled_variances``)."""
+    sd_out = max(math.sqrt(fit["var_out"] if var_out is None else var_out), MIN_SD)
+    if "mean_in" not in fit:
+        return (fit["observed"] - fit["mean_out"]) / sd_out
+    sd_in = max(math.sqrt(fit["var_in"] if var_in is None else var_in), MIN_SD)
+    return float(norm.logpdf(fit["observed"], fit["mean_in"], sd_in)
+                 - norm.logpdf(fit["observed"], fit["mean_out"], sd_out))
+
+
+def pooled_variances(fits: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Each side's variance pooled over ``fits`` (the mean of the per-candidate variances, every
+    candidate fitted on as many shadows): Carlini et al.'s global variance, which they advise
+    when shadow models are few (per-example variances need tens of them), since a variance
+    estimated from a handful of statistics is itself mostly noise. Pooling uses no membership
+    label: the server pools every candidate it scores. The authors' plotting code
+    (tensorflow/privacy ``mi_lira_2021/plot.py``, ``fix_variance``) takes instead the standard
+    deviation of all IN statistics together, per-example means' spread included, for both sides;
+    the within-candidate pooling here is the variance the Gaussian model has."""
+    pooled = {"var_out": float(np.mean([f["var_out"] for f in fits]))}
+    if all("var_in" in f for f in fits):
+        pooled["var_in"] = float(np.mean([f["var_in"] for f in fits]))
+    return pooled

@@ -32,7 +32,8 @@ quantity into a sign-like Adam step. For the same reason ``--engine flower`` is 
 
 Attacks (``mia.attacks``): the paper's gradient inversion with its scores
 (``fedmeta.attacks.membership``), the threshold baseline and LiRA (``fedmeta.attacks.mia_scores``;
-LiRA's shadows use the point's defense and ``M``), and the realistic server's joint inversion of
+LiRA's shadows use the point's defense and ``M``; scored with per-candidate variances, ``lira``,
+and with variances pooled over the point's candidates, ``lira-global``), and the realistic server's joint inversion of
 the rest of the task (``fedmeta.attacks.task_inversion``; the first ``mia.joint.trials`` tasks of
 each realistic point). Metrics with bootstrap intervals:
 ``fedmeta.attacks.mia_metrics``.
@@ -79,7 +80,7 @@ from fedmeta.attacks.membership import (
     zero_scores,
 )
 from fedmeta.attacks.mia_metrics import summarize
-from fedmeta.attacks.mia_scores import likelihood_ratio, lira_statistic, threshold_scores
+from fedmeta.attacks.mia_scores import lira_statistic, pooled_variances, ratio, shadow_fit, threshold_scores
 from fedmeta.attacks.task_inversion import Task, joint_residual, matched_fill
 from fedmeta.config import Base as Config
 from fedmeta.config.sections import MiaConfig
@@ -113,7 +114,7 @@ RECONSTRUCTIONS = "reconstructions.safetensors"
 CLASSIFIER_BATCH = 128
 ATTACK_OF = {"l0-cos": "inversion", "l0-l2": "inversion", "lt": "inversion", "distance": "inversion",
              "class": "inversion", "loss": "threshold", "grad-norm": "threshold", "alignment": "threshold",
-             "lira": "lira", "joint": "joint", "joint-cal": "joint"}
+             "lira": "lira", "lira-global": "lira", "joint": "joint", "joint-cal": "joint"}
 """The attack each score belongs to (``mia.attacks`` selects attacks)."""
 
 
@@ -402,9 +403,10 @@ def out_shadows(ctx: Context, server: Adversary, y: int, test_class: int) -> lis
 
 
 def lira(ctx: Context, server: Adversary, x: Tensor, y: int, test_class: int, target: Target,
-         observed: dict[str, float], gen: torch.Generator) -> float:
-    """LiRA's score for candidate (``x``, ``y``): shadow tasks of public data, observed as the real
-    round would be, with the candidate in the attacked slot (IN, online only) and without (OUT)."""
+         observed: dict[str, float], gen: torch.Generator) -> dict[str, float]:
+    """LiRA's fit for candidate (``x``, ``y``) (``shadow_fit``): shadow tasks of public data, observed
+    as the real round would be, with the candidate in the attacked slot (IN, online only) and
+    without (OUT)."""
     point, step, lira_cfg = server.point, ctx.cfg.meta.inner_lr, ctx.cfg.mia.lira
 
     def statistic(observation: Params) -> float:
@@ -416,7 +418,7 @@ def lira(ctx: Context, server: Adversary, x: Tensor, y: int, test_class: int, ta
         task = ctx.public_task(point.ways, y, test_class, gen)
         g = shared(server.learner, *place(*task, target, slot_of(task, target, y), x), point.defense, gen)
         ins.append(statistic({k: (g[k] + others[k]) / point.users for k in g}))
-    return likelihood_ratio(lira_statistic(observed, lira_cfg.statistic), ins, outs)
+    return shadow_fit(lira_statistic(observed, lira_cfg.statistic), ins, outs)
 
 
 @dataclass
@@ -488,8 +490,30 @@ def score_candidate(ctx: Context, server: Adversary, trial: Trial, t: int, targe
     if "threshold" in mia.attacks:
         scores |= baseline
     if server.shadow_others:
-        scores["lira"] = lira(ctx, server, x, y, test_class, target, baseline, gen)
+        fit = lira(ctx, server, x, y, test_class, target, baseline, gen)
+        scores |= {"lira": ratio(fit)} | {f"{LIRA_FIT}{k}": v for k, v in fit.items()}
     return scores
+
+
+LIRA_FIT = "lira:"
+"""Prefix of the scores that hold a candidate's LiRA fit (``shadow_fit``), kept for ``lira-global``."""
+
+
+def add_global_lira(scores: dict[tuple[str, str, str], list[float]]) -> None:
+    """Add ``lira-global``: each candidate's LiRA score with each side's variance pooled over every
+    candidate of the point and target (``pooled_variances``). It needs the whole point's fits, so
+    it is computed once the tasks are done, from the fits the journal keeps."""
+    fits: dict[tuple[str, str], list[dict[str, float]]] = {}
+    for (target, kind, name), values in scores.items():
+        if name.startswith(LIRA_FIT):
+            rows = fits.setdefault((target, kind), [{} for _ in values])
+            for row, value in zip(rows, values, strict=True):
+                row[name.removeprefix(LIRA_FIT)] = value
+    for target in {t for t, _ in fits}:
+        pooled = pooled_variances([f for (t, _), rows in fits.items() if t == target for f in rows])
+        for (t, kind), rows in fits.items():
+            if t == target:
+                scores[(target, kind, "lira-global")] = [ratio(f, **pooled) for f in rows]
 
 
 def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: int, keep: int,
@@ -519,6 +543,7 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
                 for name, value in scores.items():
                     result.scores.setdefault((target, kind, name), []).append(value)
         saves.save(t + 1, result)
+    add_global_lira(result.scores)
     return result
 
 
