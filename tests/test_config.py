@@ -122,6 +122,10 @@ def test_cli_lists_presets_and_reports_config_errors(tmp_path):
      r"attacks\.alie\.z: with f = 1 attacker of n = 10 .*z_max = Phi\^-1\(1/2\) = 0"),
     ("omniglot-exp1a-quick", ["attack.attackers=[{user = 0, strategy = 'alie'}]", "attacks.alie.z=0"],
      r"alie\.z.*greater than 0"),
+    ("mnist-mia-quick", ["data.reserved_classes=['0', '1']"], r"data\.reserved_classes = \['0', '1'\]: .*reserves "
+                                                              r"no backdoor classes"),
+    ("miniimagenet-exp1a-quick", ["data.reserved_classes=['n04612504']"], r"data\.reserved_classes: 1 names; "
+                                                                          r".*and the target need 2"),
 ])
 def test_a_setting_the_experiment_would_not_read_is_refused_by_name(preset, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -133,6 +137,7 @@ def test_what_the_refused_settings_leave_allowed():
     assert load_config("omniglot-compare-quick", ["federation.min_updates=2", "compare.secure_rows=false"])
     assert load_config("omniglot-rmaml-quick", ["eval.shots=[1, 5]"])  # robustness evaluates each shot count
     assert load_config("omniglot-exp1a-quick", ["pretrain.meta_lr_final=0.0"])
+    assert load_config("miniimagenet-exp1a-quick", ["data.reserved_classes=['n04612504', 'n02120079']"])
 
 
 def test_without_the_attack_the_baseline_plays_the_same_rounds_with_the_attacker_sitting_out():

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmeta.config import DataConfig
-from fedmeta.data.datasets import load_meta_splits
+from fedmeta.data.datasets import load_meta_splits, reserve
 from fedmeta.data.episodes import gather, minibatch_order, sample_episodes
 from fedmeta.data.files import DataError, verified
 from fedmeta.data.idx import load_idx_dataset
@@ -71,6 +71,23 @@ def test_miniimagenet_ravi_split():
     assert int(splits.train.counts.min()) == 600
     store = splits.train.images.untyped_storage().data_ptr()  # the splits are views of one array, not copies
     assert splits.val.images.untyped_storage().data_ptr() == splits.test.images.untyped_storage().data_ptr() == store
+
+
+def test_named_reserved_classes_leave_the_split_that_held_them(omniglot):
+    """data.reserved_classes: the paper's fixed pair (mini-ImageNet's Fig. 2) instead of a draw per
+    seed; Omniglot here (loads in a second): two drawn characters, a meta-training one (its four
+    rotations leave meta-training) and a meta-test one."""
+    drawn = reserve(DataConfig(), 0, 5)
+    assert drawn.train.num_classes == 4800 and drawn.test.num_classes == 418  # the default draw
+    train_character = drawn.train.names[0].rsplit("/", 1)[0]
+    names = [*drawn.reserved.names[:3], train_character, drawn.test.names[0]]
+    chosen = reserve(DataConfig(reserved_classes=names), 0, 5)
+    assert list(chosen.reserved.names) == names  # in the order named: the backdoor classes, then the target
+    assert chosen.train.num_classes == 4796 and not any(n.startswith(train_character + "/") for n in chosen.train.names)
+    assert chosen.test.num_classes == 419 and not set(names) & set(chosen.test.names)
+    assert len(chosen.groups.unique()) == 1199
+    with pytest.raises(DataError, match=r"data.reserved_classes: omniglot has no class 'Nope/character01'"):
+        reserve(DataConfig(reserved_classes=["Nope/character01", *names[1:]]), 0, 5)
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashionmnist"])

@@ -60,7 +60,11 @@ def _backdoor(cfg: Backdoor, s: Any) -> list[str]:
     found = _training(cfg, classes, kept, f"the {classes} classes of the smallest user's share")
     reserved = att.backdoor_classes + 1
     test_classes = s.test_classes - reserved if s.reserve_from_test else s.test_classes
-    if reserved > s.reservable:
+    named = cfg.data.reserved_classes
+    if named and len(named) != reserved:
+        found.append(f"data.reserved_classes: {len(named)} names; attack.backdoor_classes = {att.backdoor_classes} "
+                     f"backdoor classes and the target need {reserved}")
+    if reserved > s.reservable and not named:
         found.append(f"attack.backdoor_classes: {att.backdoor_classes} backdoor classes and the target need {reserved} "
                      f"reserved classes; {cfg.data.dataset} can reserve {s.reservable}")
     found += _evaluation(cfg, test_classes, s.test_examples, s.test_examples, "meta-test")

@@ -63,6 +63,14 @@ class Base(Section):
 
     federated: ClassVar[bool] = False
     """Whether clients train through a federation (and so may run on another engine)."""
+    reserves_classes: ClassVar[bool] = False
+    """Whether the experiment reserves backdoor classes (and so reads ``data.reserved_classes``)."""
+
+    @model_validator(mode="after")
+    def _reserved_classes(self) -> Base:
+        if not self.reserves_classes:
+            _unread(self, {"data.reserved_classes": "it reserves no backdoor classes"})
+        return self
 
     @model_validator(mode="after")
     def _runtime(self) -> Base:
@@ -164,6 +172,7 @@ class Backdoor(Federated):
     """The paper's federation under a backdoor attack (Experiments 1-3 and the comparison)."""
 
     experiment: Literal["backdoor-rounds"]
+    reserves_classes: ClassVar[bool] = True
     pretrain: PretrainConfig = PretrainConfig()
     attack: AttackConfig = AttackConfig()
     attacks: dict[str, dict[str, Any]] = {}

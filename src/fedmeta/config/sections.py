@@ -87,8 +87,22 @@ class DataConfig(Section):
     """Omniglot characters: a seeded 1200/423 shuffle, or Vinyals' 1028/172/423 (torchmeta)."""
     rotations: bool = True
     """Omniglot: 90/180/270-degree rotations of meta-training characters as extra classes."""
+    reserved_classes: list[str] = []
+    """Backdoor experiments: the reserved classes by name, the backdoor classes then the target
+    (``attack.backdoor_classes`` + 1 names). A named class leaves the meta-training or meta-test
+    classes that held it. The paper's mini-ImageNet pair (its Fig. 2): ``["n04612504",
+    "n02120079"]``, yawl then arctic fox, both meta-training classes; Omniglot names are
+    ``"Alphabet/characterNN"``. Empty: drawn per seed (Omniglot: among the characters outside
+    meta-training; mini-ImageNet: among the 16 validation classes)."""
 
     check_dataset = field_validator("dataset")(lambda v: registered(DATASETS, v))
+
+    @field_validator("reserved_classes")
+    @classmethod
+    def _distinct_classes(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"each class once (got {names})")
+        return names
 
 
 class ModelConfig(Section):

@@ -6,7 +6,8 @@ A dataset (``DATASETS.register(name)`` on a class with no constructor arguments)
   meta-test classes (centralised training, robustness, membership, federated R-MAML);
 - ``reserve(cfg, seed, count)``: the layout of the backdoor experiments: meta-training classes
   (with the group each belongs to: a group goes to one user whole), meta-test classes, and
-  ``count`` reserved classes outside both (the backdoor classes, then the target).
+  ``count`` reserved classes outside both (the backdoor classes, then the target): drawn per seed,
+  or those ``cfg.reserved_classes`` names (``named``), taken out of the split that held them.
 
 A dataset that cannot host the backdoor experiments leaves ``reserve`` out. ``sizes(cfg)`` (without
 loading anything) gives the class and example counts a config is checked against before any work
@@ -15,12 +16,14 @@ starts (``fedmeta.config.limits``); a dataset without it is checked when it is l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fedmeta.config.sections import DataConfig
+from fedmeta.data.files import DataError
 from fedmeta.data.idx import load_idx_dataset
 from fedmeta.data.miniimagenet import load_miniimagenet
 from fedmeta.data.omniglot import load_omniglot
@@ -84,6 +87,22 @@ def reserve(cfg: DataConfig, seed: int, count: int) -> Reserved:
     return dataset.reserve(cfg, seed, count)
 
 
+def named(names: Sequence[str], wanted: list[str], count: int, dataset: str) -> Tensor:
+    """The indices of the classes ``wanted`` names (``data.reserved_classes``), in its order."""
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [w for w in wanted if w not in index]
+    if unknown:
+        raise DataError(f"data.reserved_classes: {dataset} has no class {unknown[0]!r} (e.g. {names[0]!r})")
+    if len(wanted) != count:
+        raise DataError(f"data.reserved_classes: {len(wanted)} names; the backdoor classes and the target need {count}")
+    return torch.tensor([index[w] for w in wanted])
+
+
+def without(classes: Tensor, chosen: Tensor) -> Tensor:
+    """``classes`` less ``chosen``, in order."""
+    return classes[~torch.isin(classes, chosen)]
+
+
 @DATASETS.register("omniglot")
 class OmniglotData:
     """Omniglot: 1623 handwritten characters x 20, 28x28 gray, rotations as extra training classes."""
@@ -103,8 +122,11 @@ class OmniglotData:
         gen = stream(seed, "reserve")
         data = load_omniglot(cfg.root)
         split = seeded_omniglot_split(stream(seed, "omniglot-split"))
-        spare = split["test"][torch.randperm(len(split["test"]), generator=gen)]
-        train = data.pool(split["train"], rotations=cfg.rotations)
+        spare, characters = split["test"][torch.randperm(len(split["test"]), generator=gen)], split["train"]
+        if cfg.reserved_classes:
+            chosen = named(data.names, cfg.reserved_classes, count, "omniglot")
+            characters, spare = without(characters, chosen), torch.cat([chosen, without(spare, chosen)])
+        train = data.pool(characters, rotations=cfg.rotations)
         pool = train.merge(data.pool(spare, rotations=False))
         n = train.num_classes
         groups = torch.arange(n) // (4 if cfg.rotations else 1)
@@ -115,7 +137,8 @@ class OmniglotData:
     def sizes(cfg: DataConfig) -> Sizes:
         train, test = (1200, 423) if cfg.omniglot_split == "seeded-1200" else (1028, 423)
         turns = 4 if cfg.rotations else 1
-        return Sizes((28, 28, 1), train * turns, test, 20, 20, groups=1200, group_size=turns, reservable=423,
+        groups = 1200 - len(cfg.reserved_classes)  # named reserved characters may come out of meta-training
+        return Sizes((28, 28, 1), train * turns, test, 20, 20, groups=groups, group_size=turns, reservable=423,
                      reserve_from_test=True, reserved_examples=20)
 
 
@@ -134,12 +157,17 @@ class MiniImageNetData:
         data = load_miniimagenet(cfg.root)
         pool = ClassPool.from_class_major(data.images, data.names)
         val = data.splits["val"][torch.randperm(len(data.splits["val"]), generator=gen)]
-        return Reserved(pool.classes(data.splits["train"]), data.splits["train"].clone(), pool.classes(data.splits["test"]),
-                        pool.classes(val[:count]))
+        train, test, reserved = data.splits["train"], data.splits["test"], val[:count]
+        if cfg.reserved_classes:
+            reserved = named(data.names, cfg.reserved_classes, count, "miniimagenet")
+            train, test = without(train, reserved), without(test, reserved)
+        return Reserved(pool.classes(train), train.clone(), pool.classes(test), pool.classes(reserved))
 
     @staticmethod
     def sizes(cfg: DataConfig) -> Sizes:
-        return Sizes((84, 84, 3), 64, 20, 600, 600, groups=64, reservable=16, reserved_examples=600)
+        # named reserved classes may all come out of meta-training: checked as if they did
+        train = 64 - len(cfg.reserved_classes)
+        return Sizes((84, 84, 3), train, 20, 600, 600, groups=train, reservable=16, reserved_examples=600)
 
 
 class _IdxData:

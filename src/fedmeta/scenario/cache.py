@@ -101,8 +101,9 @@ def pretrain_key(cfg: Backdoor, case: str) -> str:
     update)."""
     att = cfg.attack.model_dump(include={"backdoor_classes", "attacker_examples", "validation_examples", "benign_examples"})
     fed = cfg.federation
+    drawn = set() if cfg.data.reserved_classes else {"reserved_classes"}  # in the key when named; older keys hold
     parts = {
-        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root"}), "model": _model_key(cfg),
+        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root", *drawn}), "model": _model_key(cfg),
         "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
         "federation": _federation(fed, {"rounds", "episodes", "eval_every", "secure_aggregation", "reply_timeout"}),
         "rule": _rule_key(cfg, fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
