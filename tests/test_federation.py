@@ -302,6 +302,22 @@ def test_a_clean_twin_follows_the_same_defense_from_the_round_without_attackers(
     assert dashed == [["attack validation, clean twin"]] * 2
 
 
+def test_cache_keys_of_the_presets_stay_what_they_were():
+    """A new config key at its default must not re-key the cache: every pre-training, attack round
+    and clean row cached on a user's machine (hours of CPU) would be computed again. The pins are
+    the keys of 2026-12-07; change them only with a deliberate change of what an entry holds."""
+    from fedmeta.federation.client import RoundSettings
+    from fedmeta.scenario.cache import attack_round_key, clean_local_key, pretrain_key
+
+    compare, mini = load_config("omniglot-compare-quick"), load_config("miniimagenet-compare-quick")
+    first = RoundSettings(1, "main")
+    assert pretrain_key(compare, "a") == "ac1495fac0a610e2"
+    assert attack_round_key(compare, "a", first) == "775c9d6840d744c5"
+    assert clean_local_key(compare, "a", compare.federation.rule, ("matching", False)) == "c0334bf2d9b2e839"
+    assert (pretrain_key(mini, "a"), clean_local_key(mini, "a", mini.federation.rule, ("matching", False))) == (
+        "7fc15cdceae8ec6a", "715625886ade3414")
+
+
 def test_pretraining_cache_key_ignores_what_the_rule_does_not_read():
     from fedmeta.scenario.cache import pretrain_key
 

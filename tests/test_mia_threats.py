@@ -94,9 +94,12 @@ def test_global_variance_lira_pools_each_sides_variance_over_the_candidates():
     scores = {("support", "member", "lira:observed"): [1.0], ("support", "member", "lira:mean_out"): [0.0],
               ("support", "member", "lira:var_out"): [1.0], ("support", "same-class", "lira:observed"): [2.0],
               ("support", "same-class", "lira:mean_out"): [0.0], ("support", "same-class", "lira:var_out"): [9.0]}
+    scores |= {("query", kind, f"lira:{m}"): [v] for kind in ("member", "same-class")
+               for m, v in (("observed", 3.0), ("mean_out", 0.0), ("var_out", 1.0))}
     add_global_lira(scores)  # per candidate the z-scores are 1 and 2/3; pooled (variance 5): 1/sqrt5, 2/sqrt5
     assert scores[("support", "member", "lira-global")] == pytest.approx([1 / np.sqrt(5)])
     assert scores[("support", "same-class", "lira-global")] == pytest.approx([2 / np.sqrt(5)])
+    assert scores[("query", "member", "lira-global")] == pytest.approx([3.0])  # pooled per target: variance 1
     # the logit-scaled confidence of p = 0.8 is log 4
     assert lira_statistic({"loss": float(np.log(0.8))}, "loss") == pytest.approx(np.log(4))
     assert lira_statistic({"alignment": 0.3}, "alignment") == 0.3

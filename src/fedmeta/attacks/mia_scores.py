@@ -106,9 +106,10 @@ def pooled_variances(fits: Sequence[Mapping[str, float]]) -> dict[str, float]:
     when shadow models are few (per-example variances need tens of them), since a variance
     estimated from a handful of statistics is itself mostly noise. Pooling uses no membership
     label: the server pools every candidate it scores. The authors' plotting code
-    (tensorflow/privacy ``mi_lira_2021/plot.py``, ``fix_variance``) takes instead the standard
-    deviation of all IN statistics together, per-example means' spread included, for both sides;
-    the within-candidate pooling here is the variance the Gaussian model has."""
+    (tensorflow/privacy ``mi_lira_2021/plot.py``, ``fix_variance``) takes instead one standard
+    deviation of all statistics together, the per-example means' spread included: the IN ones for
+    both sides online, the OUT ones offline; the within-candidate pooling here is the variance the
+    Gaussian model has."""
     pooled = {"var_out": float(np.mean([f["var_out"] for f in fits]))}
     if all("var_in" in f for f in fits):
         pooled["var_in"] = float(np.mean([f["var_in"] for f in fits]))

@@ -498,10 +498,10 @@ class MiaConfig(Section):
     attacks: list[Literal["inversion", "threshold", "lira", "joint"]] = Field(["inversion", "threshold", "lira"],
                                                                             min_length=1)
     """``inversion``: the paper's gradient matching from the candidate (scores l0-cos, l0-l2, lt,
-    distance, class); ``threshold``: loss, grad-norm, alignment; ``lira``: likelihood ratio (not run
-    for the informed server, which needs no calibration); ``joint``: the realistic server
-    reconstructs the rest of the task around the candidate (joint, joint-cal; realistic points
-    only, see ``joint``)."""
+    distance, class); ``threshold``: loss, grad-norm, alignment; ``lira``: likelihood ratio, with
+    per-candidate and with pooled variances (lira, lira-global; not run for the informed server,
+    which needs no calibration); ``joint``: the realistic server reconstructs the rest of the task
+    around the candidate (joint, joint-cal; realistic points only, see ``joint``)."""
     targets: list[Literal["support", "query"]] = ["support", "query"]
     """Which set of the task is attacked (each trial attacks one slot of each)."""
     nonmembers: list[Literal["same-class", "other-class"]] = ["same-class", "other-class"]

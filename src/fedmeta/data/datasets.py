@@ -118,7 +118,8 @@ class OmniglotData:
 
     def reserve(self, cfg: DataConfig, seed: int, count: int) -> Reserved:
         """1200 training characters (a group: one character and its rotations); the reserved
-        classes are drawn from the 423 others, the rest of which are the meta-test classes."""
+        classes are drawn from the 423 others, the rest of which are the meta-test classes (named
+        ones: taken out of whichever of the two held them)."""
         gen = stream(seed, "reserve")
         data = load_omniglot(cfg.root)
         split = seeded_omniglot_split(stream(seed, "omniglot-split"))
@@ -152,7 +153,8 @@ class MiniImageNetData:
 
     def reserve(self, cfg: DataConfig, seed: int, count: int) -> Reserved:
         """The 64 training classes (each its own group); the reserved classes come from the 16
-        validation classes, the 20 test classes are the meta-test classes."""
+        validation classes, the 20 test classes are the meta-test classes (named ones: taken out of
+        whichever split held them)."""
         gen = stream(seed, "reserve")
         data = load_miniimagenet(cfg.root)
         pool = ClassPool.from_class_major(data.images, data.names)
@@ -165,9 +167,9 @@ class MiniImageNetData:
 
     @staticmethod
     def sizes(cfg: DataConfig) -> Sizes:
-        # named reserved classes may all come out of meta-training: checked as if they did
-        train = 64 - len(cfg.reserved_classes)
-        return Sizes((84, 84, 3), train, 20, 600, 600, groups=train, reservable=16, reserved_examples=600)
+        # named reserved classes may come out of meta-training or meta-test: checked as if from both
+        train, test = 64 - len(cfg.reserved_classes), 20 - len(cfg.reserved_classes)
+        return Sizes((84, 84, 3), train, test, 600, 600, groups=train, reservable=16, reserved_examples=600)
 
 
 class _IdxData:

@@ -501,8 +501,10 @@ LIRA_FIT = "lira:"
 
 def add_global_lira(scores: dict[tuple[str, str, str], list[float]]) -> None:
     """Add ``lira-global``: each candidate's LiRA score with each side's variance pooled over every
-    candidate of the point and target (``pooled_variances``). It needs the whole point's fits, so
-    it is computed once the tasks are done, from the fits the journal keeps."""
+    candidate of the point and target (``pooled_variances``): the member and every kind of
+    non-member of ``mia.nonmembers``, so the pooled variance, and each AUC, depends on which kinds
+    are scored. It needs the whole point's fits, so it is computed once the tasks are done, from
+    the fits the journal keeps."""
     fits: dict[tuple[str, str], list[dict[str, float]]] = {}
     for (target, kind, name), values in scores.items():
         if name.startswith(LIRA_FIT):
@@ -522,7 +524,8 @@ def attack(ctx: Context, point: Point, params: Params, trials: int, iterations: 
     scores so far are saved as the tasks go and a rerun goes on from there (``TaskJournal``)."""
     mia, seed = ctx.cfg.mia, ctx.cfg.seed
     server = adversary(ctx, point, params)
-    saves = TaskJournal(journal, {"point": point.key, "trials": trials, "iterations": iterations, "keep": keep})
+    saves = TaskJournal(journal, {"point": point.key, "trials": trials, "iterations": iterations, "keep": keep,
+                                  "format": 2})  # 2: LiRA's fits kept (lira-global); a save without them starts again
     done, result = saves.resume()
     for t in tqdm(range(done, trials), desc=f"attacking {point.key}", unit="task", leave=False, initial=done,
                   total=trials):

@@ -6,7 +6,8 @@
   examples that only serve as queries of main-task evaluation episodes.
 - Backdoor and target classes are reserved outside meta-training and meta-testing: drawn from the
   meta-test characters for Omniglot (1200 train / 418 test / 5 reserved), from the 16 validation
-  classes for mini-ImageNet (64 / 20 / 2). Their examples are shared out by
+  classes for mini-ImageNet (64 / 20 / 2), or named by ``data.reserved_classes`` and taken out of
+  the split that held them (the paper's mini-ImageNet pair: 62 / 20 / 2). Their examples are shared out by
   ``attacks.backdoor.share_examples``; keyed copies of the backdoor shares join the image store.
 - Benign users always hold the target class (their benign share); in cases b and c they also
   hold the backdoor classes, correctly labelled. In case c the backdoor classes also appear,

@@ -254,13 +254,21 @@ def clean_local_scores(cfg: Backdoor, case: str, rule: str, evaluate: Callable[[
     attack-val too). ``local``: (local defense, secure aggregation). Cached like ``clean_accuracy``;
     the defense's settings may sit anywhere in the config, so the whole config but the attack's own
     settings is in the key."""
+    path = cache_dir() / f"clean-local-{clean_local_key(cfg, case, rule, local)}.safetensors"
+    return _accuracies(path, "clean-local", evaluate)
+
+
+def clean_local_key(cfg: Backdoor, case: str, rule: str, local: tuple[str, bool]) -> str:
+    """``clean_local_scores``' key: the clean round's, and the whole config but the attack's own
+    settings and keys at the defaults they had before they existed (older entries hold)."""
     own = {"attack": {"attackers": True, "enabled": True, "target_way": True, **_new_trigger_keys(cfg)},
            "attacks": True, "compare": True, "runtime": True,
            "description": True, "finetune": {"clean_twin"}}  # clean_twin: Experiments 2 and 3 only
-    if cfg.defense.always_target:  # the behaviour from before the key existed: older entries hold
+    if cfg.defense.always_target:
         own["defense"] = {"always_target"}
-    parts = {**_clean_parts(cfg, case, rule), "local": [*local, cfg.model_dump(mode="json", exclude=own)]}
-    return _accuracies(cache_dir() / f"clean-local-{_digest(parts)}.safetensors", "clean-local", evaluate)
+    if not cfg.data.reserved_classes:
+        own["data"] = {"reserved_classes"}
+    return _digest({**_clean_parts(cfg, case, rule), "local": [*local, cfg.model_dump(mode="json", exclude=own)]})
 
 
 def _clean_parts(cfg: Backdoor, case: str, rule: str) -> dict:
