@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmeta.config import DataConfig
+from fedmeta.config import DataConfig, load_config
 from fedmeta.data.datasets import load_meta_splits, reserve
 from fedmeta.data.episodes import gather, minibatch_order, sample_episodes
 from fedmeta.data.files import DataError, verified
@@ -18,6 +18,7 @@ from fedmeta.data.idx import load_idx_dataset
 from fedmeta.data.pool import ClassPool
 from fedmeta.data.splits import partition, seeded_omniglot_split, torchmeta_omniglot_split
 from fedmeta.rng import stream
+from fedmeta.scenario.backdoor import build_scenario
 
 
 def test_omniglot_images_are_28x28_with_ink_one(omniglot):
@@ -88,6 +89,11 @@ def test_named_reserved_classes_leave_the_split_that_held_them(omniglot):
     assert len(chosen.groups.unique()) == 1199
     with pytest.raises(DataError, match=r"data.reserved_classes: omniglot has no class 'Nope/character01'"):
         reserve(DataConfig(reserved_classes=["Nope/character01", *names[1:]]), 0, 5)
+
+    scenario = build_scenario(load_config("omniglot-exp1a-quick", [f"data.reserved_classes={names}"]), "b")
+    for user, pool in enumerate(scenario.users):  # case b: benign users hold the named classes, attackers none
+        assert (set(names) <= set(pool.names)) == (user not in scenario.attackers)
+    assert scenario.everyone.pool.names[scenario.everyone.target] == names[-1]
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashionmnist"])
