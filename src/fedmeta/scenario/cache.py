@@ -101,9 +101,8 @@ def pretrain_key(cfg: Backdoor, case: str) -> str:
     update)."""
     att = cfg.attack.model_dump(include={"backdoor_classes", "attacker_examples", "validation_examples", "benign_examples"})
     fed = cfg.federation
-    drawn = set() if cfg.data.reserved_classes else {"reserved_classes"}  # in the key when named; older keys hold
     parts = {
-        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root", *drawn}), "model": _model_key(cfg),
+        "seed": cfg.seed, "data": cfg.data.model_dump(exclude={"root", *_new_data_keys(cfg)}), "model": _model_key(cfg),
         "meta": cfg.meta.model_dump(), "pretrain": cfg.pretrain.model_dump(),
         "federation": _federation(fed, {"rounds", "episodes", "eval_every", "secure_aggregation", "reply_timeout"}),
         "rule": _rule_key(cfg, fed.rule), "attackers": sorted(cfg.attack.users), "attack": att,
@@ -266,8 +265,8 @@ def clean_local_key(cfg: Backdoor, case: str, rule: str, local: tuple[str, bool]
            "description": True, "finetune": {"clean_twin"}}  # clean_twin: Experiments 2 and 3 only
     if cfg.defense.always_target:
         own["defense"] = {"always_target"}
-    if not cfg.data.reserved_classes:
-        own["data"] = {"reserved_classes"}
+    if unset := _new_data_keys(cfg):
+        own["data"] = unset
     return _digest({**_clean_parts(cfg, case, rule), "local": [*local, cfg.model_dump(mode="json", exclude=own)]})
 
 
@@ -300,6 +299,12 @@ def _new_trigger_keys(cfg: Backdoor) -> dict[str, dict[str, bool]]:
     trigger, fields = cfg.attack.trigger, type(cfg.attack.trigger).model_fields
     unset = {name: True for name in ("gap", "seed") if getattr(trigger, name) == fields[name].default}
     return {"trigger": unset} if unset else {}
+
+
+def _new_data_keys(cfg: Backdoor) -> set[str]:
+    """The ``data`` settings left out of keys at their defaults, so that entries from before they
+    existed hold: ``reserved_classes`` (empty: drawn per seed)."""
+    return set() if cfg.data.reserved_classes else {"reserved_classes"}
 
 
 def _accuracies(path: Path, what: str, evaluate: Callable[[], dict[str, Accuracy]]) -> dict[str, Accuracy]:
