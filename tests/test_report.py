@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from fedmeta.reports import ReportError, write_report
 from fedmeta.reports.collect import keep
@@ -299,6 +301,26 @@ def test_keep_copies_what_a_report_reads_and_no_weights(tmp_path):
     (tmp_path / "orig.md").write_text(fresh.format("sweep"))
     refresh_files([kept, tmp_path / "orig.md"], tmp_path)
     assert kept.read_text().replace("results/exp", "sweep") == (tmp_path / "orig.md").read_text()
+
+
+def test_keep_accepts_its_earlier_keep_after_fedmeta_added_a_key_at_its_default(tmp_path):
+    """A sweep resumed by a newer fedmeta writes its base config anew, naming keys added since at
+    their defaults; the folder kept before is still this sweep's, and keeping into it must work."""
+    from fedmeta.config import load_config
+
+    _exp1a_like(tmp_path)
+    sweep, dest = tmp_path / "sweep", tmp_path / "results" / "exp"
+    text = load_config("omniglot-exp1a-quick").to_toml()
+    (sweep / "base.toml").write_text(text)
+    keep(sweep, dest)
+    full = tomllib.loads(text)
+    older = {**full, "data": {k: v for k, v in full["data"].items() if k != "reserved_classes"}}
+    (dest / "base.toml").write_text(tomli_w.dumps(older))  # as kept before the key existed
+    assert keep(sweep, dest)
+    other = {**full, "seed": 5}
+    (dest / "base.toml").write_text(tomli_w.dumps(other))
+    with pytest.raises(ReportError, match="holds files but not an earlier keep of"):
+        keep(sweep, dest)
 
 
 def test_every_docs_table_is_regenerated_from_results_byte_for_byte():

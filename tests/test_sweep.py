@@ -86,6 +86,22 @@ def test_sweep_keep_copies_each_finished_cell_without_weights(tmp_path, omniglot
     assert (tmp_path / "again" / "seed=0" / "metrics.jsonl").read_bytes() == (cell / "metrics.jsonl").read_bytes()
 
 
+def test_sweep_refuses_a_keep_folder_of_something_else_before_its_first_cell(tmp_path):
+    """A ``--keep`` folder that holds another keep would fail the copy after the first cell's hours:
+    named before any cell runs, and the sweep folder not even created."""
+    from typer.testing import CliRunner
+
+    from fedmeta.cli import app
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "base.toml").write_text('experiment = "pretrain"\nseed = 7\n')
+    args = ["sweep", "omniglot-pretrain-quick", "--out", str(tmp_path / "s"), "--keep", str(kept)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "holds files but not an earlier keep of the sweep" in result.output
+    assert not (tmp_path / "s").exists() and sorted(p.name for p in kept.iterdir()) == ["base.toml"]
+
+
 def test_a_cell_that_wrote_its_summary_and_then_failed_is_kept(tmp_path, monkeypatch, omniglot):
     """A run that writes its summary and then exits with an error (a membership point not scored)
     holds numbers a report reads: ``--keep`` hears of it like a finished cell, and the sweep lists

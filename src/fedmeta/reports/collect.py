@@ -126,14 +126,31 @@ def keep(source: Path, dest: Path) -> list[Path]:
 
 
 def _check_keep(source: Path, dest: Path) -> None:
+    name = "base.toml" if (source / "base.toml").is_file() else RunDir.CONFIG  # a sweep's, or a run's
+    check_keep_target(dest, name, _meaning(source / name), str(source))
+
+
+def check_keep_target(dest: Path, name: str, config: Any, source: str) -> None:
+    """Refuse ``dest`` unless it is empty, new, or an earlier keep of ``source``, whose config file
+    ``name`` (``base.toml`` for a sweep) reads as ``config`` (``resolved``). ``fedmeta sweep
+    --keep`` asks before its first cell, so a wrong folder is named before hours of work."""
     if dest.exists() and not dest.is_dir():
         raise ReportError(f"{dest} is a file, not a folder")
     if not dest.is_dir() or not any(dest.iterdir()):
         return
-    name = "base.toml" if (source / "base.toml").is_file() else RunDir.CONFIG  # a sweep's, or a run's
-    if not (dest / name).is_file() or (dest / name).read_bytes() != (source / name).read_bytes():
+    if not (dest / name).is_file() or _meaning(dest / name) != config:
         raise ReportError(f"{dest} holds files but not an earlier keep of {source} (its {name} differs or is "
                           "missing); keep into a new folder")
+
+
+def _meaning(path: Path) -> Any:
+    """A config file as this fedmeta reads it (``resolved``: defaults filled in), so a sweep resumed
+    by a newer fedmeta, whose base config then names a key added at its default, is still the
+    sweep kept before; a file that is not TOML (someone's notes) stands for its bytes."""
+    try:
+        return resolved(tomllib.loads(path.read_text()))
+    except (OSError, ValueError):  # ValueError: TOML and UTF-8 decoding
+        return path.read_bytes()
 
 
 def load(path: Path) -> Run:
