@@ -104,6 +104,26 @@ def test_a_fine_tuning_curve_draws_the_unadapted_step_0_apart_under_a_title(tmp_
     assert "fine-tuning step (step 0: before any)" == ax.get_xlabel()
 
 
+def test_a_single_seeds_curve_has_its_episodes_band_and_says_so(tmp_path, monkeypatch):
+    """One seed has no interval over seeds; its band is the run's own 95% interval over its
+    episodes (``<metric>_ci95``), the legend says which."""
+    import fedmeta.reports.figures as figures
+
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, title=None: drawn.setdefault(out.name, (fig, title)) and out)
+    _run(tmp_path / "seed=0", 0, [{"case": "a", "round": r, "episodes": 40, "attack_val_accuracy": v,
+                                   "attack_val_accuracy_ci95": h}
+                                  for r, v, h in ((0, 0.2, 0.05), (1, 0.9, 0.02), (5, 0.8, 0.07))],
+         experiment="backdoor-rounds")
+    write_report([tmp_path / "seed=0"], tmp_path / "report")
+    ax = drawn["curves-backdoor-rounds.png"][0].axes[0]
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("all runs")]
+    assert line.get_label() == "all runs (1 seed, band over its episodes)"
+    (band,) = ax.collections
+    low, high = band.get_paths()[0].vertices[:, 1].min(), band.get_paths()[0].vertices[:, 1].max()
+    assert (low, high) == (pytest.approx(0.15), pytest.approx(0.92))
+
+
 def test_nothing_to_report_is_refused(tmp_path):
     with pytest.raises(ReportError, match="holds no run folder"):
         write_report([tmp_path], tmp_path / "report")

@@ -62,6 +62,9 @@ class Cell:
     episodes: set[int] = field(default_factory=set)
     cap: dict[int, float] = field(default_factory=dict)
     """Per seed, the largest value a ``CAPPED`` count could take (empty for other metrics)."""
+    within: dict[int, float] = field(default_factory=dict)
+    """Per seed, the half-width of the run's own 95% interval over its episodes (``<metric>_ci95``
+    in its line), where it logs one: the only interval a single seed has."""
 
     def interval(self) -> Interval:
         """The mean over seeds and its 95% t-interval (values in seed order)."""
@@ -146,7 +149,10 @@ def check_keep_target(dest: Path, name: str, config: Any, source: str) -> None:
 def _meaning(path: Path) -> Any:
     """A config file as this fedmeta reads it (``resolved``: defaults filled in), so a sweep resumed
     by a newer fedmeta, whose base config then names a key added at its default, is still the
-    sweep kept before; a file that is not TOML (someone's notes) stands for its bytes."""
+    sweep kept before; a file that is not TOML (someone's notes) stands for its bytes; no file
+    (a folder of runs has no config of its own), for ``None``."""
+    if not path.is_file():
+        return None
     try:
         return resolved(tomllib.loads(path.read_text()))
     except (OSError, ValueError):  # ValueError: TOML and UTF-8 decoding
@@ -255,6 +261,8 @@ def tabulate(runs: list[Run], pick) -> Table:
                 cell.values[run.seed] = float(value)
                 if name in CAPPED and CAPPED[name] in record:
                     cell.cap[run.seed] = float(record[CAPPED[name]])
+                if isinstance(half := record.get(f"{name}_ci95"), (int, float)):
+                    cell.within[run.seed] = float(half)
                 if (episodes := record.get("episodes", record.get("trials", run.episodes))) is not None:
                     cell.episodes.add(int(episodes))
     return table

@@ -61,16 +61,21 @@ def _axis(position: tuple) -> float:
 
 def _band(ax: Any, points: list, colour: str, label: str, unadapted_start: bool) -> None:
     """The mean over seeds and its 95% band; with ``unadapted_start``, a point at x = 0 is drawn
-    apart, as a marker with its interval."""
+    apart, as a marker with its interval. A single seed has no interval over seeds: its band is the
+    run's own interval over its episodes (as ``fedmeta plot`` draws a run), and the legend says so."""
     cis = [c.interval() for _, c in points]
     seeds = min(ci.n for ci in cis)
+    halves = [ci.half for ci in cis]
+    over = f"{seeds} seeds" if seeds > 1 else "1 seed"
+    if all(len(c.values) == 1 and c.within for _, c in points):
+        halves, over = [next(iter(c.within.values())) for _, c in points], "1 seed, band over its episodes"
     if unadapted_start and points[0][0] == 0:
-        ax.errorbar(0, cis[0].mean, yerr=cis[0].half, color=colour, marker="o", ms=3, capsize=2)
-        points, cis = points[1:], cis[1:]
+        ax.errorbar(0, cis[0].mean, yerr=halves[0], color=colour, marker="o", ms=3, capsize=2)
+        points, cis, halves = points[1:], cis[1:], halves[1:]
     xs, means = [x for x, _ in points], [ci.mean for ci in cis]
-    ax.plot(xs, means, color=colour, lw=1.4, label=f"{label} ({seeds} seed{'s' if seeds > 1 else ''})")
-    if all(ci.half is not None for ci in cis):
-        ax.fill_between(xs, [m - ci.half for m, ci in zip(means, cis)], [m + ci.half for m, ci in zip(means, cis)],
+    ax.plot(xs, means, color=colour, lw=1.4, label=f"{label} ({over})")
+    if all(h is not None for h in halves):
+        ax.fill_between(xs, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
                         color=colour, alpha=0.2, lw=0)
 
 
