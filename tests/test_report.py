@@ -337,6 +337,8 @@ def test_keep_accepts_its_earlier_keep_after_fedmeta_added_a_key_at_its_default(
     older = {**full, "data": {k: v for k, v in full["data"].items() if k != "reserved_classes"}}
     (dest / "base.toml").write_text(tomli_w.dumps(older))  # as kept before the key existed
     assert keep(sweep, dest)
+    (dest / "base.toml").write_text(tomli_w.dumps({**full, "runtime": {**full["runtime"], "threads": 7}}))
+    assert keep(sweep, dest)  # resumed with other threads: the same sweep, as `fedmeta sweep` says
     other = {**full, "seed": 5}
     (dest / "base.toml").write_text(tomli_w.dumps(other))
     with pytest.raises(ReportError, match="holds files but not an earlier keep of"):

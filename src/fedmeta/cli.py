@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -116,7 +115,7 @@ def sweep(
     ``--keep DEST`` copies the finished cells' small files to DEST as each one finishes, so a sweep
     longer than the machine's life (a spot instance, a lent machine) loses at most its running cells."""
     from fedmeta.reports import ReportError
-    from fedmeta.reports.collect import check_keep_target, resolved
+    from fedmeta.reports.collect import check_keep_target, config_meaning
     from fedmeta.reports.collect import keep as keep_runs
     from fedmeta.sweeps import InProcess, LocalPool, RayCluster, plan, run_sweep
 
@@ -125,7 +124,7 @@ def sweep(
             raise ConfigError("--workers and --ray exclude each other")
         cells = plan(config, overrides or [], grid or [], seeds)
         if keep is not None:
-            check_keep_target(keep, "base.toml", resolved(tomllib.loads(cells.base.to_toml())), f"the sweep {out}")
+            check_keep_target(keep, "base.toml", config_meaning(cells.base.to_toml()), f"the sweep {out}")
         executor = RayCluster(ray) if ray else LocalPool(workers) if workers else InProcess()
         result = run_sweep(cells, out, executor, finished=None if keep is None else lambda _: keep_runs(out, keep))
         if keep is not None and result.skipped and not result.done:  # only cells finished before this

@@ -21,7 +21,7 @@ from typing import Any
 
 from fedmeta.config import ConfigError, validate
 from fedmeta.reports.stats import Interval, interval
-from fedmeta.runs import RunDir, flat_keys, in_use, matches
+from fedmeta.runs import FREE_KEYS, RunDir, flat_keys, in_use, matches
 from fedmeta.storage import atomic_write
 
 POSITION = ("learner", "case", "user", "stage", "threat", "users", "target", "nonmember", "attack", "score", "iterations",
@@ -135,7 +135,7 @@ def _check_keep(source: Path, dest: Path) -> None:
 
 def check_keep_target(dest: Path, name: str, config: Any, source: str) -> None:
     """Refuse ``dest`` unless it is empty, new, or an earlier keep of ``source``, whose config file
-    ``name`` (``base.toml`` for a sweep) reads as ``config`` (``resolved``). ``fedmeta sweep
+    ``name`` (``base.toml`` for a sweep) means ``config`` (``config_meaning``). ``fedmeta sweep
     --keep`` asks before its first cell, so a wrong folder is named before hours of work."""
     if dest.exists() and not dest.is_dir():
         raise ReportError(f"{dest} is a file, not a folder")
@@ -146,15 +146,22 @@ def check_keep_target(dest: Path, name: str, config: Any, source: str) -> None:
                           "missing); keep into a new folder")
 
 
+def config_meaning(text: str) -> dict[str, Any]:
+    """What makes a run or sweep the same one when it is kept again: its config as this fedmeta
+    reads it (``resolved``: defaults filled in, so keys a newer fedmeta added do not count), less
+    the keys a resume may change (``FREE_KEYS``: threads, data root, ...) and the settings of
+    strategies no attacker runs (``in_use``), as ``fedmeta run`` and ``fedmeta sweep`` tell a
+    resume from another run. Raises ``ValueError`` on text that is not TOML."""
+    return {k: v for k, v in flat_keys(in_use(resolved(tomllib.loads(text)))).items() if not matches(k, FREE_KEYS)}
+
+
 def _meaning(path: Path) -> Any:
-    """A config file as this fedmeta reads it (``resolved``: defaults filled in), so a sweep resumed
-    by a newer fedmeta, whose base config then names a key added at its default, is still the
-    sweep kept before; a file that is not TOML (someone's notes) stands for its bytes; no file
-    (a folder of runs has no config of its own), for ``None``."""
+    """``config_meaning`` of a config file; a file that is not TOML (someone's notes) stands for
+    its bytes; no file (a folder of runs has no config of its own), for ``None``."""
     if not path.is_file():
         return None
     try:
-        return resolved(tomllib.loads(path.read_text()))
+        return config_meaning(path.read_text())
     except (OSError, ValueError):  # ValueError: TOML and UTF-8 decoding
         return path.read_bytes()
 
