@@ -13,7 +13,7 @@ from fedmeta.meta.evaluation import meta_test, predict
 from fedmeta.meta.learner import Reptile
 from fedmeta.meta.maml import task_meta_gradient
 from fedmeta.meta.reptile import reptile_step, reptile_step_batched, reptile_step_users
-from fedmeta.models.conv4 import Conv4
+from fedmeta.models.conv4 import Conv4, channels_last
 
 
 def _episode_batch(omniglot, episodes=3, steps=4, batch=10, seed=0):
@@ -163,3 +163,17 @@ def test_users_batched_reptile_equals_each_users_loop(omniglot, tiny):
                 torch.testing.assert_close(a[u], b, rtol=1e-4, atol=1e-12)
             assert float(got_s.step[0]) == float(want_s.step[0])
             torch.testing.assert_close(got_loss[u], want_loss, rtol=0, atol=1e-5)
+
+
+def test_the_trunk_runs_one_channel_images_channels_last():
+    """``torch.cat`` of one-channel images gives NCHW strides that ``contiguous(channels_last)``
+    leaves alone; ``channels_last`` sets NHWC strides (a view), so the convolutions write NHWC maps."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 1, 8, 8, generator=gen)  # the strides torch.cat returns
+    assert images.contiguous(memory_format=torch.channels_last).stride() == (64, 64, 8, 1)
+    nhwc = channels_last(images)
+    assert nhwc.stride() == (64, 1, 8, 1) and nhwc.data_ptr() == images.data_ptr() and torch.equal(nhwc, images)
+    maps = F.conv2d(nhwc, torch.rand(16, 1, 3, 3, generator=gen), padding=1)
+    assert maps.stride(1) == 1
+    colour = torch.rand(4, 3, 8, 8, generator=gen)
+    assert channels_last(colour).stride(1) == 1 and torch.equal(channels_last(colour), colour)

@@ -67,15 +67,15 @@ def log_probs(model: Conv4, weights: Params, support: Tensor, labels: Tensor, in
     """log P(l | x) for ``inputs``: embedded together with the support set (transductive), or each
     alone with it, so that no input sees another's batch statistics.
 
-    Non-transductive, one channels-last batch per input, as ``meta.evaluation.logits_fn`` does: the
+    Non-transductive, one batch per input (the trunk runs it channels-last), as
+    ``meta.evaluation.logits_fn`` does: the
     former ``vmap`` over inputs held every input's activations at once (5.5 GB for 75 mini-ImageNet
     queries beside 25 support images, Conv4-32, against 0.3 GB) and was slower (4.4x at that size,
     1.6x on Omniglot with Conv4-64; one thread, same scores to 3e-6)."""
     if transductive:
         features = model.trunk(weights, torch.cat([support, inputs]))
         return attention_log_probs(weights, features[len(support):], features[: len(support)], labels, ways)
-    batches = (torch.cat([support, x[None]]).contiguous(memory_format=torch.channels_last) for x in inputs)
-    features = [model.trunk(weights, batch) for batch in batches]
+    features = [model.trunk(weights, torch.cat([support, x[None]])) for x in inputs]
     query_features = torch.stack([f[-1] for f in features])
     support_features = torch.stack([f[:-1] for f in features])
     return attention_log_probs(weights, query_features, support_features, labels, ways)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedmeta.models.conv4 import BLOCKS, Params, glorot
+from fedmeta.models.conv4 import BLOCKS, Params, channels_last, glorot
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,8 @@ class SmallConv:
         return params
 
     def __call__(self, params: Params, x: Tensor) -> Tensor:
-        """Logits ``[N, ways]`` of images ``[N, C, H, W]``."""
+        """Logits ``[N, ways]`` of images ``[N, C, H, W]`` (run channels-last)."""
+        x = channels_last(x)
         for i in range(BLOCKS):
             x = F.conv2d(x, params[f"trunk.{i}.conv.weight"], params[f"trunk.{i}.conv.bias"], padding=1)
             x = F.relu(F.max_pool2d(x, 2))
