@@ -71,7 +71,8 @@ def main() -> None:
             print(f"scoring {count} queries: before {ms['before']:.1f} ms, now {ms['now']:.1f} ms "
                   f"({ms['before'] / ms['now']:.2f}x), same predictions: {same}")
 
-    pool = ClassPool(images, torch.arange(len(images)).view(100, 20), torch.full((100,), 20), tuple(map(str, range(100))))
+    rows = torch.arange(len(images)).view(100, 20)
+    pool = ClassPool(images, rows, torch.full((100,), 20), tuple(map(str, range(100))))
     learner = Reptile(model, MetaConfig())
     episodes = sample_episodes(pool, args.episodes, 5, 5, 1, torch.Generator().manual_seed(1))
     score = query_accuracy(learner, images, episodes, transductive=False)
