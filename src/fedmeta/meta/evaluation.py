@@ -90,8 +90,9 @@ def logits_fn(model: Conv4, params: Params, support: Tensor, transductive: bool)
     A function of the query batch, so that attacks differentiate exactly what is evaluated. Each
     non-transductive batch (support + one query) is a ``torch.cat``, whose layout is not
     channels-last; the model restores it (``models.conv4.channels_last``: on that layout scoring
-    was 10x faster per 84x84 episode than the former ``vmap`` over queries, and 2.2-3.9x faster per
-    Omniglot episode than the NCHW maps a one-channel ``cat`` gave before 2026-12-07).
+    was 10x faster per 84x84 episode than the former ``vmap`` over queries, and about 2x faster per
+    Omniglot episode than the NCHW maps a one-channel ``cat`` gave before 2026-12-07:
+    ``benchmarks/bench_layout.py``).
     """
     if transductive:
         return lambda inputs: model(params, inputs)
