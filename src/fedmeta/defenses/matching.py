@@ -68,9 +68,9 @@ def log_probs(model: Conv4, weights: Params, support: Tensor, labels: Tensor, in
     alone with it, so that no input sees another's batch statistics.
 
     Non-transductive, one batch per input (the trunk runs it channels-last), as
-    ``meta.evaluation.logits_fn`` does: the former ``vmap`` over inputs held every input's activations at once (5.5 GB for 75 mini-ImageNet
-    queries beside 25 support images, Conv4-32, against 0.3 GB) and was slower (4.4x at that size,
-    1.6x on Omniglot with Conv4-64; one thread, same scores to 3e-6)."""
+    ``meta.evaluation.logits_fn`` does: the former ``vmap`` over inputs held every input's activations
+    at once (5.5 GB for 75 mini-ImageNet queries beside 25 support images, Conv4-32, against 0.3 GB)
+    and was slower (4.4x at that size, 1.6x on Omniglot with Conv4-64; one thread, same scores to 3e-6)."""
     if transductive:
         features = model.trunk(weights, torch.cat([support, inputs]))
         return attention_log_probs(weights, features[len(support):], features[: len(support)], labels, ways)
