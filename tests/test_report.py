@@ -188,6 +188,22 @@ def test_a_lift_is_read_and_shown_in_points(tmp_path):
     assert f"| all runs | case a, user 1, step 500 | 20.00 ± {100 * HALF:.2f} | 3 | 20 |" in text
 
 
+
+def test_a_local_rows_lift_is_its_attack_val_minus_its_clean_reference_seed_by_seed(tmp_path):
+    """A comparison's local row logs attack-val and its defense's on the clean round; the report
+    derives their difference per seed (here 0.1, 0.2, 0.3 over 0.05) and keeps a logged lift as is."""
+    for seed, value in enumerate((0.15, 0.25, 0.35)):
+        _run(tmp_path / "sweep" / f"seed={seed}", seed, [
+            {"defense": "local finetune (FedAvg)", "attack_val_accuracy": value, "clean_attack_val_accuracy": 0.05,
+             "episodes": 40},
+            {"defense": "fedavg", "attack_val_accuracy": value, "episodes": 40},  # no clean reference: no lift
+            {"defense": "local matching (FedAvg)", "attack_val_accuracy": value, "clean_attack_val_accuracy": 0.05,
+             "attack_val_lift": 0.5, "episodes": 40}])
+    text = table_text(TableQuery.parse(["sweep", "--metrics", "attack_val_lift"]).within(tmp_path))
+    assert f"| all runs | defense local finetune (FedAvg) | 20.00 ± {100 * HALF:.2f} | 3 | 40 |" in text
+    assert "| all runs | defense local matching (FedAvg) | 50.00 ± 0.00 | 3 | 40 |" in text
+    assert "defense fedavg" not in text
+
 def test_mean_over_keeps_a_capped_count_at_its_cap_only_where_every_line_is():
     from fedmeta.reports.collect import Cell, capped_text
     from fedmeta.reports.docs import mean_over

@@ -7,7 +7,8 @@ metric line sits (its position), and which lines make the table.
   shots, ...): lines of different seeds at one position are averaged.
 - The **table** holds, for each curve (position without its axis), the ``final`` lines if it has
   any, else its last point; lines without an axis (one row per defense, say) are all rows.
-- A **metric** is a number field named ``*accuracy``, ``*_auc``, ``*_fpr``, ``*_weight`` or ``*_survived``.
+- A **metric** is a number field named ``*accuracy``, ``*_lift``, ``*_auc``, ``*_fpr``, ``*_weight`` or
+  ``*_survived``; a line with attack-val and its clean reference but no lift gets one (``DERIVED``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "fede
 covers threads and device; ``eval.workers`` only where evaluation episodes run; ``robust.learners``
 which learners' lines a run has, not their numbers: a learner scores the same alone or beside
 others, so runs that trained different learners of one seed pair up as one setting)."""
+
+DERIVED = {"attack_val_lift": ("attack_val_accuracy", "clean_attack_val_accuracy")}
+"""Differences of two metrics of one line, computed where the line does not log them: the
+comparison's local rows keep attack-val and ``clean_attack_val_accuracy`` (their defense on the
+round nobody attacked), so the backdoor's share of a local row, seed by seed, is their difference,
+as Experiments 2 and 3 log it with ``finetune.clean_twin``."""
 
 Position = tuple[tuple[str, Any], ...]
 
@@ -218,8 +225,12 @@ def position(record: dict[str, Any]) -> Position:
 
 
 def metrics(record: dict[str, Any]) -> dict[str, float]:
-    return {k: v for k, v in record.items()
-            if k.endswith(METRIC_SUFFIXES) and isinstance(v, float | int) and not isinstance(v, bool)}
+    found = {k: v for k, v in record.items()
+             if k.endswith(METRIC_SUFFIXES) and isinstance(v, float | int) and not isinstance(v, bool)}
+    for name, (minuend, subtrahend) in DERIVED.items():
+        if name not in found and minuend in found and subtrahend in found:
+            found[name] = round(found[minuend] - found[subtrahend], 6)
+    return found
 
 
 def within(fields: dict[str, Any], where: dict[str, list[str]]) -> bool:
