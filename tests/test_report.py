@@ -257,18 +257,18 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
                  lr=lr)
     text = table_text(TableQuery.parse(["lr0.001", "lr0.01", "--columns", "defense", "--metrics",
                                         "attack_val_accuracy"]).within(tmp_path))
-    assert "| setting | metric | fedavg (SA) | krum | local matching (FedAvg) (SA) | lowest | highest |" in text
+    assert "| setting | metric | fedavg (SA) | krum | local matching (FedAvg) (SA) | seeds | lowest | highest |" in text
     half = f"{100 * HALF:.2f}"
     # each row's best and worst server rule (the local row is read against its own clean reference)
-    assert (f"| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± {half} | 20.00 ± {half} | 10.00 ± {half} | "
+    assert (f"| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± {half} | 20.00 ± {half} | 10.00 ± {half} | 3 | "
             "krum (20.00) | fedavg (SA) (50.00) |") in text
     assert "| meta.inner_lr=0.01 | attack_val_accuracy | 80.00 ±" in text
     rounds = table_text(TableQuery.parse(["lr0.001", "--columns", "defense", "--metrics", "rounds_survived"]
                                          ).within(tmp_path))
     # survived 2, 3 and all 5 rounds followed under FedAvg over the seeds (so at least 5: no mean,
     # the seeds' values); a local defense has no count, so no column
-    assert "| fedavg (SA) | krum | lowest | highest |\n|---|---|---|---|---|---|\n" in rounds
-    assert "| all runs | rounds_survived | 2, 3, ≥ 5 | 0, 0, 0 |  |  |" in rounds  # no extremes of a capped count
+    assert "| fedavg (SA) | krum | seeds | lowest | highest |\n|---|---|---|---|---|---|---|\n" in rounds
+    assert "| all runs | rounds_survived | 2, 3, ≥ 5 | 0, 0, 0 | 3 |  |  |" in rounds  # no extremes of a capped count
     assert '"≥" where the backdoor outlived the rounds followed' in rounds
     listed = table_text(TableQuery.parse(["lr0.001", "--where", "defense=fedavg", "--metrics", "rounds_survived"]
                                          ).within(tmp_path))
@@ -285,6 +285,18 @@ def test_a_threat_matrix_has_a_column_per_defense_and_a_heatmap(tmp_path):
     fedavg = next(r for r in survived if r["defense"] == "fedavg" and r["setting"] == "meta.inner_lr=0.001")
     assert (fedavg["values"], fedavg["mean"], fedavg["ci95_half"]) == ("2 3 >=5", "3.33333", "")
     assert not [r for r in _rows(tmp_path / "report" / "paired.csv") if r["metric"] == "rounds_survived"]
+
+
+def test_a_matrix_row_says_how_many_seeds_it_rests_on(tmp_path):
+    """A sweep kept while it runs: the second attack has one seed so far, its row says so."""
+    for lr, seeds in ((0.001, 3), (0.01, 1)):
+        for seed in range(seeds):
+            _run(tmp_path / "kept" / f"lr{lr}-seed={seed}", seed, [
+                {"defense": d, "attack_val_accuracy": 0.5, "episodes": 40} for d in ("fedavg", "krum")], lr=lr)
+    text = table_text(TableQuery.parse(["kept", "--columns", "defense", "--metrics", "attack_val_accuracy"]
+                                       ).within(tmp_path))
+    assert "| meta.inner_lr=0.001 | attack_val_accuracy | 50.00 ± 0.00 | 50.00 ± 0.00 | 3 |" in text
+    assert "| meta.inner_lr=0.01 | attack_val_accuracy | 50.00 | 50.00 | 1 |" in text
 
 
 def test_matrix_labels_and_secure_aggregation_marks():

@@ -250,12 +250,14 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
     """``table_markdown`` turned so that each value of the position key ``column`` is a column:
     one row per setting, rest of the position and metric (``column = "defense"``: a threat matrix,
     attacks down, defenses across; "(SA)" marks a defense that runs under secure aggregation). One
-    seed: means without an interval; a ``CAPPED`` count: its value per seed. The last two columns
-    name where each row's mean is lowest and highest (``extremes``): against an attack, its best
-    and worst server rule by that metric."""
+    seed: means without an interval; a ``CAPPED`` count: its value per seed. ``seeds``: how many
+    seeds the row's values rest on (a range where its cells differ: a sweep kept while it runs).
+    The last two columns name where each row's mean is lowest and highest (``extremes``): against
+    an attack, its best and worst server rule by that metric."""
     values: dict[Any, None] = {}
     rows: dict[tuple[str, tuple, str], dict[Any, str]] = {}
     means: dict[tuple[str, tuple, str], dict[Any, float]] = {}
+    seeds: dict[tuple[str, tuple, str], set[int]] = {}
     for (exp, group, position, metric), cell in table.items():
         where = dict(position)
         if exp == experiment and column in where:
@@ -265,19 +267,27 @@ def pivot_markdown(table: Table, names: dict[str, dict[str, Any]], experiment: s
             key = (group, rest, metric)
             rows.setdefault(key, {})[where[column]] = capped_text(metric, cell) or _pivot_cell(metric, ci)
             means.setdefault(key, {})[where[column]] = ci.mean
+            seeds.setdefault(key, set()).add(len(cell.values))
     if not rows:
         raise ReportError(f"--columns {column}: no line of {experiment} has a '{column}'")
     with_position = any(rest for _, rest, _ in rows)
     head = ["setting", *(["position"] if with_position else []), "metric", *(_column(column, v) for v in values),
-            "lowest", "highest"]
+            "seeds", "lowest", "highest"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = group_order(names)
     for key, cells in sorted(rows.items(), key=lambda item: order.index(item[0][0])):
         group, rest, metric = key
         numbers = [cells.get(v, "") for v in values]
         out.append("| " + " | ".join([short_label(names[group]), *([position_text(rest)] if with_position else []),
-                                      metric, *numbers, *extremes(column, metric, means[key])]) + " |")
+                                      metric, *numbers, _count_text(seeds[key]),
+                                      *extremes(column, metric, means[key])]) + " |")
     return out
+
+
+def _count_text(counts: set[int]) -> str:
+    """``3``, or ``1-3`` where the cells of a row rest on different numbers of seeds."""
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
 
 
 TIES_NAMED = 3
