@@ -189,20 +189,30 @@ def test_a_lift_is_read_and_shown_in_points(tmp_path):
 
 
 
-def test_a_local_rows_lift_is_its_attack_val_minus_its_clean_reference_seed_by_seed(tmp_path):
-    """A comparison's local row logs attack-val and its defense's on the clean round; the report
-    derives their difference per seed (here 0.1, 0.2, 0.3 over 0.05) and keeps a logged lift as is."""
+def test_each_comparison_row_gets_its_lift_over_its_own_reference_seed_by_seed(tmp_path):
+    """A server rule's lift is its attack-val minus the run's ``before the attack`` row's; a local
+    defense's, minus its own clean reference (the same defense on the round nobody attacked). Here
+    every row is 0.1, 0.2, 0.3 above its reference over the seeds: 20 ± HALF points each. A local
+    row without a reference (an older version) gets none; a logged lift is kept."""
     for seed, value in enumerate((0.15, 0.25, 0.35)):
         _run(tmp_path / "sweep" / f"seed={seed}", seed, [
+            {"defense": "fedavg", "attack_val_accuracy": value + 0.05, "episodes": 40},
             {"defense": "local finetune (FedAvg)", "attack_val_accuracy": value, "clean_attack_val_accuracy": 0.05,
              "episodes": 40},
-            {"defense": "fedavg", "attack_val_accuracy": value, "episodes": 40},  # no clean reference: no lift
+            {"defense": "local fine-pruning (FedAvg)", "attack_val_accuracy": value, "episodes": 40},
             {"defense": "local matching (FedAvg)", "attack_val_accuracy": value, "clean_attack_val_accuracy": 0.05,
-             "attack_val_lift": 0.5, "episodes": 40}])
+             "attack_val_lift": 0.5, "episodes": 40},
+            {"defense": "before the attack", "attack_val_accuracy": 0.1, "episodes": 40}])
     text = table_text(TableQuery.parse(["sweep", "--metrics", "attack_val_lift"]).within(tmp_path))
-    assert f"| all runs | defense local finetune (FedAvg) | 20.00 ± {100 * HALF:.2f} | 3 | 40 |" in text
+    for row in ("fedavg", "local finetune (FedAvg)"):
+        assert f"| all runs | defense {row} | 20.00 ± {100 * HALF:.2f} | 3 | 40 |" in text
     assert "| all runs | defense local matching (FedAvg) | 50.00 ± 0.00 | 3 | 40 |" in text
-    assert "defense fedavg" not in text
+    assert "fine-pruning" not in text and "defense before the attack" not in text
+    matrix = table_text(TableQuery.parse(["sweep", "--columns", "defense", "--metrics", "attack_val_lift"]
+                                         ).within(tmp_path))
+    # lifts rank the local rows with the server rules
+    assert matrix.rstrip().endswith("| 3 | fedavg (SA), local finetune (FedAvg) (SA) (20.00) | local matching (FedAvg) (SA) (50.00) |")
+
 
 def test_mean_over_keeps_a_capped_count_at_its_cap_only_where_every_line_is():
     from fedmeta.reports.collect import Cell, capped_text

@@ -299,12 +299,14 @@ def extremes(column: str, metric: str, means: dict[Any, float]) -> tuple[str, st
     the first ``TIES_NAMED`` named, the rest counted). Of a comparison's defenses, the server
     rules only: they are all read against the pre-trained model (its column), while a local
     defense's row is read against that defense on a model nobody attacked (its own
-    ``clean_attack_val_accuracy``), so its raw number ranks with nothing else. A ``CAPPED`` count
-    has none (its cells are per seed)."""
+    ``clean_attack_val_accuracy``), so its raw number ranks with nothing else; a ``_lift`` is each
+    row taken from its own reference, so it ranks every defense. A ``CAPPED`` count has none (its
+    cells are per seed)."""
     from fedmeta.experiments.comparison import BEFORE
 
+    lift = metric.endswith("_lift")
     ranked = {name: _number(metric, mean) for name, mean in means.items()
-              if column != "defense" or (name != BEFORE and not str(name).startswith("local "))}
+              if column != "defense" or (name != BEFORE and (lift or not str(name).startswith("local ")))}
     if metric in CAPPED or len(ranked) < 2:
         return "", ""
     if len(set(ranked.values())) == 1:

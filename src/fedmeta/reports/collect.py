@@ -8,7 +8,7 @@ metric line sits (its position), and which lines make the table.
 - The **table** holds, for each curve (position without its axis), the ``final`` lines if it has
   any, else its last point; lines without an axis (one row per defense, say) are all rows.
 - A **metric** is a number field named ``*accuracy``, ``*_lift``, ``*_auc``, ``*_fpr``, ``*_weight`` or
-  ``*_survived``; a line with attack-val and its clean reference but no lift gets one (``DERIVED``).
+  ``*_survived``. A comparison's row without an ``attack_val_lift`` gets one (``with_lifts``).
 """
 
 from __future__ import annotations
@@ -36,12 +36,6 @@ IGNORED = ("seed", "description", "data.root", "runtime.", "eval.workers", "fede
 covers threads and device; ``eval.workers`` only where evaluation episodes run; ``robust.learners``
 which learners' lines a run has, not their numbers: a learner scores the same alone or beside
 others, so runs that trained different learners of one seed pair up as one setting)."""
-
-DERIVED = {"attack_val_lift": ("attack_val_accuracy", "clean_attack_val_accuracy")}
-"""Differences of two metrics of one line, computed where the line does not log them: the
-comparison's local rows keep attack-val and ``clean_attack_val_accuracy`` (their defense on the
-round nobody attacked), so the backdoor's share of a local row, seed by seed, is their difference,
-as Experiments 2 and 3 log it with ``finetune.clean_twin``."""
 
 Position = tuple[tuple[str, Any], ...]
 
@@ -181,7 +175,7 @@ def load(path: Path) -> Run:
     except (OSError, ValueError) as err:  # ValueError: TOML, JSON and UTF-8 decoding
         raise ReportError(f"{path}: cannot read this run ({err})") from None
     setting = {k: v for k, v in flat_keys(in_use(config)).items() if not matches(k, IGNORED)}
-    return Run(path, config["experiment"], int(config.get("seed", 0)), setting, records, summary.get("eval_episodes"),
+    return Run(path, config["experiment"], int(config.get("seed", 0)), setting, with_lifts(records), summary.get("eval_episodes"),
                config.get("data", {}).get("dataset"))
 
 
@@ -225,12 +219,35 @@ def position(record: dict[str, Any]) -> Position:
 
 
 def metrics(record: dict[str, Any]) -> dict[str, float]:
-    found = {k: v for k, v in record.items()
-             if k.endswith(METRIC_SUFFIXES) and isinstance(v, float | int) and not isinstance(v, bool)}
-    for name, (minuend, subtrahend) in DERIVED.items():
-        if name not in found and minuend in found and subtrahend in found:
-            found[name] = round(found[minuend] - found[subtrahend], 6)
-    return found
+    return {k: v for k, v in record.items()
+            if k.endswith(METRIC_SUFFIXES) and isinstance(v, float | int) and not isinstance(v, bool)}
+
+
+def with_lifts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A defense comparison's rows, each with ``attack_val_lift``: its attack-val minus its
+    reference's, on the same evaluation episodes and seed, so that the difference is paired. A
+    server rule's reference is the run's ``before the attack`` row (the model a rule that removes
+    the attack brings back); a local defense's, its own ``clean_attack_val_accuracy`` (that defense
+    on the round nobody attacked: fine-tuning on a user's own classes moves attack-val by itself),
+    as Experiments 2 and 3 log it with ``finetune.clean_twin``. A local row of an older version,
+    without that reference, gets none; a logged lift is kept."""
+    if not any("defense" in r and "attack_val_accuracy" in r for r in records):
+        return records
+    from fedmeta.experiments.comparison import BEFORE  # here: other results are read without importing torch
+
+    before = next((r.get("attack_val_accuracy") for r in records if r.get("defense") == BEFORE), None)
+
+    def reference(row: dict[str, Any]) -> float | None:
+        if str(row["defense"]).startswith("local "):
+            return row.get("clean_attack_val_accuracy")
+        return None if row["defense"] == BEFORE else before
+
+    out = []
+    for row in records:
+        ref = reference(row) if "defense" in row and "attack_val_lift" not in row else None
+        has = isinstance(row.get("attack_val_accuracy"), float | int) and isinstance(ref, float | int)
+        out.append(row | {"attack_val_lift": round(row["attack_val_accuracy"] - ref, 6)} if has else row)
+    return out
 
 
 def within(fields: dict[str, Any], where: dict[str, list[str]]) -> bool:

@@ -12,7 +12,7 @@ from typing import Any
 from matplotlib.ticker import MaxNLocator
 
 from fedmeta.plots import ATTACK_ROUNDS, FINE_TUNING, ROUND_LABEL, STEP_LABEL, plt, save_figure
-from fedmeta.reports.collect import AXES, CAPPED, Cell, Table, capped_text, series
+from fedmeta.reports.collect import AXES, CAPPED, POINTS, Cell, Table, capped_text, series
 
 
 def curve_figure(curves: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path,
@@ -121,7 +121,8 @@ TABLE_FIGURE_WIDTH = 32.0
 """Inches a row of ``table_figure``'s panels may take before they wrap (eight metrics of a
 comparison in one row made a figure 97 inches wide)."""
 
-HEATMAP_METRICS = ("attack_val_accuracy", "meta_test_accuracy", "rounds_survived")
+HEATMAP_METRICS = ("attack_val_accuracy", "attack_val_lift", "meta_test_accuracy", "rounds_survived")
+"""``attack_val_lift``: each row's attack-val above its own reference, seed by seed (``collect.with_lifts``)."""
 
 
 def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: str, out: Path,
@@ -146,13 +147,14 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         found = {(k[1], dict(k[2])["defense"]): k for k in keys if k[3] == metric}
         cells = {gd: table[k].interval() for gd, k in found.items()}
-        percent = metric.endswith("accuracy")
+        percent, lift = metric.endswith(POINTS), metric.endswith("_lift")
         scale = 100 if percent else 1
-        top = 100 if percent else max(1.0, max(ci.mean for ci in cells.values()))
+        top = (100 if percent and not lift else  # a lift: coloured up to the largest (below 0: white)
+               max(1.0, max(scale * ci.mean for ci in cells.values())))
         grid = [[scale * cells[(g, d)].mean if (g, d) in cells else float("nan") for d in defenses] for g in groups]
         cmap = "Reds" if metric.startswith("attack") else "Greens" if percent else "Purples"
         ax.imshow(grid, cmap=cmap, vmin=0, vmax=top, aspect="auto")
-        digits = 0 if percent else 1
+        digits = 0 if percent and not lift else 1
         for (g, d), ci in cells.items():
             half = "" if ci.half is None else f"\n±{scale * ci.half:.{digits}f}"
             text = capped_text(metric, table[found[g, d]], "\n")  # a capped count: seed by seed
@@ -160,7 +162,9 @@ def heatmap_figure(table: Table, names: dict[str, dict[str, Any]], experiment: s
                     va="center", fontsize=7, color="white" if scale * ci.mean > 0.6 * top else "black")
         ax.set_xticks(range(len(defenses)), columns, fontsize=7, rotation=40, ha="right")
         ax.set_yticks(range(len(groups)), rows, fontsize=7)
-        what = (" (%), mean over seeds ± 95% interval" if percent else
+        what = (" (points above the row's reference on the same episodes: a server rule's, the pre-trained model;"
+                " a local defense's, itself on the round nobody attacked), mean over seeds ± 95% interval" if lift else
+                " (%), mean over seeds ± 95% interval" if percent else
                 " (benign rounds after the attack) per seed, ≥: outlived every round followed; colour: the mean"
                 if metric in CAPPED else ", mean over seeds ± 95% interval")
         ax.set_title(f"{metric.replace('_', ' ')}{what}; (SA): runs under secure aggregation", fontsize=8)
