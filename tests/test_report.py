@@ -211,7 +211,8 @@ def test_each_comparison_row_gets_its_lift_over_its_own_reference_seed_by_seed(t
     matrix = table_text(TableQuery.parse(["sweep", "--columns", "defense", "--metrics", "attack_val_lift"]
                                          ).within(tmp_path))
     # lifts rank the local rows with the server rules
-    assert matrix.rstrip().endswith("| 3 | fedavg (SA), local finetune (FedAvg) (SA) (20.00) | local matching (FedAvg) (SA) (50.00) |")
+    assert matrix.rstrip().endswith(
+        "| 3 | fedavg (SA), local finetune (FedAvg) (SA) (20.00) | local matching (FedAvg) (SA) (50.00) |")
 
 
 def test_mean_over_keeps_a_capped_count_at_its_cap_only_where_every_line_is():

@@ -175,8 +175,8 @@ def load(path: Path) -> Run:
     except (OSError, ValueError) as err:  # ValueError: TOML, JSON and UTF-8 decoding
         raise ReportError(f"{path}: cannot read this run ({err})") from None
     setting = {k: v for k, v in flat_keys(in_use(config)).items() if not matches(k, IGNORED)}
-    return Run(path, config["experiment"], int(config.get("seed", 0)), setting, with_lifts(records), summary.get("eval_episodes"),
-               config.get("data", {}).get("dataset"))
+    return Run(path, config["experiment"], int(config.get("seed", 0)), setting, with_lifts(records),
+               summary.get("eval_episodes"), config.get("data", {}).get("dataset"))
 
 
 def resolved(config: dict[str, Any]) -> dict[str, Any]:
