@@ -19,7 +19,9 @@ each row:
   cells of a threat matrix compute it once per seed;
 - ``clean_attack_val_accuracy`` (local rows): attack-val of that same clean model after the local
   defense: the level its row's attack-val is read against (the pre-trained model's is not it,
-  since fine-tuning on a user's own classes moves attack-val too);
+  since fine-tuning on a user's own classes moves attack-val too); ``fedmeta report`` takes each
+  row from its reference, seed by seed, as ``attack_val_lift`` (a server row's reference: the
+  ``before the attack`` row below);
 - ``meta_test_accuracy``, ``main_task_accuracy``, ``attack_train_accuracy``,
   ``attack_val_accuracy``: right after the last attack round (Experiment 1's round 1 for the
   paper's one-shot attack);
