@@ -87,6 +87,12 @@ BEFORE = "before the attack"
 """The label of the table's last row: the pre-trained model, no attack round."""
 
 
+def is_local(label: str) -> bool:
+    """Whether a row's label names a local defense (``rows`` labels them "local <name> ..."): read
+    against its own clean reference, not the pre-trained model, and run whatever the server sees."""
+    return str(label).startswith("local ")
+
+
 def rows(cfg: Backdoor) -> list[tuple[str, str, str | None, bool]]:
     """``(label, rule, local defense, secure aggregation)`` of each row of the table."""
     server = [(rule, rule, None, False) for rule in cfg.compare.rules]
@@ -101,7 +107,7 @@ def secure_aggregation_ok(defense: str) -> bool:
     updates: a rule that does not need them one by one (FedAvg), or a local defense, which never
     looks at them."""
     rule = RULES.get(defense) if defense in RULES else None
-    return defense.startswith("local ") or (rule is not None and not rule.info.get("individual", True))
+    return is_local(defense) or (rule is not None and not rule.info.get("individual", True))
 
 
 def run(cfg: Backdoor, out: RunDir, engine: Engine) -> dict[str, Any]:

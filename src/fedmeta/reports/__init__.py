@@ -302,11 +302,11 @@ def extremes(column: str, metric: str, means: dict[Any, float]) -> tuple[str, st
     ``clean_attack_val_accuracy``), so its raw number ranks with nothing else; a ``_lift`` is each
     row taken from its own reference, so it ranks every defense. A ``CAPPED`` count has none (its
     cells are per seed)."""
-    from fedmeta.experiments.comparison import BEFORE
+    from fedmeta.experiments.comparison import BEFORE, is_local
 
     lift = metric.endswith("_lift")
     ranked = {name: _number(metric, mean) for name, mean in means.items()
-              if column != "defense" or (name != BEFORE and (lift or not str(name).startswith("local ")))}
+              if column != "defense" or (name != BEFORE and (lift or not is_local(name)))}
     if metric in CAPPED or len(ranked) < 2:
         return "", ""
     if len(set(ranked.values())) == 1:

@@ -233,12 +233,12 @@ def with_lifts(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     without that reference, gets none; a logged lift is kept."""
     if not any("defense" in r and "attack_val_accuracy" in r for r in records):
         return records
-    from fedmeta.experiments.comparison import BEFORE  # here: other results are read without importing torch
+    from fedmeta.experiments.comparison import BEFORE, is_local  # here: other results are read without torch
 
     before = next((r.get("attack_val_accuracy") for r in records if r.get("defense") == BEFORE), None)
 
     def reference(row: dict[str, Any]) -> float | None:
-        if str(row["defense"]).startswith("local "):
+        if is_local(row["defense"]):
             return row.get("clean_attack_val_accuracy")
         return None if row["defense"] == BEFORE else before
 
